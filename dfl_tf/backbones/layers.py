@@ -1,0 +1,51 @@
+"""Layers shared by backbone builders."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class Preprocess(keras.layers.Layer):
+    """Maps float RGB in [0, 255] to a backbone's expected input.
+
+    Modes: ``caffe`` (BGR, ImageNet mean subtracted; Keras ResNet50), ``torch``
+    ([0, 1] then ImageNet mean/std; DenseNet, torchvision-style models), ``tf``
+    ([-1, 1]), ``unit`` ([0, 1]), ``none`` (the backbone rescales itself).
+    """
+
+    def __init__(self, mode: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "torch", "tf", "unit", "none"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1) - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=x.dtype)
+        elif self.mode == "torch":
+            mean = ops.convert_to_tensor(IMAGENET_MEAN, dtype=x.dtype)
+            std = ops.convert_to_tensor(IMAGENET_STD, dtype=x.dtype)
+            x = (x / 255.0 - mean) / std
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "unit":
+            x = x / 255.0
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def wrap(base: keras.Model, input_size: int, mode: str, name: str) -> keras.Model:
+    """Input [0,255] RGB -> Preprocess(mode) -> base (already pooled) -> float32 features."""
+    inputs = keras.Input((input_size, input_size, 3), name="images")
+    x = Preprocess(mode, name="preprocess")(inputs)
+    x = base(x, training=False)
+    x = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
+    return keras.Model(inputs, x, name=name)
