@@ -1,2 +1,25 @@
-"""dfl_tf: deep feature learning for histopathology on TensorFlow/Keras."""
+"""dfl_tf: deep feature learning for histopathology on TensorFlow/Keras.
+
+One frozen backbone embeds image patches once; small heads train on the stored embeddings;
+backbone and heads ship together as one SavedModel.
+"""
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy public API: importing dfl_tf stays cheap (no TensorFlow) until a function is used.
+    import importlib
+
+    api = {
+        "extract": "dfl_tf.extraction",
+        "load_backbone": "dfl_tf.backbones.registry",
+        "load_embeddings": "dfl_tf.store.shards",
+    }
+    if name in api:
+        return getattr(importlib.import_module(api[name]), name)
+    raise AttributeError(f"module 'dfl_tf' has no attribute {name!r}")
+
+
+__all__ = ["extract", "load_backbone", "load_embeddings", "__version__"]

@@ -204,3 +204,20 @@ def _in_keras_cache(filename: str | None) -> bool:
         return False
     base = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
     return (base / "models" / filename).exists()
+
+
+def describe_backbones() -> list[dict]:
+    """One row per registered backbone: sizes, weight sources, licences, offline availability."""
+    rows = []
+    for spec in list_specs():
+        rows.append({
+            "name": spec.name,
+            "input_size": spec.input_size,
+            "dim": spec.dim,
+            "default_weights": spec.default_weights,
+            "sources": {k: s.url for k, s in spec.weights.items()},
+            "licences": {k: s.license for k, s in spec.weights.items()},
+            "offline": offline_status(spec),
+            "description": spec.description,
+        })
+    return rows

@@ -1,0 +1,603 @@
+"""Whole-slide image readers: OpenSlide first, tifffile for plain TIFFs it refuses.
+
+Geometry conventions (shared with :mod:`dfl_tf.data.tissue`, extraction and prediction):
+
+* Coordinates are level-0 pixels. Level-0 pixel ``k`` covers the continuous interval
+  ``[k, k + 1)``. A tile "centred on (cx, cy)" of ``size`` output pixels at ``target_mpp``
+  covers the level-0 square ``[cx - W/2, cx + W/2) x [cy - H/2, cy + H/2)`` with
+  ``W = H = size * target_mpp / slide_mpp``; at the slide's own resolution and an even
+  ``size`` this is exactly the pixels ``cx - size/2 .. cx + size/2 - 1`` (no resampling).
+* The x5 sibling (:func:`read_views`) has the same centre and 4x the field of view
+  (4x the mpp), resized to the same ``size``.
+* Pixels outside the slide are white (255, 255, 255); OpenSlide's transparent
+  out-of-slide pixels are composited onto white.
+* The pyramid level read is the lowest-resolution level whose mpp is at most the
+  target mpp (1% tolerance), so a finer level is never upsampled; when the target is
+  finer than level 0, level 0 is upsampled. The level region is resized with
+  Pillow's antialiased Lanczos filter.
+
+Readers are not thread-safe; :func:`get_reader` keeps one open reader per thread and
+slide, so a thread pool can read tiles in parallel.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DflError
+
+try:  # pragma: no cover - import guard
+    import openslide
+except Exception:  # pragma: no cover - openslide missing or its library fails to load
+    openslide = None  # type: ignore[assignment]
+
+import tifffile
+
+__all__ = [
+    "SlideReader",
+    "open_slide",
+    "get_reader",
+    "close_thread_readers",
+    "read_views",
+    "parse_magnification",
+    "CONTEXT_FACTOR",
+]
+
+#: The x5 sibling view covers CONTEXT_FACTOR times the field of view of the x20 view.
+CONTEXT_FACTOR = 4.0
+#: Relative tolerance when comparing a level's mpp with the target mpp.
+_LEVEL_TOLERANCE = 0.01
+#: Resolution metadata outside this range (um/px) is not a microscope resolution
+#: (e.g. the 72/96/300 dpi that image editors write) and is ignored.
+_MPP_RANGE = (0.01, 50.0)
+#: Objective power -> mpp: 20x is 0.5 um/px.
+_MPP_AT_1X = 10.0
+
+
+def parse_magnification(value: Any) -> float:
+    """Microns per pixel from ``0.5``, ``"0.5"``, ``"0.5um"`` or an objective power ``"20x"``.
+
+    Objective powers use the usual convention ``mpp = 10 / power`` (20x -> 0.5 um/px,
+    40x -> 0.25 um/px).
+    """
+    if isinstance(value, bool):
+        raise DflError(f"invalid magnification {value!r}: give microns per pixel (0.5) or an objective power (20x)")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        mpp = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace("µ", "u")
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(x|um|um/px|mpp)?", text)
+        if not match:
+            raise DflError(f"invalid magnification {value!r}: give microns per pixel (0.5) or an objective power (20x)")
+        number = float(match.group(1))
+        if match.group(2) == "x":
+            if not (number > 0 and math.isfinite(number)):
+                raise DflError(f"invalid objective power {value!r}: must be positive")
+            mpp = _MPP_AT_1X / number
+        else:
+            mpp = number
+    else:
+        raise DflError(f"invalid magnification {value!r}: give microns per pixel (0.5) or an objective power (20x)")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise DflError(f"invalid magnification {value!r}: microns per pixel must be positive and finite")
+    return mpp
+
+
+def _valid_mpp(value: Any) -> float | None:
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isfinite(mpp) and _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+        return mpp
+    return None
+
+
+def _mpp_from_resolution(resolution: Any, unit: Any) -> float | None:
+    """um/px from a TIFF X resolution (pixels per unit) and its unit (2 inch, 3 cm)."""
+    try:
+        if isinstance(resolution, (tuple, list)):
+            resolution = resolution[0] / resolution[1]
+        resolution = float(resolution)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    if not resolution > 0:
+        return None
+    unit_name = str(getattr(unit, "name", unit)).strip().lower()
+    if unit_name in ("3", "centimeter", "centimetre"):
+        return _valid_mpp(1e4 / resolution)
+    if unit_name in ("2", "inch"):
+        return _valid_mpp(25400.0 / resolution)
+    return None
+
+
+def _mpp_from_description(description: str) -> float | None:
+    """Aperio-style ``MPP = 0.4990`` in an ImageDescription."""
+    match = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+)", description or "")
+    return _valid_mpp(match.group(1)) if match else None
+
+
+def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """(h, w[, c]) of any common dtype -> (h, w, 3) uint8; alpha composited onto white."""
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)
+        elif arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif np.issubdtype(arr.dtype, np.floating):
+            scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
+            arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+        else:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    channels = arr.shape[2]
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    if channels == 2:  # gray + alpha
+        gray = _composite_white(arr[:, :, :1], arr[:, :, 1])
+        return np.repeat(gray, 3, axis=2)
+    if channels >= 4:
+        return _composite_white(arr[:, :, :3], arr[:, :, 3])
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _composite_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    if alpha.min(initial=255) == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)[:, :, None]
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class _Backend:
+    """Reads level-space boxes; boxes may run off the level (padded white)."""
+
+    name = "?"
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int) -> np.ndarray | None:
+        return None
+
+    def close(self) -> None:  # pragma: no cover
+        pass
+
+
+class _OpenSlideBackend(_Backend):
+    name = "openslide"
+
+    def __init__(self, slide: Any):
+        self.slide = slide
+        self.level_dimensions = [tuple(int(v) for v in d) for d in slide.level_dimensions]
+        self.level_downsamples = [float(d) for d in slide.level_downsamples]
+        self.properties = dict(slide.properties)
+
+    def mpp(self) -> float | None:
+        props = self.properties
+        mx = _valid_mpp(props.get("openslide.mpp-x"))
+        my = _valid_mpp(props.get("openslide.mpp-y"))
+        if mx and my:
+            return (mx + my) / 2.0 if abs(mx - my) > 1e-9 else mx
+        if mx or my:
+            return mx or my
+        for key in ("aperio.MPP",):
+            value = _valid_mpp(props.get(key))
+            if value:
+                return value
+        return _mpp_from_resolution(props.get("tiff.XResolution"), props.get("tiff.ResolutionUnit"))
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        # OpenSlide wants the top-left corner in level-0 coordinates.
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        location = (int(round(x0 * ds)), int(round(y0 * ds)))
+        region = self.slide.read_region(location, level, (x1 - x0, y1 - y0))
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(region))
+        return out
+
+    def thumbnail(self, max_side: int) -> np.ndarray | None:
+        image = self.slide.get_thumbnail((max_side, max_side))
+        if image.mode != "RGB":
+            image = image.convert("RGBA")
+            return _to_rgb_uint8(np.asarray(image))
+        return np.asarray(image)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class _TiffLevel:
+    def __init__(self, page: Any, byteorder: str):
+        self.page = page
+        shape = page.shape
+        self.planar_separate = page.planarconfig == 2 and len(shape) == 3
+        if self.planar_separate:
+            _, self.height, self.width = shape
+        else:
+            self.height, self.width = int(shape[0]), int(shape[1])
+        self.byteorder = byteorder
+        self._memmap: np.ndarray | None = None
+        self._full: np.ndarray | None = None
+
+
+class _TiffFileBackend(_Backend):
+    """Plain TIFFs (tiled or stripped, uncompressed or with codecs tifffile has).
+
+    Windows are read without loading the whole level when the level is uncompressed
+    and contiguous (memory map) or stored as chunky tiles/strips (only the tiles or
+    strips that overlap the window are decoded). Other layouts (planar-separate
+    compressed data) are decoded whole once per reader and kept in memory.
+    """
+
+    name = "tifffile"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tif = tifffile.TiffFile(path)
+        try:
+            series = self.tif.series[0]
+            levels = [level.keyframe for level in series.levels]
+            base = levels[0]
+            if len(levels) == 1:
+                # Reduced-resolution pages that tifffile did not group into levels.
+                seen = {id(base)}
+                for page in self.tif.pages:
+                    if id(page) in seen or not hasattr(page, "shape") or len(page.shape) < 2:
+                        continue
+                    if self._is_reduced(base, page):
+                        levels.append(page)
+            self.levels = [_TiffLevel(page, self.tif.byteorder) for page in levels]
+            self.levels.sort(key=lambda lvl: -lvl.width)
+        except Exception:
+            self.tif.close()
+            raise
+        base = self.levels[0]
+        self.level_dimensions = [(lvl.width, lvl.height) for lvl in self.levels]
+        self.level_downsamples = [
+            (base.width / lvl.width + base.height / lvl.height) / 2.0 for lvl in self.levels
+        ]
+
+    @staticmethod
+    def _dims(page: Any) -> tuple[int, int]:
+        shape = page.shape
+        if page.planarconfig == 2 and len(shape) == 3:
+            return int(shape[2]), int(shape[1])
+        return int(shape[1]), int(shape[0])
+
+    def _is_reduced(self, base: Any, page: Any) -> bool:
+        bw, bh = self._dims(base)
+        pw, ph = self._dims(page)
+        if pw >= bw or ph >= bh or pw < 1 or ph < 1:
+            return False
+        if page.dtype != base.dtype or page.samplesperpixel != base.samplesperpixel:
+            return False
+        return abs((bw / pw) - (bh / ph)) / (bw / pw) < 0.02
+
+    def mpp(self) -> float | None:
+        page = self.tif.pages[0]
+        tags = page.tags
+        res = tags.get("XResolution")
+        unit = tags.get("ResolutionUnit")
+        if res is not None and unit is not None:
+            value = _mpp_from_resolution(res.value, unit.value)
+            if value:
+                return value
+        return _mpp_from_description(getattr(page, "description", "") or "")
+
+    def _level_array(self, lvl: _TiffLevel) -> np.ndarray | None:
+        """A memory map of the level when it is uncompressed and contiguous."""
+        if lvl._memmap is None and not lvl.planar_separate:
+            page = lvl.page
+            try:
+                if page.is_memmappable and page.dataoffsets:
+                    dtype = np.dtype(page.dtype).newbyteorder(lvl.byteorder)
+                    shape = (lvl.height, lvl.width, page.samplesperpixel) if page.samplesperpixel > 1 \
+                        else (lvl.height, lvl.width)
+                    lvl._memmap = np.memmap(self.path, dtype=dtype, mode="r",
+                                            offset=page.dataoffsets[0], shape=shape)
+            except Exception:
+                lvl._memmap = None
+        return lvl._memmap
+
+    def _read_chunked(self, lvl: _TiffLevel, x0: int, y0: int, x1: int, y1: int) -> np.ndarray | None:
+        """Decode only the tiles/strips overlapping [x0, x1) x [y0, y1); None if not applicable."""
+        page = lvl.page
+        if lvl.planar_separate or getattr(page, "imagedepth", 1) > 1:
+            return None
+        if page.is_tiled:
+            cw, ch = int(page.tilewidth), int(page.tilelength)
+        else:
+            cw, ch = lvl.width, int(page.rowsperstrip or lvl.height)
+        ncols = -(-lvl.width // cw)
+        nrows = -(-lvl.height // ch)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if len(offsets) != ncols * nrows:
+            return None
+        spp = page.samplesperpixel
+        out = np.zeros((y1 - y0, x1 - x0, spp), dtype=page.dtype)
+        fh = self.tif.filehandle
+        for row in range(y0 // ch, (y1 - 1) // ch + 1):
+            for col in range(x0 // cw, (x1 - 1) // cw + 1):
+                index = row * ncols + col
+                if counts[index] == 0:
+                    continue  # sparse chunk: leave zeros (unusual in slides)
+                with fh.lock:
+                    fh.seek(offsets[index])
+                    data = fh.read(counts[index])
+                if len(data) != counts[index]:
+                    raise DflError(f"{self.path}: truncated TIFF data (chunk {index})")
+                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                segment = np.asarray(segment).reshape(-1, segment.shape[-3], segment.shape[-2], segment.shape[-1])[0]
+                ty, tx = row * ch, col * cw
+                sy0, sy1 = max(y0, ty), min(y1, ty + ch, lvl.height)
+                sx0, sx1 = max(x0, tx), min(x1, tx + cw, lvl.width)
+                out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = segment[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
+        return out
+
+    def _read_window(self, lvl: _TiffLevel, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        arr = self._level_array(lvl)
+        if arr is not None:
+            return np.asarray(arr[y0:y1, x0:x1])
+        window = self._read_chunked(lvl, x0, y0, x1, y1)
+        if window is not None:
+            return window
+        if lvl._full is None:
+            full = lvl.page.asarray()
+            if lvl.planar_separate:
+                full = np.moveaxis(full, 0, -1)
+            lvl._full = full
+        return lvl._full[y0:y1, x0:x1]
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        lvl = self.levels[level]
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lvl.width), min(y + h, lvl.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(self._read_window(lvl, x0, y0, x1, y1))
+        return out
+
+    def close(self) -> None:
+        for lvl in self.levels:
+            lvl._memmap = None
+            lvl._full = None
+        self.tif.close()
+
+
+class SlideReader:
+    """An open whole-slide image. Use :func:`open_slide` (or :func:`get_reader`) to make one.
+
+    Attributes: ``path``, ``mpp`` (level-0 um/px), ``dimensions`` (level-0 width, height),
+    ``level_count``, ``level_dimensions``, ``level_downsamples``, ``backend``
+    (``"openslide"`` or ``"tifffile"``).
+    """
+
+    def __init__(self, path: str, backend: _Backend, mpp: float, mpp_source: str):
+        self.path = path
+        self._backend = backend
+        self.backend = backend.name
+        self.mpp = float(mpp)
+        self.mpp_source = mpp_source
+        self.level_dimensions = list(backend.level_dimensions)
+        self.level_downsamples = list(backend.level_downsamples)
+        self.level_count = len(self.level_dimensions)
+        self.dimensions = self.level_dimensions[0]
+
+    def __repr__(self) -> str:
+        return (f"SlideReader({self.path!r}, backend={self.backend}, mpp={self.mpp:g}, "
+                f"dimensions={self.dimensions}, levels={self.level_count})")
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            try:
+                self._backend.close()
+            finally:
+                self._backend = None  # type: ignore[assignment]
+
+    @property
+    def level_mpps(self) -> list[float]:
+        return [self.mpp * ds for ds in self.level_downsamples]
+
+    def best_level(self, target_mpp: float) -> int:
+        """The lowest-resolution level whose mpp is <= target_mpp (1% tolerance), else 0."""
+        best = 0
+        for level, level_mpp in enumerate(self.level_mpps):
+            if level_mpp <= target_mpp * (1.0 + _LEVEL_TOLERANCE) and level_mpp > self.level_mpps[best]:
+                best = level
+        return best
+
+    def _check_open(self) -> _Backend:
+        if self._backend is None:
+            raise DflError(f"{self.path}: slide reader is closed")
+        return self._backend
+
+    def read_region_at_mpp(self, cx: float, cy: float, target_mpp: float, size: int) -> np.ndarray:
+        """``size`` x ``size`` RGB uint8 pixels at ``target_mpp`` centred on level-0 (cx, cy)."""
+        backend = self._check_open()
+        size = int(size)
+        if size < 1:
+            raise DflError(f"{self.path}: tile size must be positive, got {size}")
+        target_mpp = parse_magnification(target_mpp)
+        level = self.best_level(target_mpp)
+        ds = self.level_downsamples[level]
+        side0 = size * target_mpp / self.mpp            # field of view in level-0 pixels
+        side = side0 / ds                               # ... and in level pixels
+        left = (cx - side0 / 2.0) / ds
+        top = (cy - side0 / 2.0) / ds
+        scale = side / size                             # level pixels per output pixel
+        if abs(scale - 1.0) < 1e-6 and abs(left - round(left)) < 1e-6 and abs(top - round(top)) < 1e-6:
+            return self._read(backend, level, int(round(left)), int(round(top)), size, size)
+        # Lanczos support: 3 output pixels -> 3 * max(scale, 1) level pixels each side.
+        margin = int(math.ceil(3.0 * max(scale, 1.0))) + 1
+        bx0 = int(math.floor(left)) - margin
+        by0 = int(math.floor(top)) - margin
+        bx1 = int(math.ceil(left + side)) + margin
+        by1 = int(math.ceil(top + side)) + margin
+        region = self._read(backend, level, bx0, by0, bx1 - bx0, by1 - by0)
+        box = (left - bx0, top - by0, left - bx0 + side, top - by0 + side)
+        image = Image.fromarray(region).resize((size, size), Image.Resampling.LANCZOS, box=box)
+        return np.asarray(image)
+
+    def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        try:
+            return backend.read(level, x, y, w, h)
+        except DflError:
+            raise
+        except Exception as exc:
+            raise DflError(f"{self.path}: cannot read slide region ({type(exc).__name__}: {exc})") from exc
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """The whole slide with its longer side at most ``max_side``; returns (rgb, downsample).
+
+        ``downsample`` is level-0 pixels per thumbnail pixel along x (the y factor is
+        ``dimensions[1] / thumb.shape[0]``, equal up to rounding).
+        """
+        backend = self._check_open()
+        max_side = max(1, int(max_side))
+        width, height = self.dimensions
+        try:
+            thumb = backend.thumbnail(max_side)
+        except Exception as exc:
+            raise DflError(f"{self.path}: cannot read slide thumbnail ({type(exc).__name__}: {exc})") from exc
+        if thumb is None:
+            thumb = self._banded_thumbnail(backend, max_side)
+        return np.ascontiguousarray(thumb), width / thumb.shape[1]
+
+    def _banded_thumbnail(self, backend: _Backend, max_side: int) -> np.ndarray:
+        """Box-average the smallest sufficient level band by band (bounded memory)."""
+        need = max(self.dimensions) / max_side
+        level = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= need * (1.0 + 1e-9) and ds >= self.level_downsamples[level]:
+                level = i
+        lw, lh = self.level_dimensions[level]
+        factor = max(1, int(math.ceil(max(lw, lh) / max_side)))
+        band = factor * max(1, (1 << 24) // max(1, lw * 3 * factor))  # ~16 MB per band
+        rows = []
+        for y in range(0, lh, band):
+            h = min(band, lh - y)
+            chunk = self._read(backend, level, 0, y, lw, h)
+            rows.append(np.asarray(Image.fromarray(chunk).reduce(factor)) if factor > 1 else chunk)
+        return np.concatenate(rows, axis=0)
+
+
+def open_slide(path: str | os.PathLike, mpp_override: float | str | None = None,
+               backend: str | None = None) -> SlideReader:
+    """Open a slide with OpenSlide, or with tifffile for TIFFs OpenSlide refuses.
+
+    ``mpp_override`` (level-0 um/px) wins over the slide's metadata; without it a slide
+    with no resolution metadata is an error. ``backend`` forces ``"openslide"`` or
+    ``"tifffile"`` (tests, debugging).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DflError(f"slide not found: {path}")
+    if not os.path.isfile(path):
+        raise DflError(f"not a slide file: {path}")
+    override = None
+    if mpp_override is not None:
+        try:
+            override = parse_magnification(mpp_override)
+        except DflError as exc:
+            raise DflError(f"{path}: invalid slide mpp override: {exc}") from None
+    if backend not in (None, "openslide", "tifffile"):
+        raise DflError(f"unknown slide backend {backend!r} (openslide or tifffile)")
+
+    impl: _Backend | None = None
+    errors = []
+    if backend in (None, "openslide") and openslide is not None:
+        try:
+            impl = _OpenSlideBackend(openslide.OpenSlide(path))
+        except Exception as exc:  # unsupported format, corrupt file, ...
+            errors.append(f"openslide: {exc}")
+    elif backend == "openslide":
+        errors.append("openslide: not installed")
+    if impl is None and backend in (None, "tifffile"):
+        try:
+            impl = _TiffFileBackend(path)
+        except Exception as exc:
+            errors.append(f"tifffile: {exc}")
+    if impl is None:
+        raise DflError(f"cannot open slide {path}: " + "; ".join(errors or ["unsupported format"]))
+
+    try:
+        if override is not None:
+            mpp, source = override, "override"
+        else:
+            mpp = impl.mpp()  # type: ignore[attr-defined]
+            source = "metadata"
+            if mpp is None:
+                raise DflError(
+                    f"{path}: slide has no microns-per-pixel metadata; pass --slide-mpp "
+                    f"(its level-0 um/px) or an `mpp` column")
+        return SlideReader(path, impl, mpp, source)
+    except Exception:
+        impl.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-thread reader cache
+# ---------------------------------------------------------------------------------------------
+
+_local = threading.local()
+#: Open readers kept per thread (least recently used closed first).
+MAX_READERS_PER_THREAD = 16
+
+
+def get_reader(path: str | os.PathLike, mpp_override: float | str | None = None) -> SlideReader:
+    """A reader for ``path`` owned by the calling thread (opened once per thread and slide)."""
+    cache: OrderedDict | None = getattr(_local, "readers", None)
+    if cache is None:
+        cache = _local.readers = OrderedDict()
+    key = (os.path.abspath(os.fspath(path)), None if mpp_override is None else str(mpp_override))
+    reader = cache.get(key)
+    if reader is not None and reader._backend is not None:
+        cache.move_to_end(key)
+        return reader
+    reader = open_slide(path, mpp_override=mpp_override)
+    cache[key] = reader
+    while len(cache) > MAX_READERS_PER_THREAD:
+        _, old = cache.popitem(last=False)
+        old.close()
+    return reader
+
+
+def close_thread_readers() -> None:
+    """Close the readers :func:`get_reader` opened in the calling thread."""
+    cache = getattr(_local, "readers", None)
+    while cache:
+        _, reader = cache.popitem()
+        reader.close()
+
+
+def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: int, context: bool,
+               mpp_override: float | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The x20 tile and, when ``context``, its x5 sibling (same centre, 4x the mpp), both size x size."""
+    reader = get_reader(path, mpp_override)
+    mpp = parse_magnification(mpp)
+    x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
+    x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
+    return x20, x5

@@ -1,0 +1,192 @@
+"""Sources: image folders, CSV manifests and slide coordinates, turned into ``Sample`` lists.
+
+* Image folder: one subfolder per class (``root/<class>/<image>``); images directly under
+  ``root`` are unlabeled. Classes are the sorted subfolder names.
+* CSV manifest: ``path,label[,context_path][,group][,split][,id]``; paths relative to the CSV.
+* Slide coordinates CSV: ``slide,x,y[,label][,group][,mpp][,slide_mpp][,split]``; x/y are
+  level-0 pixel centres; ``mpp`` is the um/px to read the x20 patch at (``dfl tile`` writes the
+  mpp it tiled at; default ``--mpp``); ``slide_mpp`` is the slide's own level-0 um/px, an
+  override for slides without resolution metadata (``--slide-mpp`` for all rows).
+
+Labels become class indices in ``classes`` order; an empty label is -1 (unlabeled).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from dfl_tf.errors import DflError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample to embed. ``label`` is a class index, -1 when unlabeled."""
+
+    id: str
+    source: str
+    label: int = -1
+    group: str | None = None
+    context: str | None = None
+    slide: str | None = None
+    x: int | None = None
+    y: int | None = None
+    slide_mpp: float | None = None
+    mpp: float | None = None
+
+
+@dataclass
+class SampleSet:
+    samples: list[Sample]
+    classes: list[str]
+    kind: str  # "folder", "csv" or "slides"
+    root: str
+
+    def fingerprint(self) -> str:
+        """sha256 over every sample's fields, in order: identifies the data of an extraction."""
+        digest = hashlib.sha256()
+        for sample in self.samples:
+            digest.update(repr(sorted(asdict(sample).items())).encode())
+        digest.update(repr(self.classes).encode())
+        return digest.hexdigest()
+
+
+def load_source(source: str | os.PathLike, split: str | None = None,
+                classes: Sequence[str] | None = None) -> SampleSet:
+    """Read a folder, image CSV or slide coordinates CSV into samples."""
+    path = Path(source)
+    if not path.exists():
+        raise DflError(f"source not found: {path}")
+    if path.is_dir():
+        if split:
+            raise DflError(f"--split needs a CSV source with a 'split' column, not the folder {path}")
+        result = _from_folder(path, classes)
+    else:
+        result = _from_csv(path, split, classes)
+    if not result.samples:
+        raise DflError(f"source {path} holds no samples" + (f" for split '{split}'" if split else ""))
+    return result
+
+
+def _resolve_classes(found: set[str], given: Sequence[str] | None, where: Path) -> list[str]:
+    if given is None:
+        return sorted(found)
+    missing = sorted(found - set(given))
+    if missing:
+        raise DflError(f"{where}: labels {missing[:5]} are not among the given classes {list(given)}")
+    return list(given)
+
+
+def _from_folder(root: Path, classes: Sequence[str] | None) -> SampleSet:
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_list = _resolve_classes(set(subdirs), classes, root)
+    index = {c: i for i, c in enumerate(class_list)}
+    samples = []
+    for file in sorted(root.rglob("*")):
+        if not file.is_file() or file.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        rel = file.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        label = index[rel.parts[0]] if len(rel.parts) > 1 else -1
+        samples.append(Sample(id=rel.as_posix(), source=str(file), label=label))
+    return SampleSet(samples, class_list, "folder", str(root))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+            return [f.strip() for f in (reader.fieldnames or [])], rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DflError(f"{path}: not a readable CSV ({exc})") from exc
+
+
+def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> SampleSet:
+    fields, rows = _read_csv(path)
+    if {"slide", "x", "y"} <= set(fields):
+        kind = "slides"
+    elif "path" in fields:
+        kind = "csv"
+    else:
+        raise DflError(f"{path}: a CSV source needs columns 'path[,label]' or 'slide,x,y' (found {fields})")
+    if split is not None:
+        if "split" not in fields:
+            raise DflError(f"{path}: --split {split} given but the CSV has no 'split' column")
+    base = path.parent
+    labels = {r.get("label", "") for r in rows} - {""}
+    class_list = _resolve_classes(labels, classes, path)
+    index = {c: i for i, c in enumerate(class_list)}
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        if split is not None and row.get("split") != split:
+            continue
+        label = index[row["label"]] if row.get("label") else -1
+        group = row.get("group") or None
+        if kind == "csv":
+            if not row.get("path"):
+                raise DflError(f"{path}:{line}: empty 'path'")
+            src = str((base / row["path"]))
+            ctx = str(base / row["context_path"]) if row.get("context_path") else None
+            samples.append(Sample(id=row.get("id") or row["path"], source=src, label=label,
+                                  group=group, context=ctx))
+        else:
+            try:
+                x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
+                mpp = float(row["mpp"]) if row.get("mpp") else None
+                slide_mpp = float(row["slide_mpp"]) if row.get("slide_mpp") else None
+            except ValueError as exc:
+                raise DflError(f"{path}:{line}: x, y, mpp and slide_mpp must be numbers ({exc})") from exc
+            slide = str(base / row["slide"])
+            samples.append(Sample(id=row.get("id") or f"{Path(row['slide']).name}@{x},{y}", source=slide,
+                                  label=label, group=group or Path(row["slide"]).stem, slide=slide,
+                                  x=x, y=y, slide_mpp=slide_mpp, mpp=mpp))
+    return SampleSet(samples, class_list, kind, str(path))
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file to uint8 RGB [h, w, 3]; DflError naming the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=-1)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DflError(f"image not found: {path}") from None
+    except Exception as exc:  # PIL raises many types for corrupt/truncated data
+        raise DflError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SlideRead:
+    """How slide samples are read: target um/px and patch side in output pixels."""
+
+    mpp: float = 0.5
+    patch_size: int = 256
+    slide_mpp: float | None = None  # override for slides without mpp metadata
+
+
+def load_sample(sample: Sample, context: bool, slide_read: SlideRead | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sample's image and, where it has one, its context (x5) image, as uint8 RGB."""
+    if sample.slide is not None:
+        from dfl_tf.data.slides import read_views
+
+        read = slide_read or SlideRead()
+        return read_views(sample.slide, sample.x, sample.y, sample.mpp or read.mpp, read.patch_size, context,
+                          mpp_override=sample.slide_mpp or read.slide_mpp)
+    image = read_image(sample.source)
+    ctx = read_image(sample.context) if (context and sample.context) else None
+    return image, ctx

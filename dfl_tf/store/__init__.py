@@ -1,0 +1,1 @@
+"""Embedding store: TFRecord shards and their manifest."""

@@ -1,0 +1,167 @@
+"""TFRecord shards: the Example schema, an atomic shard writer and tf.data readers.
+
+One ``tf.train.Example`` per sample: ``embedding`` (raw bytes, dtype from the manifest),
+``label`` (int64, -1 when unlabeled), ``id``, ``source`` and, where known, ``group``,
+``slide``, ``x``, ``y``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from dfl_tf._io import sha256_file
+from dfl_tf.store.manifest import load_manifest
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _bytes(value: str | bytes) -> tf.train.Feature:
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def make_example(embedding: np.ndarray, label: int, id: str, source: str, group: str | None = None,
+                 slide: str | None = None, x: int | None = None, y: int | None = None) -> bytes:
+    features = {"embedding": _bytes(np.ascontiguousarray(embedding).tobytes()), "label": _int(label),
+                "id": _bytes(id), "source": _bytes(source)}
+    if group is not None:
+        features["group"] = _bytes(group)
+    if slide is not None:
+        features["slide"] = _bytes(slide)
+    if x is not None and y is not None:
+        features["x"], features["y"] = _int(x), _int(y)
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def write_shard(path: str | Path, records: Iterable[bytes]) -> tuple[int, str]:
+    """Write serialized records to ``path`` via a temporary name; returns (count, sha256)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for record in records:
+            writer.write(record)
+            count += 1
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return count, digest
+
+
+_SCHEMA = {
+    "embedding": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "source": tf.io.FixedLenFeature([], tf.string),
+    "group": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "slide": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "x": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    "y": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+
+
+def shard_paths(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    manifest = manifest or load_manifest(emb_dir)
+    return [str(Path(emb_dir) / s["file"]) for s in manifest["shards"]]
+
+
+def record_dataset(emb_dir: str | Path, batch_size: int | None = None, with_meta: bool = False,
+                   manifest: dict[str, Any] | None = None) -> tf.data.Dataset:
+    """Records as dicts with ``embedding`` float32 [dim] and ``label`` int64 (plus metadata).
+
+    With ``batch_size`` the records are parsed in batches (much faster for large shards).
+    """
+    manifest = manifest or load_manifest(emb_dir)
+    dtype = tf.float16 if manifest["dtype"] == "float16" else tf.float32
+    dim = int(manifest["dim"])
+    keys = list(_SCHEMA) if with_meta else ["embedding", "label"]
+    schema = {k: _SCHEMA[k] for k in keys}
+
+    def parse(serialized):
+        parsed = tf.io.parse_example(serialized, schema) if batch_size else tf.io.parse_single_example(serialized, schema)
+        emb = tf.io.decode_raw(parsed["embedding"], dtype)
+        parsed["embedding"] = tf.cast(tf.reshape(emb, ([-1] if batch_size else []) + [dim]), tf.float32)
+        return parsed
+
+    ds = tf.data.TFRecordDataset(shard_paths(emb_dir, manifest), num_parallel_reads=1)
+    if batch_size:
+        ds = ds.batch(batch_size)
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+@dataclass
+class EmbeddingSet:
+    """All records of an embedding directory in memory."""
+
+    X: np.ndarray  # float32 [N, dim]
+    y: np.ndarray  # int64 [N], -1 unlabeled
+    ids: list[str]
+    sources: list[str]
+    groups: list[str]
+    slides: list[str]
+    xy: np.ndarray  # int64 [N, 2], -1 when unknown
+    manifest: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_embeddings(emb_dir: str | Path, batch_size: int = 4096) -> EmbeddingSet:
+    """Read every record of ``emb_dir`` into memory, in shard order."""
+    manifest = load_manifest(emb_dir)
+    parts: dict[str, list] = {k: [] for k in _SCHEMA}
+    for batch in record_dataset(emb_dir, batch_size=batch_size, with_meta=True, manifest=manifest):
+        for key in parts:
+            parts[key].append(batch[key].numpy())
+    dim = int(manifest["dim"])
+
+    def cat(key, empty):
+        return np.concatenate(parts[key]) if parts[key] else empty
+
+    def text(key) -> list[str]:
+        return [v.decode("utf-8") for v in cat(key, np.zeros((0,), object))]
+
+    return EmbeddingSet(
+        X=cat("embedding", np.zeros((0, dim), np.float32)),
+        y=cat("label", np.zeros((0,), np.int64)),
+        ids=text("id"), sources=text("source"), groups=text("group"), slides=text("slide"),
+        xy=np.stack([cat("x", np.zeros((0,), np.int64)), cat("y", np.zeros((0,), np.int64))], axis=1),
+        manifest=manifest,
+    )
+
+
+def verify_shards(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Shards whose sha256 disagrees with the manifest (empty list when all are intact)."""
+    manifest = manifest or load_manifest(emb_dir)
+    bad = []
+    for shard in manifest["shards"]:
+        path = Path(emb_dir) / shard["file"]
+        if not path.exists() or sha256_file(path) != shard["sha256"]:
+            bad.append(shard["file"])
+    return bad
+
+
+def count_by_class(labels: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
+    counts = {c: 0 for c in classes}
+    unlabeled = 0
+    for label in labels:
+        if label < 0:
+            unlabeled += 1
+        else:
+            counts[classes[label]] += 1
+    if unlabeled:
+        counts["(unlabeled)"] = unlabeled
+    return counts
