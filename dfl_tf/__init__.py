@@ -16,10 +16,12 @@ def __getattr__(name: str):
         "extract": "dfl_tf.extraction",
         "load_backbone": "dfl_tf.backbones.registry",
         "load_embeddings": "dfl_tf.store.shards",
+        "train_head": "dfl_tf.heads.train",
+        "evaluate": "dfl_tf.evaluation",
     }
     if name in api:
         return getattr(importlib.import_module(api[name]), name)
     raise AttributeError(f"module 'dfl_tf' has no attribute {name!r}")
 
 
-__all__ = ["extract", "load_backbone", "load_embeddings", "__version__"]
+__all__ = ["extract", "load_backbone", "load_embeddings", "train_head", "evaluate", "__version__"]

@@ -95,3 +95,78 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
     manifest = _run(extract, ctx, "extract", config, {"source": source, "out": out}, **options)
     click.echo(f"{manifest['num_records']} records, dim {manifest['dim']}, {len(manifest['shards'])} shards, "
                f"{len(manifest['skipped'])} skipped -> {out}")
+
+
+@main.command("import-weights")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--arch", required=True,
+              type=click.Choice(["resnet50_tv", "dino_resnet50", "swav_resnet50", "efficientnet_lite0"]),
+              help="Architecture of the checkpoint (the ResNet-50 names share one layout).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination, must end in .weights.h5.")
+@click.option("--input-size", type=int, default=None, help="Side of the model built for the conversion.")
+def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | None) -> None:
+    """Convert a PyTorch CHECKPOINT (torchvision, DINO, SwAV, EfficientNet-Lite0) to Keras weights.
+
+    No torch needed. Use the result with --weights OUT.weights.h5.
+    """
+    from dfl_tf.backbones.torch_import import import_weights
+
+    path = import_weights(checkpoint, arch, out, input_size=input_size)
+    click.echo(f"wrote {path} (use --backbone {arch} --weights {path})")
+
+
+@main.command("train")
+@click.argument("emb_dir", type=click.Path())
+@click.option("--val", default=None, type=click.Path(), help="Validation embedding directory (early stopping, "
+              "threshold, metrics.json).")
+@click.option("--out", required=True, type=click.Path(), help="Head directory to write.")
+@click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units (0: linear softmax head).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout after the hidden layer.")
+@click.option("--noise", type=float, default=None, help="Feature-noise std (default 0.1; 0 disables it).")
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
+@click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
+@click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (0: off).")
+@click.option("--monitor", type=click.Choice(["val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
+              "val_cohen_kappa", "val_roc_auc", "val_pr_auc"]), default="val_balanced_accuracy", show_default=True)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+@click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True)
+@click.option("--logdir", type=click.Path(), default=None, help="TensorBoard directory (default HEAD_DIR/logs).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty head directory.")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--config", type=click.Path(), default=None,
+              help="YAML file of these options, may hold an 'augment:' list (flags win).")
+@click.pass_context
+def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **options: Any) -> None:
+    """Train a head on the embeddings in EMB_DIR and write HEAD_DIR (--out)."""
+    from dfl_tf.heads.train import train_head
+
+    summary = _run(train_head, ctx, "train", config, {"train": emb_dir, "out": out}, **options)
+    m = summary["metrics"]
+    line = (f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: {m['split']} balanced accuracy "
+            f"{m['balanced_accuracy']:.4f}")
+    if summary["threshold"] is not None:
+        line += f", threshold {summary['threshold']:.4f}"
+    click.echo(f"{line} -> {summary['out']}")
+
+
+@main.command("evaluate")
+@click.argument("head_dir", type=click.Path())
+@click.argument("emb_dir", type=click.Path())
+@click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
+@click.pass_context
+def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
+    """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
+    from dfl_tf.evaluation import evaluate
+
+    m = _run(evaluate, ctx, "evaluate", config, {"head": head_dir, "emb": emb_dir}, **options)
+    auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
+    click.echo(f"{m['num_records']} records: balanced accuracy {m['balanced_accuracy']:.4f}, "
+               f"macro F1 {m['f1_macro']:.4f}, kappa {m['cohen_kappa']:.4f}, ROC-AUC {auc}"
+               + (f" -> {options['out']}" if options.get("out") else ""))

@@ -104,7 +104,8 @@ def centre_quarter(image: tf.Tensor) -> tf.Tensor:
 
 def to_gray(image: tf.Tensor) -> tf.Tensor:
     """Luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) replicated to three channels."""
-    return tf.tile(tf.image.rgb_to_grayscale(image), (1, 1, 3))
+    weights = tf.constant([0.299, 0.587, 0.114], dtype=image.dtype)
+    return tf.tile(tf.reduce_sum(image * weights, axis=-1, keepdims=True), (1, 1, 3))
 
 
 def compose_views(

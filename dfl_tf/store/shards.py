@@ -40,7 +40,8 @@ def make_example(embedding: np.ndarray, label: int, id: str, source: str, group:
         features["slide"] = _bytes(slide)
     if x is not None and y is not None:
         features["x"], features["y"] = _int(x), _int(y)
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    return example.SerializeToString(deterministic=True)  # map order fixed across processes
 
 
 def write_shard(path: str | Path, records: Iterable[bytes]) -> tuple[int, str]:

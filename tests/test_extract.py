@@ -1,0 +1,238 @@
+"""Extraction: shapes, read-back, views, fit, determinism, resume after SIGKILL, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TINY, write_images
+from dfl_tf import extract, load_backbone, load_embeddings
+from dfl_tf.cli import main
+from dfl_tf.data.views import compose_views, fit_field, parse_views
+from dfl_tf.errors import DflError
+from dfl_tf.store.shards import verify_shards
+
+
+def assert_f16_close(stored, computed):
+    """Equal within float16 rounding (plus float32 batch-order noise)."""
+    np.testing.assert_allclose(stored, computed, rtol=2e-3, atol=1e-4)
+
+
+def _embed_directly(paths, views, size=32, fit="scale"):
+    bb = load_backbone("resnet50", weights="none", input_size=size)
+    out = []
+    for path in paths:
+        img = np.asarray(Image.open(path).convert("RGB"))
+        stacked = compose_views(tf.constant(img), None, parse_views(views), size, fit)
+        out.append(bb(stacked).numpy().reshape(-1))
+    return np.stack(out)
+
+
+def test_shapes_dtype_and_read_back(image_folder, tmp_path):
+    m = extract(image_folder, tmp_path / "emb", views="x20:rgb,x5:gray", shard_size=5, **TINY)
+    assert m["dim"] == 2 * 2048 and m["dtype"] == "float16"
+    assert m["num_records"] == 12 and [s["records"] for s in m["shards"]] == [5, 5, 2]
+    assert m["classes"] == ["a", "b"] and m["counts"] == {"a": 6, "b": 6}
+    assert m["views"] == ["x20:rgb", "x5:gray"] and m["backbone"]["dim"] == 2048
+    assert len(m["backbone"]["fingerprint"]) == 64 and verify_shards(tmp_path / "emb") == []
+    raw = tf.data.TFRecordDataset(str(tmp_path / "emb" / m["shards"][0]["file"]))
+    first = tf.train.Example.FromString(next(iter(raw)).numpy())
+    assert len(first.features.feature["embedding"].bytes_list.value[0]) == 2 * 2048 * 2  # float16
+    emb = load_embeddings(tmp_path / "emb")
+    assert emb.X.shape == (12, 4096) and emb.X.dtype == np.float32
+    assert emb.y.tolist() == [0] * 6 + [1] * 6 and emb.ids[0] == "a/000.png"
+    expected = _embed_directly(emb.sources, "x20:rgb,x5:gray")
+    assert_f16_close(emb.X, expected)
+
+
+def test_gray_view_equals_backbone_on_gray_image(image_folder, tmp_path):
+    src = sorted((image_folder / "a").glob("*.png"))[0]
+    rgb = np.asarray(Image.open(src).convert("RGB").resize((32, 32))).astype(np.float32)
+    lum = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    gray3 = np.repeat(lum[..., None], 3, axis=-1)  # the gray image, as a 3-channel picture
+    bb = load_backbone("resnet50", weights="none", input_size=32)
+    via_view = bb(compose_views(tf.constant(rgb), None, parse_views("x20:gray"), 32)).numpy()
+    via_image = bb(compose_views(tf.constant(gray3), None, parse_views("x20:rgb"), 32)).numpy()
+    np.testing.assert_allclose(via_view, via_image, atol=1e-5, rtol=1e-5)
+    out = extract(image_folder, tmp_path / "emb", views="x20:gray", **TINY)
+    emb = load_embeddings(tmp_path / "emb")
+    full = np.asarray(Image.open(src).convert("RGB")).astype(np.float32)
+    direct = bb(compose_views(tf.constant(full), None, parse_views("x20:gray"), 32)).numpy()
+    assert_f16_close(emb.X[emb.ids.index("a/000.png")], direct[0])
+    assert out["views"] == ["x20:gray"]
+
+
+def test_fit_pad_scale_and_x5_rule():
+    img = tf.fill((50, 50, 3), 10.0)
+    padded = fit_field(img, 64, "pad").numpy()
+    assert padded.shape == (64, 64, 3)
+    assert (padded[7:57, 7:57] == 10).all() and (padded[:7] == 255).all() and (padded[:, 57:] == 255).all()
+    scaled = fit_field(img, 64, "scale").numpy()
+    assert scaled.shape == (64, 64, 3) and np.allclose(scaled, 10)
+    ps = fit_field(img, 128, "pad-scale", pad_to=100).numpy()  # 50 in 100, then x1.28
+    assert ps.shape == (128, 128, 3) and ps[64, 64, 0] == pytest.approx(10) and ps[2, 2, 0] == pytest.approx(255)
+    big = fit_field(tf.zeros((80, 80, 3)), 64, "pad").numpy()  # larger than input: centre crop
+    assert big.shape == (64, 64, 3) and (big == 0).all()
+    # x5 rule without context: the image is the x5 field, x20 its centre quarter.
+    field = np.zeros((64, 64, 3), np.float32)
+    field[24:40, 24:40] = 200.0
+    views = compose_views(tf.constant(field), None, parse_views("x20:rgb,x5:rgb"), 16, "scale").numpy()
+    assert np.allclose(views[0], 200.0)  # centre 16x16 is the bright square
+    assert views[1].mean() == pytest.approx(200.0 * 16 * 16 / (64 * 64), rel=0.05)
+
+
+def test_context_path_csv_split_and_tiff(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.tif")
+        Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(tmp_path / f"c{i}.jpg")
+        rows.append({"path": f"p{i}.tif", "label": "pos" if i % 2 else "neg", "context_path": f"c{i}.jpg",
+                     "group": f"patient{i // 2}", "split": "train" if i < 3 else "val"})
+    with open(tmp_path / "data.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    m = extract(tmp_path / "data.csv", tmp_path / "emb", views="x20:rgb,x5:rgb", split="train", **TINY)
+    assert m["num_records"] == 3 and m["classes"] == ["neg", "pos"] and m["source"]["split"] == "train"
+    emb = load_embeddings(tmp_path / "emb")
+    assert emb.groups == ["patient0", "patient0", "patient1"]
+    bb = load_backbone("resnet50", weights="none", input_size=32)
+    img = np.asarray(Image.open(tmp_path / "p0.tif"))
+    ctx = np.asarray(Image.open(tmp_path / "c0.jpg"))
+    direct = bb(compose_views(tf.constant(img), tf.constant(ctx), parse_views("x20:rgb,x5:rgb"), 32)).numpy()
+    assert_f16_close(emb.X[0], direct.reshape(-1))
+
+
+def test_determinism_same_bytes(image_folder, tmp_path):
+    a = extract(image_folder, tmp_path / "a", shard_size=8, **TINY)
+    b = extract(image_folder, tmp_path / "b", shard_size=8, **TINY)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_rerun_skips_completed_shards_and_keeps_manifest(image_folder, tmp_path):
+    first = extract(image_folder, tmp_path / "emb", shard_size=5, **TINY)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")}
+    again = extract(image_folder, tmp_path / "emb", shard_size=5, **TINY)
+    assert again == first
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("shard-*")}
+    fresh = extract(image_folder, tmp_path / "emb", shard_size=5, overwrite=True, **TINY)
+    assert [s["sha256"] for s in fresh["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+_KILLABLE = """
+import sys
+from dfl_tf import extract
+extract(sys.argv[1], sys.argv[2], backbone="resnet50", weights="none", input_size=48, batch_size=2,
+        shard_size=3, progress=False)
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    images = write_images(tmp_path / "imgs", per_class=12, seed=3)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(images), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / ".parts" / "shard-00001.json").exists():
+        assert proc.poll() is None, "extraction ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / ".parts").glob("shard-*.json")))
+    assert 2 <= done_before < 8, "the kill should land mid-run"
+    assert not (out / "manifest.json").exists()
+    kw = dict(backbone="resnet50", weights="none", input_size=48, batch_size=2, shard_size=3, progress=False)
+    resumed = extract(images, out, **kw)
+    clean = extract(images, tmp_path / "clean", **kw)
+    assert not list(out.glob(".shard-*"))  # no temporary leftovers
+    assert resumed["shards"] == clean["shards"] and resumed["num_records"] == 24
+    a, b = load_embeddings(out), load_embeddings(tmp_path / "clean")
+    assert a.ids == b.ids and np.array_equal(a.X, b.X)
+
+
+def _corrupt_set(tmp_path: Path) -> Path:
+    root = write_images(tmp_path / "imgs", per_class=3)
+    good = (root / "a" / "000.png").read_bytes()
+    (root / "a" / "001.png").write_bytes(good[: len(good) // 3])  # truncated
+    (root / "b" / "002.png").write_bytes(b"not an image at all")
+    return root
+
+
+def test_corrupt_image_stops_with_its_name_and_no_shard(tmp_path):
+    root = _corrupt_set(tmp_path)
+    with pytest.raises(DflError, match=r"a/001\.png"):
+        extract(root, tmp_path / "emb", shard_size=100, **TINY)
+    assert not list((tmp_path / "emb").glob("*shard-*")) and not (tmp_path / "emb" / "manifest.json").exists()
+    result = CliRunner().invoke(main, ["extract", str(root), "--out", str(tmp_path / "cli"), "--weights", "none",
+                                       "--input-size", "32", "--no-progress"])
+    assert result.exit_code == 2 and "001.png" in result.output and "--skip-bad" in result.output
+
+
+def test_skip_bad_records_skipped(tmp_path):
+    root = _corrupt_set(tmp_path)
+    m = extract(root, tmp_path / "emb", skip_bad=True, **TINY)
+    assert m["num_records"] == 4 and m["counts"] == {"a": 2, "b": 2}
+    skipped = {s["id"]: s["error"] for s in m["skipped"]}
+    assert set(skipped) == {"a/001.png", "b/002.png"} and all(skipped.values())
+
+
+def test_missing_file_in_csv(tmp_path):
+    (tmp_path / "d.csv").write_text("path,label\nnope.png,a\n")
+    with pytest.raises(DflError, match="nope.png"):
+        extract(tmp_path / "d.csv", tmp_path / "emb", **TINY)
+
+
+def test_clear_errors(image_folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DflError, match="no samples"):
+        extract(tmp_path / "empty", tmp_path / "e1", **TINY)
+    with pytest.raises(DflError, match="unknown backbone 'nonet'"):
+        extract(image_folder, tmp_path / "e2", **{**TINY, "backbone": "nonet"})
+    with pytest.raises(DflError, match="unknown view 'x10:rgb'"):
+        extract(image_folder, tmp_path / "e3", views="x10:rgb", **TINY)
+    extract(image_folder, tmp_path / "out", **TINY)
+    with pytest.raises(DflError, match="already holds embeddings of backbone resnet50 .* views x20:rgb"):
+        extract(image_folder, tmp_path / "out", views="x20:rgb,x5:rgb", **TINY)
+    with pytest.raises(DflError, match="already holds embeddings"):
+        extract(image_folder, tmp_path / "out", **{**TINY, "backbone": "densenet121"})
+    runner = CliRunner()
+    result = runner.invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "out"), "--weights", "none",
+                                  "--input-size", "32", "--views", "x5:gray", "--no-progress"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "already holds" in result.output
+
+
+def test_cli_config_file_and_flag_override(image_folder, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("extract:\n  backbone: resnet50\n  weights: none\n  input_size: 32\n  views: x20:gray\n"
+                   "  dtype: float32\n")
+    result = CliRunner().invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "o"), "--config", str(cfg),
+                                       "--views", "x20:rgb", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["views"] == ["x20:rgb"] and manifest["dtype"] == "float32"
+    assert manifest["backbone"]["input_size"] == 32
+    cfg.write_text("extract:\n  colour: red\n")
+    bad = CliRunner().invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "p"), "--config", str(cfg)])
+    assert bad.exit_code == 2 and "unknown field 'colour'" in bad.output
+
+
+def test_bfloat16_close_to_float32(image_folder):
+    paths = sorted(image_folder.rglob("*.png"))[:4]
+    imgs = np.stack([np.asarray(Image.open(p).resize((64, 64))) for p in paths]).astype(np.float32)
+    f32 = load_backbone("resnet50", weights="none", input_size=64)(imgs).numpy()
+    bf16 = load_backbone("resnet50", weights="none", input_size=64, precision="bfloat16")(imgs).numpy()
+    cos = (f32 * bf16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() >= 0.99
