@@ -15,6 +15,7 @@ def __getattr__(name: str):
     api = {
         "extract": "dfl_tf.extraction",
         "load_backbone": "dfl_tf.backbones.registry",
+        "import_weights": "dfl_tf.backbones.torch_import",
         "load_embeddings": "dfl_tf.store.shards",
         "train_head": "dfl_tf.heads.train",
         "evaluate": "dfl_tf.evaluation",
@@ -24,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dfl_tf' has no attribute {name!r}")
 
 
-__all__ = ["extract", "load_backbone", "load_embeddings", "train_head", "evaluate", "__version__"]
+__all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "__version__"]

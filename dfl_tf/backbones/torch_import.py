@@ -401,12 +401,23 @@ def is_keras_weights(path: str | os.PathLike) -> bool:
 def load_weights_file(model, layout: Layout, path: str, arch: str, label: str) -> None:
     """Load a local file into a built model: Keras weights directly, else a torch checkpoint."""
     if is_keras_weights(path):
-        try:
-            model.load_weights(path)
-        except Exception as exc:  # noqa: BLE001 - Keras raises several types for a wrong file
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            raise DflError(f"weights file {Path(path).name} does not fit {label}: {first[:200]}") from None
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model.load_weights(path)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - Keras raises several types for a wrong file
+                text = str(exc).strip()
+                error = text.splitlines()[0] if text else type(exc).__name__
+        # Keras only warns when parts of the file do not line up; a matching file loads silently
+        skipped = [w for w in caught if "retain their freshly-initialized" in str(w.message)
+                   or "Skipping" in str(w.message)]
+        if error is None and skipped:
+            error = f"{len(skipped)} parts of the model were not in the file"
+        if error is not None:
+            raise DflError(f"weights file {Path(path).name} does not fit {label}: {error[:200]}")
     else:
         load_torch_into(layout, path, arch)
 
