@@ -80,7 +80,7 @@ def backbones_cmd(as_json: bool) -> None:
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples and list them in the manifest.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
 @click.option("--split", default=None, help="Only CSV rows whose 'split' column equals this.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: um/px of the x20 patch.")
+@click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
 @click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
 @click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
 @click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
@@ -90,8 +90,11 @@ def backbones_cmd(as_json: bool) -> None:
 @click.pass_context
 def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, **options: Any) -> None:
     """Embed every sample of SOURCE (image folder, CSV manifest or slide coordinates CSV)."""
+    from dfl_tf.data.slides import parse_magnification
     from dfl_tf.extraction import extract
 
+    if options.get("mpp") is not None:
+        options["mpp"] = parse_magnification(options["mpp"])
     manifest = _run(extract, ctx, "extract", config, {"source": source, "out": out}, **options)
     click.echo(f"{manifest['num_records']} records, dim {manifest['dim']}, {len(manifest['shards'])} shards, "
                f"{len(manifest['skipped'])} skipped -> {out}")
@@ -170,3 +173,23 @@ def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | 
     click.echo(f"{m['num_records']} records: balanced accuracy {m['balanced_accuracy']:.4f}, "
                f"macro F1 {m['f1_macro']:.4f}, kappa {m['cohen_kappa']:.4f}, ROC-AUC {auc}"
                + (f" -> {options['out']}" if options.get("out") else ""))
+
+
+@main.command("tile")
+@click.argument("slides", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", "out_csv", required=True, type=click.Path(), help="Coordinates CSV to write.")
+@click.option("--mpp", default="0.5", show_default=True, help="Target um/px (0.5) or objective power (20x).")
+@click.option("--size", type=int, default=256, show_default=True, help="Tile side in px at --mpp.")
+@click.option("--min-tissue", type=float, default=0.5, show_default=True, help="Minimum tissue fraction per tile.")
+@click.option("--overlap", type=float, default=0.0, show_default=True, help="Fraction of overlap between tiles.")
+@click.option("--slide-mpp", type=float, default=None, help="Level-0 um/px for slides without metadata.")
+@click.option("--thumbnails/--no-thumbnails", default=True, help="Write a PNG per slide with mask and grid.")
+def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) -> None:
+    """Detect tissue on SLIDES and write a grid of tile centres (a slide coordinates source)."""
+    from dfl_tf.data.slides import parse_magnification
+    from dfl_tf.data.tissue import tile
+
+    summary = tile(list(slides), out_csv, mpp=parse_magnification(mpp), **options)
+    for s in summary["slides"]:
+        click.echo(f"{s['slide']}: {s['tiles']} tiles, tissue {s['tissue_fraction']:.0%}")
+    click.echo(f"{summary['tiles']} tiles -> {summary['csv']}")

@@ -202,14 +202,18 @@ class _OpenSlideBackend(_Backend):
         # OpenSlide wants the top-left corner in level-0 coordinates.
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        out = np.full((h, w, 3), 255, np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        location = (int(round(x0 * ds)), int(round(y0 * ds)))
-        region = self.slide.read_region(location, level, (x1 - x0, y1 - y0))
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(region))
-        return out
+        if x >= lw or y >= lh or x + w <= 0 or y + h <= 0:
+            return np.full((h, w, 3), 255, np.uint8)
+        # OpenSlide returns transparent pixels outside the slide (and in empty scan areas):
+        # composite the straight-alpha RGBA onto white, in Pillow (C), then drop alpha.
+        region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        if region.mode == "RGBA":
+            if region.getextrema()[3][0] < 255:
+                white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+                white.alpha_composite(region)
+                region = white
+            region = region.convert("RGB")
+        return _to_rgb_uint8(np.asarray(region))
 
     def thumbnail(self, max_side: int) -> np.ndarray | None:
         image = self.slide.get_thumbnail((max_side, max_side))
@@ -283,6 +287,8 @@ class _TiffFileBackend(_Backend):
     def _is_reduced(self, base: Any, page: Any) -> bool:
         bw, bh = self._dims(base)
         pw, ph = self._dims(page)
+        if not getattr(page, "is_reduced", False):  # NewSubfileType bit 0: reduced image
+            return False
         if pw >= bw or ph >= bh or pw < 1 or ph < 1:
             return False
         if page.dtype != base.dtype or page.samplesperpixel != base.samplesperpixel:
@@ -448,7 +454,8 @@ class SlideReader:
         top = (cy - side0 / 2.0) / ds
         scale = side / size                             # level pixels per output pixel
         if abs(scale - 1.0) < 1e-6 and abs(left - round(left)) < 1e-6 and abs(top - round(top)) < 1e-6:
-            return self._read(backend, level, int(round(left)), int(round(top)), size, size)
+            tile = self._read(backend, level, int(round(left)), int(round(top)), size, size)
+            return tile if tile.flags.writeable else tile.copy()
         # Lanczos support: 3 output pixels -> 3 * max(scale, 1) level pixels each side.
         margin = int(math.ceil(3.0 * max(scale, 1.0))) + 1
         bx0 = int(math.floor(left)) - margin
@@ -458,7 +465,7 @@ class SlideReader:
         region = self._read(backend, level, bx0, by0, bx1 - bx0, by1 - by0)
         box = (left - bx0, top - by0, left - bx0 + side, top - by0 + side)
         image = Image.fromarray(region).resize((size, size), Image.Resampling.LANCZOS, box=box)
-        return np.asarray(image)
+        return np.array(image)  # a writable copy
 
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
@@ -483,7 +490,8 @@ class SlideReader:
             raise DflError(f"{self.path}: cannot read slide thumbnail ({type(exc).__name__}: {exc})") from exc
         if thumb is None:
             thumb = self._banded_thumbnail(backend, max_side)
-        return np.ascontiguousarray(thumb), width / thumb.shape[1]
+        thumb = np.ascontiguousarray(thumb)
+        return (thumb if thumb.flags.writeable else thumb.copy()), width / thumb.shape[1]
 
     def _banded_thumbnail(self, backend: _Backend, max_side: int) -> np.ndarray:
         """Box-average the smallest sufficient level band by band (bounded memory)."""
@@ -551,7 +559,7 @@ def open_slide(path: str | os.PathLike, mpp_override: float | str | None = None,
             if mpp is None:
                 raise DflError(
                     f"{path}: slide has no microns-per-pixel metadata; pass --slide-mpp "
-                    f"(its level-0 um/px) or an `mpp` column")
+                    f"(its level-0 um/px) or a `slide_mpp` column")
         return SlideReader(path, impl, mpp, source)
     except Exception:
         impl.close()

@@ -3,10 +3,11 @@
 * Image folder: one subfolder per class (``root/<class>/<image>``); images directly under
   ``root`` are unlabeled. Classes are the sorted subfolder names.
 * CSV manifest: ``path,label[,context_path][,group][,split][,id]``; paths relative to the CSV.
-* Slide coordinates CSV: ``slide,x,y[,label][,group][,mpp][,slide_mpp][,split]``; x/y are
-  level-0 pixel centres; ``mpp`` is the um/px to read the x20 patch at (``dfl tile`` writes the
-  mpp it tiled at; default ``--mpp``); ``slide_mpp`` is the slide's own level-0 um/px, an
-  override for slides without resolution metadata (``--slide-mpp`` for all rows).
+* Slide coordinates CSV: ``slide,x,y[,label][,group][,mpp][,size][,slide_mpp][,split]``; x/y
+  are level-0 pixel centres; ``mpp`` and ``size`` are the um/px and side in px to read the x20
+  patch at (``dfl tile`` writes the values it tiled with; defaults ``--mpp``/``--patch-size``);
+  ``slide_mpp`` is the slide's own level-0 um/px, an override for slides without resolution
+  metadata (``--slide-mpp`` for all rows).
 
 Labels become class indices in ``classes`` order; an empty label is -1 (unlabeled).
 """
@@ -41,6 +42,7 @@ class Sample:
     y: int | None = None
     slide_mpp: float | None = None
     mpp: float | None = None
+    patch_size: int | None = None
 
 
 @dataclass
@@ -144,12 +146,13 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
                 x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
                 mpp = float(row["mpp"]) if row.get("mpp") else None
                 slide_mpp = float(row["slide_mpp"]) if row.get("slide_mpp") else None
+                size = int(row["size"]) if row.get("size") else None
             except ValueError as exc:
-                raise DflError(f"{path}:{line}: x, y, mpp and slide_mpp must be numbers ({exc})") from exc
+                raise DflError(f"{path}:{line}: x, y, mpp, size and slide_mpp must be numbers ({exc})") from exc
             slide = str(base / row["slide"])
             samples.append(Sample(id=row.get("id") or f"{Path(row['slide']).name}@{x},{y}", source=slide,
                                   label=label, group=group or Path(row["slide"]).stem, slide=slide,
-                                  x=x, y=y, slide_mpp=slide_mpp, mpp=mpp))
+                                  x=x, y=y, slide_mpp=slide_mpp, mpp=mpp, patch_size=size))
     return SampleSet(samples, class_list, kind, str(path))
 
 
@@ -185,7 +188,8 @@ def load_sample(sample: Sample, context: bool, slide_read: SlideRead | None = No
         from dfl_tf.data.slides import read_views
 
         read = slide_read or SlideRead()
-        return read_views(sample.slide, sample.x, sample.y, sample.mpp or read.mpp, read.patch_size, context,
+        return read_views(sample.slide, sample.x, sample.y, sample.mpp or read.mpp,
+                          sample.patch_size or read.patch_size, context,
                           mpp_override=sample.slide_mpp or read.slide_mpp)
     image = read_image(sample.source)
     ctx = read_image(sample.context) if (context and sample.context) else None

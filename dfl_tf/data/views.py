@@ -79,25 +79,25 @@ def _pad_or_crop(image: tf.Tensor, height, width) -> tf.Tensor:
 
 
 def fit_field(image: tf.Tensor, size: int, fit: str = "scale", pad_to: int | None = None) -> tf.Tensor:
-    """Fit one float32 [h, w, 3] field to [size, size, 3]."""
+    """Fit a float32 field [h, w, 3] (or a batch [N, h, w, 3]) to [size, size, 3] (or [N, ...])."""
     if fit == "scale":
         out = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     elif fit == "pad":
         out = _pad_or_crop(image, size, size)
     elif fit == "pad-scale":
         shape = tf.shape(image)
-        side = pad_to if pad_to else tf.maximum(shape[0], shape[1])
+        side = pad_to if pad_to else tf.maximum(shape[-3], shape[-2])
         square = _pad_or_crop(image, side, side)
         out = tf.image.resize(square, (size, size), method="bilinear", antialias=True)
     else:
         raise DflError(f"unknown fit '{fit}'")
-    return tf.ensure_shape(out, (size, size, 3))
+    return tf.ensure_shape(out, [None] * (len(out.shape) - 3) + [size, size, 3])
 
 
 def centre_quarter(image: tf.Tensor) -> tf.Tensor:
     """The x20 field inside an x5 field: same centre, a quarter of each side."""
     shape = tf.shape(image)
-    h, w = shape[0], shape[1]
+    h, w = shape[-3], shape[-2]
     ch, cw = tf.maximum(h // 4, 1), tf.maximum(w // 4, 1)
     return tf.image.crop_to_bounding_box(image, (h - ch) // 2, (w - cw) // 2, ch, cw)
 
@@ -105,7 +105,7 @@ def centre_quarter(image: tf.Tensor) -> tf.Tensor:
 def to_gray(image: tf.Tensor) -> tf.Tensor:
     """Luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) replicated to three channels."""
     weights = tf.constant([0.299, 0.587, 0.114], dtype=image.dtype)
-    return tf.tile(tf.reduce_sum(image * weights, axis=-1, keepdims=True), (1, 1, 3))
+    return tf.repeat(tf.reduce_sum(image * weights, axis=-1, keepdims=True), 3, axis=-1)
 
 
 def compose_views(
@@ -119,7 +119,8 @@ def compose_views(
     """One sample's views as float32 [len(views), size, size, 3] in [0, 255].
 
     ``image`` and ``context`` are [h, w, 3] (any real or integer dtype in [0, 255]);
-    ``context`` may be None (see the module docstring for the field rule).
+    ``context`` may be None (see the module docstring for the field rule). Batches
+    [N, h, w, 3] work too and give [N, len(views), size, size, 3].
     """
     image = tf.cast(image, tf.float32)
     if context is not None:
@@ -135,4 +136,4 @@ def compose_views(
     for view in views:
         field = fields[view.zoom]
         out.append(to_gray(field) if view.colour == "gray" else field)
-    return tf.stack(out, axis=0)
+    return tf.stack(out, axis=len(image.shape) - 3)
