@@ -110,6 +110,7 @@ def _settings(bb: Backbone, views: Sequence[View], dtype: str, fit: str, pad_to:
         "pad_to": pad_to,
         "shard_size": shard_size,
         "precision": bb.precision,
+        "context": _context_mode(views, samples),
         "source": {"path": samples.root, "kind": samples.kind, "split": split,
                    "num_samples": len(samples.samples), "fingerprint": samples.fingerprint()},
         "classes": samples.classes,
@@ -118,6 +119,16 @@ def _settings(bb: Backbone, views: Sequence[View], dtype: str, fit: str, pad_to:
         settings["slide_read"] = {"mpp": slide_read.mpp, "patch_size": slide_read.patch_size,
                                   "slide_mpp": slide_read.slide_mpp}
     return settings
+
+
+def _context_mode(views: Sequence[View], samples: SampleSet) -> str:
+    """How the x5 field was obtained: ``none`` (no x5 view), ``separate`` (a context image or a
+    slide read per sample) or ``centre-crop`` (the image is the x5 field, x20 its centre)."""
+    if not needs_context(views):
+        return "none"
+    if samples.kind == "slides" or any(s.context for s in samples.samples):
+        return "separate"
+    return "centre-crop"
 
 
 def _part_path(out: Path, index: int) -> Path:
@@ -184,7 +195,7 @@ def _manifest(out: Path, n_shards: int, run: dict[str, Any], settings: dict[str,
         "shards": [{"file": p["file"], "records": p["records"], "sha256": p["sha256"]} for p in parts],
         "skipped": [s for p in parts for s in p["skipped"]],
         "source": settings["source"],
-        "settings": {k: settings[k] for k in ("fit", "pad_to", "shard_size", "precision", "slide_read")
+        "settings": {k: settings[k] for k in ("fit", "pad_to", "shard_size", "precision", "context", "slide_read")
                      if k in settings},
         "created": run["created"],
         "dfl_tf_version": __version__,

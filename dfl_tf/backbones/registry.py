@@ -162,7 +162,7 @@ def load_backbone(
     elif weights in spec.weights:
         build_weights, label = weights, weights
     elif os.path.exists(str(weights)):
-        build_weights, label = str(Path(weights).resolve()), f"file:{Path(weights).name}"
+        build_weights = label = str(Path(weights).resolve())
     else:
         choices = ", ".join(["none", *spec.weights])
         raise DflError(f"weights '{weights}' for backbone '{name}': not a known source ({choices}) nor a file")

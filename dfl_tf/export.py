@@ -1,0 +1,355 @@
+"""Export: view composition + frozen backbone + N heads as one SavedModel for TF Serving.
+
+Layout: ``saved_models/NAME/VERSION/`` (the version increments by itself) with signatures
+
+* ``serving_default``: ``image_bytes`` (string [N], encoded JPEG/PNG/GIF/BMP/WebP; the formats
+  ``tf.io.decode_image`` reads) and, when the views include x5 from a separate context image,
+  ``context_bytes``; returns per task ``<task>_probabilities``, ``<task>_class_id``,
+  ``<task>_class_name``.
+* ``serve_pixels``: ``images`` uint8 [N, H, W, 3] (and ``context`` uint8 [N, h, w, 3]); same outputs.
+* ``embed``: like ``serving_default`` but returns the concatenated ``embedding`` [N, dim];
+  ``embed_pixels`` the same from uint8 pixels.
+
+Decoding, fit, gray views, backbone preprocessing and standardisation all run in the graph.
+A parity check runs before the version directory appears; ``export.json`` records it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dfl_tf import __version__
+from dfl_tf._io import atomic_write_json
+from dfl_tf.backbones.registry import Backbone, load_backbone
+from dfl_tf.data.views import compose_views, parse_views
+from dfl_tf.errors import DflError
+from dfl_tf.store.manifest import check_compatible
+
+EXPORT_JSON = "export.json"
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+@dataclass
+class Task:
+    name: str
+    head_dir: str
+    model: keras.Model
+    info: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def threshold(self) -> float | None:
+        return self.info.get("threshold") if len(self.classes) == 2 else None
+
+
+def _task_name(head_dir: str | Path, taken: set[str]) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(head_dir).resolve().name).strip("_") or "task"
+    if name[0].isdigit():
+        name = f"t_{name}"
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Task]:
+    """Load heads and check they share backbone fingerprint, views and dim."""
+    from dfl_tf.heads.model import load_head
+
+    if not heads:
+        raise DflError("no head directories given")
+    if names is not None and len(names) != len(heads):
+        raise DflError(f"{len(names)} task names for {len(heads)} heads")
+    tasks: list[Task] = []
+    for i, head_dir in enumerate(heads):
+        model, info = load_head(head_dir)
+        name = names[i] if names else _task_name(head_dir, {t.name for t in tasks})
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise DflError(f"task name '{name}' must be letters, digits and underscores")
+        if tasks:
+            check_compatible(tasks[0].info, info, f"head {tasks[0].head_dir}", f"head {head_dir}")
+            ex0, ex = tasks[0].info.get("extraction", {}).get("settings", {}), info.get("extraction", {}).get("settings", {})
+            for key in ("fit", "pad_to", "context", "precision"):
+                if ex0.get(key) != ex.get(key):
+                    raise DflError(f"heads {tasks[0].head_dir} and {head_dir} were trained on extractions with "
+                                   f"different {key} ({ex0.get(key)} vs {ex.get(key)})")
+        tasks.append(Task(name, str(head_dir), model, info))
+    return tasks
+
+
+def rebuild_backbone(info: dict[str, Any], weights: str | None = None) -> Backbone:
+    """Rebuild the backbone a head was trained on, and check its fingerprint."""
+    spec = info["backbone"]
+    settings = info.get("extraction", {}).get("settings", {})
+    name, label = spec["name"], weights or spec["weights"]
+    if name.startswith("savedmodel:"):
+        path = (weights or spec["weights"]).removeprefix("savedmodel:")
+        bb = load_backbone(path, input_size=spec["input_size"])
+    else:
+        bb = load_backbone(name, weights=label, input_size=spec["input_size"],
+                           precision=settings.get("precision") or "float32")
+    if bb.fingerprint != spec["fingerprint"]:
+        raise DflError(f"backbone {name} with weights {label} has fingerprint {bb.fingerprint[:12]}, but the heads "
+                       f"were trained on {spec['fingerprint'][:12]} (pass the right --backbone-weights)")
+    return bb
+
+
+class ServingGraph:
+    """The in-graph pipeline shared by all signatures."""
+
+    def __init__(self, backbone: Backbone, tasks: Sequence[Task]):
+        info = tasks[0].info
+        settings = info.get("extraction", {}).get("settings", {})
+        self.backbone, self.tasks = backbone, list(tasks)
+        self.views = parse_views(info["views"])
+        self.size = backbone.input_size
+        self.fit, self.pad_to = settings.get("fit", "scale"), settings.get("pad_to")
+        self.separate_context = settings.get("context") == "separate"
+
+    # -- pieces -------------------------------------------------------------------------
+    def embed_views(self, stacked: tf.Tensor) -> tf.Tensor:
+        n_views = len(self.views)
+        flat = tf.reshape(stacked, [-1, self.size, self.size, 3])
+        emb = tf.cast(self.backbone.model(flat, training=False), tf.float32)
+        return tf.reshape(emb, [-1, n_views * self.backbone.dim])
+
+    def views_from_pixels(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
+        return compose_views(images, context, self.views, self.size, self.fit, self.pad_to)
+
+    def views_from_bytes(self, image_bytes: tf.Tensor, context_bytes: tf.Tensor | None) -> tf.Tensor:
+        checks = [_assert_decodable(image_bytes, "image_bytes")]
+        if context_bytes is not None:
+            checks.append(_assert_decodable(context_bytes, "context_bytes"))
+        signature = tf.TensorSpec([len(self.views), self.size, self.size, 3], tf.float32)
+        with tf.control_dependencies(checks):
+            if context_bytes is None:
+                return tf.map_fn(lambda b: compose_views(_decode(b), None, self.views, self.size, self.fit, self.pad_to),
+                                 image_bytes, fn_output_signature=signature)
+            return tf.map_fn(lambda bc: compose_views(_decode(bc[0]), _decode(bc[1]), self.views, self.size,
+                                                      self.fit, self.pad_to),
+                             (image_bytes, context_bytes), fn_output_signature=signature)
+
+    def heads(self, embedding: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = {}
+        for task in self.tasks:
+            probs = tf.cast(task.model(embedding, training=False), tf.float32)
+            if task.threshold is not None:
+                class_id = tf.cast(probs[:, 1] >= task.threshold, tf.int64)
+            else:
+                class_id = tf.argmax(probs, axis=-1)
+            outputs[f"{task.name}_probabilities"] = probs
+            outputs[f"{task.name}_class_id"] = class_id
+            outputs[f"{task.name}_class_name"] = tf.gather(tf.constant(task.classes), class_id)
+        return outputs
+
+    # -- signatures -------------------------------------------------------------------------
+    def archive(self) -> keras.export.ExportArchive:
+        archive = keras.export.ExportArchive()
+        archive.track(self.backbone.model)
+        for task in self.tasks:
+            archive.track(task.model)
+        bytes_spec = [tf.TensorSpec([None], tf.string, name="image_bytes")]
+        pixel_spec = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+        if self.separate_context:
+            bytes_spec.append(tf.TensorSpec([None], tf.string, name="context_bytes"))
+            pixel_spec.append(tf.TensorSpec([None, None, None, 3], tf.uint8, name="context"))
+
+            def serve_bytes(image_bytes, context_bytes):
+                return self.heads(self.embed_views(self.views_from_bytes(image_bytes, context_bytes)))
+
+            def serve_pixels(images, context):
+                return self.heads(self.embed_views(self.views_from_pixels(images, context)))
+
+            def embed(image_bytes, context_bytes):
+                return {"embedding": self.embed_views(self.views_from_bytes(image_bytes, context_bytes))}
+
+            def embed_pixels(images, context):
+                return {"embedding": self.embed_views(self.views_from_pixels(images, context))}
+        else:
+            def serve_bytes(image_bytes):
+                return self.heads(self.embed_views(self.views_from_bytes(image_bytes, None)))
+
+            def serve_pixels(images):
+                return self.heads(self.embed_views(self.views_from_pixels(images, None)))
+
+            def embed(image_bytes):
+                return {"embedding": self.embed_views(self.views_from_bytes(image_bytes, None))}
+
+            def embed_pixels(images):
+                return {"embedding": self.embed_views(self.views_from_pixels(images, None))}
+
+        archive.add_endpoint("serving_default", serve_bytes, input_signature=bytes_spec)
+        archive.add_endpoint("serve_pixels", serve_pixels, input_signature=pixel_spec)
+        archive.add_endpoint("embed", embed, input_signature=bytes_spec)
+        archive.add_endpoint("embed_pixels", embed_pixels, input_signature=pixel_spec)
+        return archive
+
+
+def _decode(data: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _assert_decodable(data: tf.Tensor, name: str) -> tf.Operation:
+    """Fails with the positions of inputs whose header is no format decode_image reads."""
+    head = tf.strings.substr(data, 0, 4)
+    ok = tf.zeros_like(data, dtype=tf.bool)
+    for magic in _MAGIC:
+        ok = ok | tf.equal(tf.strings.substr(head, 0, len(magic)), magic)
+    ok = ok | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+    bad = tf.reshape(tf.where(tf.logical_not(ok)), [-1])
+    return tf.debugging.Assert(tf.equal(tf.size(bad), 0),
+                               [f"{name}: not a JPEG/PNG/GIF/BMP/WebP image at batch positions", bad], summarize=20)
+
+
+def _next_version(root: Path) -> int:
+    versions = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()] if root.exists() else []
+    return max(versions, default=0) + 1
+
+
+def export_model(
+    heads: Sequence[str | Path],
+    out: str | Path,
+    version: int | None = None,
+    names: Sequence[str] | None = None,
+    backbone_weights: str | None = None,
+    parity_data: str | Path | None = None,
+    parity_samples: int = 4,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """Export heads and their backbone as ``out/VERSION`` and return export.json's content.
+
+    Args:
+        heads: head directories (``dfl train`` outputs) sharing backbone and views.
+        out: model directory, e.g. ``saved_models/lymph``; versions are subfolders.
+        version: explicit version number (refused if it exists); default: the next one.
+        names: task names (default: the head directory names).
+        backbone_weights: where to find the backbone weights if the recorded source moved.
+        parity_data: embedding directory to check parity on (default: the first head's training set).
+        parity_samples: samples in the parity check (0 skips it, recorded as skipped).
+        tolerance: max abs difference allowed on probabilities (float32).
+    """
+    from dfl_tf.parity import parity_check
+
+    t0 = time.time()
+    tasks = load_tasks(heads, names)
+    backbone = rebuild_backbone(tasks[0].info, backbone_weights)
+    graph = ServingGraph(backbone, tasks)
+    root = Path(out)
+    version = int(version) if version is not None else _next_version(root)
+    final = root / str(version)
+    if final.exists():
+        raise DflError(f"{final} already exists (versions are never overwritten; omit --version for the next one)")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{version}-{int(time.time() * 1000)}"
+    try:
+        graph.archive().write_out(str(tmp), verbose=False)
+        parity = parity_check(tmp, graph, tasks, parity_data, parity_samples, tolerance)
+        info = {
+            "name": root.name,
+            "version": version,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backbone": backbone.describe(),
+            "views": [str(v) for v in graph.views],
+            "fit": graph.fit,
+            "pad_to": graph.pad_to,
+            "context": "separate" if graph.separate_context else
+                       tasks[0].info.get("extraction", {}).get("settings", {}).get("context", "none"),
+            "slide_read": tasks[0].info.get("extraction", {}).get("settings", {}).get("slide_read"),
+            "dim": graph.backbone.dim * len(graph.views),
+            "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
+                       "threshold": t.threshold, "best_epoch": t.info.get("best_epoch")} for t in tasks],
+            "signatures": _describe_signatures(tmp),
+            "parity": parity,
+            "seconds": round(time.time() - t0, 2),
+            "dfl_tf_version": __version__,
+        }
+        atomic_write_json(tmp / EXPORT_JSON, info)
+        if not parity["passed"]:
+            raise DflError(f"parity check failed: {parity['reason']} (no version written)")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info["path"] = str(final)
+    return info
+
+
+def _describe_signatures(path: Path) -> dict[str, Any]:
+    loaded = tf.saved_model.load(str(path))
+    out = {}
+    for key, fn in loaded.signatures.items():
+        inputs = {k: f"{v.dtype.name} {v.shape}" for k, v in fn.structured_input_signature[1].items()}
+        outputs = {k: f"{v.dtype.name} {v.shape}" for k, v in fn.structured_outputs.items()}
+        out[key] = {"inputs": inputs, "outputs": outputs}
+    return out
+
+
+def resolve_version_dir(path: str | Path) -> Path:
+    """``saved_models/NAME`` -> its highest version; a version directory is returned as it is."""
+    path = Path(path)
+    if (path / "saved_model.pb").exists():
+        return path
+    if path.is_dir():
+        versions = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()))
+        if versions:
+            return path / str(versions[-1])
+    raise DflError(f"{path}: not an exported model (no saved_model.pb and no version folders)")
+
+
+class ExportedModel:
+    """A loaded export: ``model(image_bytes)`` -> dict of numpy arrays per task output."""
+
+    def __init__(self, path: str | Path):
+        self.path = resolve_version_dir(path)
+        self.module = tf.saved_model.load(str(self.path))
+        info_path = self.path / EXPORT_JSON
+        self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        self.tasks = [h["task"] for h in self.info.get("heads", [])]
+        self.needs_context = self.info.get("context") == "separate"
+
+    def _call(self, signature: str, **inputs) -> dict[str, np.ndarray]:
+        fn = self.module.signatures[signature]
+        return {k: v.numpy() for k, v in fn(**inputs).items()}
+
+    def __call__(self, image_bytes: Sequence[bytes], context_bytes: Sequence[bytes] | None = None
+                 ) -> dict[str, np.ndarray]:
+        inputs = {"image_bytes": tf.constant(list(image_bytes), tf.string)}
+        if self.needs_context:
+            if context_bytes is None:
+                raise DflError("this model needs context_bytes (its views include a separate x5 context)")
+            inputs["context_bytes"] = tf.constant(list(context_bytes), tf.string)
+        return self._call("serving_default", **inputs)
+
+    def predict_pixels(self, images: np.ndarray, context: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        inputs = {"images": tf.constant(np.asarray(images, np.uint8))}
+        if self.needs_context:
+            if context is None:
+                raise DflError("this model needs context pixels (its views include a separate x5 context)")
+            inputs["context"] = tf.constant(np.asarray(context, np.uint8))
+        return self._call("serve_pixels", **inputs)
+
+    def embed(self, image_bytes: Sequence[bytes], context_bytes: Sequence[bytes] | None = None) -> np.ndarray:
+        inputs = {"image_bytes": tf.constant(list(image_bytes), tf.string)}
+        if self.needs_context:
+            inputs["context_bytes"] = tf.constant(list(context_bytes or []), tf.string)
+        return self._call("embed", **inputs)["embedding"]
+
+
+def load_model(path: str | Path) -> ExportedModel:
+    """Load an export (``saved_models/NAME`` or ``saved_models/NAME/VERSION``) as a callable."""
+    return ExportedModel(path)
