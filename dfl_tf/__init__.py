@@ -19,10 +19,19 @@ def __getattr__(name: str):
         "load_embeddings": "dfl_tf.store.shards",
         "train_head": "dfl_tf.heads.train",
         "evaluate": "dfl_tf.evaluation",
+        "export_model": "dfl_tf.export",
+        "load_model": "dfl_tf.export",
+        "predict": "dfl_tf.prediction",
+        "heatmap": "dfl_tf.heatmap",
+        "tile": "dfl_tf.data.tissue",
+        "demo": "dfl_tf.demo",
+        "select_backbones": "dfl_tf.selection",
+        "finetune": "dfl_tf.finetune",
     }
     if name in api:
         return getattr(importlib.import_module(api[name]), name)
     raise AttributeError(f"module 'dfl_tf' has no attribute {name!r}")
 
 
-__all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "__version__"]
+__all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "export_model", "load_model",
+           "predict", "heatmap", "tile", "__version__", "select_backbones", "finetune"]

@@ -193,3 +193,161 @@ def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) ->
     for s in summary["slides"]:
         click.echo(f"{s['slide']}: {s['tiles']} tiles, tissue {s['tissue_fraction']:.0%}")
     click.echo(f"{summary['tiles']} tiles -> {summary['csv']}")
+
+
+@main.command("export")
+@click.argument("heads", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Model directory, e.g. saved_models/NAME.")
+@click.option("--version", type=int, default=None, help="Version number (default: the next free one).")
+@click.option("--name", "names", multiple=True, help="Task name per head, in order (default: folder names).")
+@click.option("--backbone-weights", default=None, help="Backbone weights, if the recorded source moved.")
+@click.option("--parity-data", type=click.Path(), default=None, help="Embedding dir for the parity check.")
+@click.option("--parity-samples", type=int, default=4, show_default=True, help="0 skips the parity check.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff on probabilities.")
+def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **options: Any) -> None:
+    """Export HEADS with their backbone as one SavedModel (saved_models/NAME/VERSION)."""
+    from dfl_tf.export import export_model
+
+    info = export_model(list(heads), out, names=list(names) or None, **options)
+    parity = info["parity"]
+    detail = "skipped" if parity.get("skipped") else (
+        f"max |dp| {parity['max_abs_diff_probabilities']:.1e}, embeddings vs stored "
+        f"{parity['max_rel_diff_embedding_vs_stored']:.1e} rel.")
+    click.echo(f"exported {', '.join(h['task'] for h in info['heads'])} -> {info['path']} (parity: {detail})")
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path())
+@click.argument("input", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Predictions CSV.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (listed in OUT.skipped.csv).")
+@click.option("--mpp", type=float, default=None, help="Slides: um/px to read at (default: as exported).")
+@click.option("--patch-size", type=int, default=None, help="Slides: patch side (default: as exported).")
+@click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
+@click.option("--progress/--no-progress", default=True)
+def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
+    """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
+    from dfl_tf.prediction import predict
+
+    summary = predict(model, input, out, **options)
+    click.echo(f"{summary['predicted']} predictions, {len(summary['skipped'])} skipped -> {summary['out']}")
+
+
+@main.command("heatmap")
+@click.argument("model", type=click.Path())
+@click.argument("slide", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
+@click.option("--mpp", type=float, default=None, help="um/px to tile at (default: as exported).")
+@click.option("--size", type=int, default=None, help="Tile side in px (default: as exported).")
+@click.option("--min-tissue", type=float, default=0.5, show_default=True)
+@click.option("--overlap", type=float, default=0.0, show_default=True)
+@click.option("--slide-mpp", type=float, default=None, help="Level-0 um/px for slides without metadata.")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="GeoJSON: min probability.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
+    """Tile SLIDE, predict each tile with MODEL, write heatmaps, predictions and GeoJSON to OUT."""
+    from dfl_tf.heatmap import heatmap
+
+    summary = heatmap(model, slide, out, **options)
+    click.echo(f"{summary['tiles']} tiles -> {out} ({len(summary['outputs'])} files)")
+
+
+def _select_control(value: str) -> bool | str:
+    low = value.strip().lower()
+    if low in ("true", "yes", "1", "auto", "best"):
+        return True
+    if low in ("false", "no", "0", "none", "off"):
+        return False
+    return value
+
+
+@main.command("select")
+@click.argument("dataset", type=click.Path())
+@click.option("--backbones", required=True, help="Comma-separated registry names or SavedModel directories.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (table.md, results.*, maps.png).")
+@click.option("--views", default="x20:rgb", show_default=True, help="Comma-separated view specs.")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Linear heads per backbone (0: k-NN only).")
+@click.option("--weights", default="default", show_default=True,
+              help="One source for all, or name=weights pairs: 'imagenet,efficientnet_b0=none'.")
+@click.option("--input-size", type=int, default=None, help="Backbone input side in px (default: each backbone's).")
+@click.option("--val-fraction", type=float, default=0.25, show_default=True,
+              help="Validation share when the source has no 'split' column.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Linear head epochs.")
+@click.option("--noise", type=float, default=0.1, show_default=True, help="Feature-noise std (0: off).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the heads.")
+@click.option("--head-batch-size", type=int, default=256, show_default=True)
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="First head seed.")
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--control", default="true", show_default=True, callback=lambda c, p, v: _select_control(v),
+              help="Random-init control: true (best registry architecture), false, or an architecture name.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Extraction cache (default OUT/cache).")
+@click.option("--knn-k", type=int, default=10, show_default=True)
+@click.option("--maps/--no-maps", default=True, show_default=True, help="maps.png and projector/ exports.")
+@click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
+              help="auto: UMAP when umap-learn is installed, else PCA.")
+@click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
+@click.option("--fit", type=click.Choice(["scale", "pad", "pad-scale"]), default="scale", show_default=True)
+@click.option("--pad-to", type=int, default=None)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Extraction batch size.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "mixed_float16"]), default="float32",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--shard-size", type=int, default=1024, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable samples.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: um/px of the x20 patch.")
+@click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
+@click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
+@click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
+@click.pass_context
+def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
+    """Rank frozen backbones on DATASET with linear heads (extract once, cached; table.md, maps.png)."""
+    from dfl_tf.selection import select_backbones
+
+    res = _run(select_backbones, ctx, "select", config, {"dataset": dataset, "out": out}, **options)
+    for row in res["results"]:
+        ba = row["balanced_accuracy"]
+        score = "-" if ba["mean"] is None else f"{ba['mean']:.4f} +- {ba['std'] or 0:.4f}"
+        click.echo(f"{row['rank']:>3}. {row['backbone']}: balanced accuracy {score}")
+    click.echo(f"best: {res['best']} -> {out}/table.md")
+
+
+@main.command("finetune")
+@click.argument("dataset", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output directory (model.keras, metrics.json).")
+@click.option("--backbone", default="resnet50", show_default=True, help="Registry name or SavedModel directory.")
+@click.option("--weights", default="default", show_default=True, help="imagenet | none | a source name | a file.")
+@click.option("--input-size", type=int, default=None, help="Input side in px (default: the backbone's).")
+@click.option("--views", default="x20:rgb", show_default=True, help="One view (multi-view is not supported).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val", default=None, type=click.Path(), help="Validation source (default: a split of DATASET).")
+@click.option("--val-fraction", type=float, default=0.25, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
+@click.option("--gamma", type=float, default=2.0, show_default=True)
+@click.option("--alpha", type=float, default=0.25, show_default=True)
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Flips, 90-degree rotations, colour jitter.")
+@click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
+@click.option("--fit", type=click.Choice(["scale", "pad", "pad-scale"]), default="scale", show_default=True)
+@click.option("--pad-to", type=int, default=None)
+@click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--progress/--no-progress", default=True)
+@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
+@click.pass_context
+def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
+    """Baseline: fine-tune the backbone end to end on DATASET (augmentation, focal loss)."""
+    from dfl_tf.finetune import finetune
+
+    m = _run(finetune, ctx, "finetune", config, {"dataset": dataset, "out": out}, **options)
+    click.echo(f"best epoch {m['best_epoch']}/{m['epochs_run']}: balanced accuracy {m['balanced_accuracy']:.4f}, "
+               f"kappa {m['cohen_kappa']:.4f}, wall {m['wall_seconds']:.1f} s -> {out}")

@@ -7,48 +7,10 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+from dfl_tf.data.synthetic import downscale, make_pyramid_tiff  # noqa: F401
 import tifffile
 from PIL import Image
-
-
-def downscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """Box-average by an integer factor (edges: partial boxes)."""
-    return np.asarray(Image.fromarray(image).reduce(factor)) if factor > 1 else image
-
-
-def make_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, mpp: float | None, levels: int = 3,
-                      tile: int = 256, level_images: Sequence[np.ndarray] | None = None,
-                      compression: str | None = "zlib", description: str | None = None) -> str:
-    """Write ``image`` (h, w, 3 uint8) as a tiled pyramid of ``levels`` levels, each half the last.
-
-    Levels are successive top-level pages (SubFileType 1 for reduced ones), the layout
-    OpenSlide's generic-tiff driver reads. With ``mpp`` the X/YResolution tags are written in
-    pixels per centimetre (OpenSlide 4 turns them into ``openslide.mpp-x``); with ``None``
-    no resolution unit is written and the slide has no mpp. ``level_images`` replaces the
-    computed reduced levels (to tell levels apart in tests).
-    """
-    path = os.fspath(path)
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    pyramid = [image]
-    if level_images is not None:
-        pyramid += [np.ascontiguousarray(a, dtype=np.uint8) for a in level_images]
-    else:
-        for _ in range(1, levels):
-            pyramid.append(downscale(pyramid[-1], 2))
-    with tifffile.TiffWriter(path) as tw:
-        for level, arr in enumerate(pyramid):
-            kwargs = {}
-            if mpp is not None:
-                ds = image.shape[1] / arr.shape[1]
-                ppcm = 1e4 / (mpp * ds)
-                kwargs.update(resolution=(ppcm, ppcm), resolutionunit="CENTIMETER")
-            else:
-                kwargs.update(resolutionunit="NONE")
-            tw.write(arr, tile=(tile, tile), photometric="rgb", compression=compression,
-                     subfiletype=1 if level else 0,
-                     description=description if (description and level == 0) else None,
-                     metadata=None, **kwargs)
-    return path
 
 
 def rings(width: int, height: int, cx: float, cy: float, period: float = 24.0) -> np.ndarray:
