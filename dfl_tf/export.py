@@ -206,11 +206,12 @@ def _decode(data: tf.Tensor) -> tf.Tensor:
 
 def _assert_decodable(data: tf.Tensor, name: str) -> tf.Operation:
     """Fails with the positions of inputs whose header is no format decode_image reads."""
-    head = tf.strings.substr(data, 0, 4)
+    padded = tf.strings.join([data, tf.constant(b"\0" * 12)])  # substr fails past the end
+    head = tf.strings.substr(padded, 0, 4)
     ok = tf.zeros_like(data, dtype=tf.bool)
     for magic in _MAGIC:
         ok = ok | tf.equal(tf.strings.substr(head, 0, len(magic)), magic)
-    ok = ok | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+    ok = ok | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
     bad = tf.reshape(tf.where(tf.logical_not(ok)), [-1])
     return tf.debugging.Assert(tf.equal(tf.size(bad), 0),
                                [f"{name}: not a JPEG/PNG/GIF/BMP/WebP image at batch positions", bad], summarize=20)

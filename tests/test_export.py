@@ -12,7 +12,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TINY, write_images
+from conftest import TINY_FAST as TINY, write_images
 from dfl_tf import export_model, extract, load_model, predict, train_head
 from dfl_tf.cli import main
 from dfl_tf.errors import DflError
@@ -48,7 +48,7 @@ def test_export_layout_parity_and_signatures(trained):
     assert outputs["linear_class_name"].dtype == tf.string
     sp = loaded.signatures["serve_pixels"].structured_input_signature[1]
     assert sp["images"].dtype == tf.uint8 and sp["images"].shape.rank == 4
-    assert loaded.signatures["embed"].structured_outputs["embedding"].shape[-1] == 2 * 2048
+    assert loaded.signatures["embed"].structured_outputs["embedding"].shape[-1] == 2 * 16
 
 
 def test_serving_default_matches_python_pipeline(trained):
@@ -133,7 +133,7 @@ def test_incompatible_heads_refused(trained, tmp_path):
 def test_predict_csv_and_bad_images(trained, tmp_path):
     images = write_images(tmp_path / "imgs", per_class=2, size=(40, 40), seed=5)
     (images / "a" / "bad.png").write_bytes(b"broken")
-    with pytest.raises(DflError, match=r"sample 0 \(a/bad\.png\)"):
+    with pytest.raises(DflError, match=r"sample 2 \(a/bad\.png\)"):
         predict(trained["both"], images, tmp_path / "p.csv", progress=False)
     assert not (tmp_path / "p.csv").exists()
     result = CliRunner().invoke(main, ["predict", str(trained["both"]), str(images), "--out", str(tmp_path / "p.csv"),
