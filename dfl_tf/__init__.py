@@ -26,7 +26,7 @@ def __getattr__(name: str):
         "tile": "dfl_tf.data.tissue",
         "demo": "dfl_tf.demo",
         "select_backbones": "dfl_tf.selection",
-        "finetune": "dfl_tf.finetune",
+        "finetune": "dfl_tf.finetuning",
     }
     if name in api:
         return getattr(importlib.import_module(api[name]), name)

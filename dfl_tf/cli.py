@@ -346,7 +346,7 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @click.pass_context
 def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
     """Baseline: fine-tune the backbone end to end on DATASET (augmentation, focal loss)."""
-    from dfl_tf.finetune import finetune
+    from dfl_tf.finetuning import finetune
 
     m = _run(finetune, ctx, "finetune", config, {"dataset": dataset, "out": out}, **options)
     click.echo(f"best epoch {m['best_epoch']}/{m['epochs_run']}: balanced accuracy {m['balanced_accuracy']:.4f}, "

@@ -1,0 +1,285 @@
+"""The traditional baseline: fine-tune the whole backbone end to end (the paper's "deep learning").
+
+The same backbone as in deep feature learning, but unfrozen, with a softmax head on top,
+trained on images with augmentation (random flips, 90-degree rotations, colour jitter:
+brightness, contrast, saturation, hue via ``tf.image`` stateless ops) and focal loss (Adam).
+Wall time and the same validation metrics as heads (:func:`dfl_tf.evaluation.compute_metrics`)
+are recorded, so the cost/accuracy comparison with ``extract`` + ``train`` can be reproduced.
+
+One view only (``x20:rgb`` by default; ``x20:gray`` / ``x5:*`` also work as a single view):
+multi-view fine-tuning is not implemented. SavedModel backbones are trained only as far as
+their variables are trainable through ``keras.layers.TFSMLayer``; registry backbones fully.
+
+OUT (written to a temporary directory, renamed at the end): ``model.keras`` (images float32
+[0, 255] [N, S, S, 3] -> softmax), ``metrics.json``, ``history.csv``, ``finetune.json``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.errors import DflError
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def augment_image(x, seed, strength: float = 1.0):
+    """Random flip (both axes), 90-degree rotation and colour jitter of one float32 [S, S, 3] image in [0, 255].
+
+    ``seed``: int64 [2] stateless seed. Colour jitter: brightness +-0.1, contrast and saturation
+    x[0.8, 1.2], hue +-0.05 (times ``strength``), on [0, 1] values, clipped.
+    """
+    import tensorflow as tf
+
+    seed = tf.cast(seed, tf.int64)
+    s = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(7)]
+    x = tf.clip_by_value(x / 255.0, 0.0, 1.0)
+    x = tf.image.stateless_random_flip_left_right(x, s[0])
+    x = tf.image.stateless_random_flip_up_down(x, s[1])
+    k = tf.random.stateless_uniform([], s[2], minval=0, maxval=4, dtype=tf.int32)
+    x = tf.image.rot90(x, k)
+    if strength > 0:
+        x = tf.image.stateless_random_brightness(x, 0.1 * strength, s[3])
+        x = tf.image.stateless_random_contrast(x, 1 - 0.2 * strength, 1 + 0.2 * strength, s[4])
+        x = tf.image.stateless_random_saturation(x, 1 - 0.2 * strength, 1 + 0.2 * strength, s[5])
+        x = tf.image.stateless_random_hue(x, min(0.5, 0.05 * strength), s[6])
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, n_classes: int, batch_size: int,
+                   training: bool, seed: int, augment: bool, jitter: float):
+    import tensorflow as tf
+
+    from dfl_tf.data.sources import load_sample
+    from dfl_tf.data.views import compose_views, needs_context
+
+    context = needs_context([view])
+    labels = tf.constant(np.array([s.label for s in samples], np.int64))
+
+    def load(index):
+        image, ctx = load_sample(samples[int(index)], context)
+        if ctx is None:
+            return image, np.zeros((1, 1, 3), np.uint8), False
+        return image, ctx, True
+
+    def compose(index):
+        image, ctx, has_ctx = tf.numpy_function(load, [index], [tf.uint8, tf.uint8, tf.bool], stateful=False)
+        image.set_shape([None, None, 3])
+        ctx.set_shape([None, None, 3])
+        x = tf.cond(has_ctx, lambda: compose_views(image, ctx, [view], size, fit, pad_to),
+                    lambda: compose_views(image, None, [view], size, fit, pad_to))[0]
+        x.set_shape([size, size, 3])
+        return x, tf.one_hot(tf.gather(labels, index), n_classes)
+
+    n = len(samples)
+    ds = tf.data.Dataset.range(n)
+    if training:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(compose, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training and augment:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment_image(xy[0], s, jitter), xy[1]),
+                                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Training drops the last partial batch (when there is a full one): one traced train step.
+    return ds.batch(batch_size, drop_remainder=training and n >= batch_size).prefetch(2)
+
+
+def _history_csv(hist: dict[str, list[float]]) -> str:
+    keys = list(hist)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for e in range(len(hist[keys[0]]) if keys else 0):
+        writer.writerow([e + 1, *[hist[k][e] if e < len(hist[k]) else "" for k in keys]])
+    return buf.getvalue()
+
+
+def finetune(
+    dataset: str | Path,
+    out: str | Path,
+    backbone: str = "resnet50",
+    weights: str | None = "default",
+    input_size: int | None = None,
+    views: str = "x20:rgb",
+    epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+    val: str | Path | None = None,
+    val_fraction: float = 0.25,
+    split_seed: int = 0,
+    loss: str = "focal",
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    dropout: float = 0.0,
+    augment: bool = True,
+    jitter: float = 1.0,
+    fit: str = "scale",
+    pad_to: int | None = None,
+    patience: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``backbone`` end to end on ``dataset`` with a softmax head; write OUT.
+
+    Validation: the source ``val`` when given (same classes), else a split of ``dataset``
+    (``split`` column, else stratified by class and grouped by ``group``; see
+    :func:`dfl_tf.selection.split_samples`). After every epoch the validation balanced
+    accuracy is computed; the best epoch's weights are kept (early stopping after ``patience``
+    epochs without improvement, 0: off). Returns the content of ``metrics.json``.
+    """
+    import keras
+
+    from dfl_tf import __version__
+    from dfl_tf.backbones.registry import load_backbone
+    from dfl_tf.data.sources import load_source
+    from dfl_tf.data.views import check_fit, parse_views, views_to_strings
+    from dfl_tf.evaluation import compute_metrics
+    from dfl_tf.selection import split_samples
+
+    t0 = time.time()
+    view_list = parse_views(views)
+    if len(view_list) != 1:
+        raise DflError(f"finetune takes one view (e.g. x20:rgb), got {','.join(views_to_strings(view_list))}")
+    check_fit(fit)
+    if loss not in ("focal", "crossentropy"):
+        raise DflError(f"loss must be focal or crossentropy, got {loss!r}")
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 0)):
+        if int(value) < low:
+            raise DflError(f"{name} must be >= {low}, got {value}")
+    if not 0 <= float(dropout) < 1:
+        raise DflError(f"dropout must be in [0, 1), got {dropout}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DflError(f"{out} is not empty; pass --overwrite to replace it")
+
+    source = load_source(dataset)
+    classes = source.classes
+    if len(classes) < 2:
+        raise DflError(f"{dataset}: fine-tuning needs at least 2 classes, found {classes}")
+    if val is not None:
+        val_set = load_source(val, classes=classes)
+        train_samples = [s for s in source.samples if s.label >= 0]
+        val_samples = [s for s in val_set.samples if s.label >= 0]
+        split = {"method": "separate source", "val_source": str(val)}
+    else:
+        train_ids, val_ids, split = split_samples(dataset, source, val_fraction, split_seed)
+        by_id = {s.id: s for s in source.samples}
+        train_samples = [by_id[i] for i in train_ids]
+        val_samples = [by_id[i] for i in val_ids]
+    if not train_samples or not val_samples:
+        raise DflError("fine-tuning needs labeled training and validation samples")
+    split = {**split, "train": len(train_samples), "val": len(val_samples)}
+
+    keras.utils.set_random_seed(int(seed))
+    bb = load_backbone(backbone, weights=weights, input_size=input_size, seed=int(seed))
+    size = bb.input_size
+    base = bb.model
+    base.trainable = True
+    inputs = keras.Input((size, size, 3), name="images")
+    x = base(inputs)
+    if dropout > 0:
+        x = keras.layers.Dropout(float(dropout), name="dropout")(x)
+    outputs = keras.layers.Dense(len(classes), activation="softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"finetuned_{bb.name.replace(':', '_')}")
+    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
+               else keras.losses.CategoricalCrossentropy())
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss=loss_fn,
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+    view = view_list[0]
+    train_ds = _image_dataset(train_samples, view, size, fit, pad_to, len(classes), int(batch_size), True,
+                              int(seed), bool(augment), float(jitter))
+    val_ds = _image_dataset(val_samples, view, size, fit, pad_to, len(classes), int(batch_size), False,
+                            int(seed), False, 0.0)
+    y_val = np.array([s.label for s in val_samples], np.int64)
+
+    class _Validate(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best, self.best_epoch, self.best_weights, self.wait = None, 0, None, 0
+            self.probs = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            from sklearn import metrics as skm
+
+            logs = logs if logs is not None else {}
+            probs = np.asarray(self.model.predict(val_ds, verbose=0), np.float32)
+            onehot = np.eye(len(classes), dtype=np.float32)[y_val]
+            logs["val_loss"] = float(keras.ops.convert_to_numpy(loss_fn(onehot, probs)))
+            logs["val_accuracy"] = float(skm.accuracy_score(y_val, probs.argmax(1)))
+            logs["val_balanced_accuracy"] = value = float(skm.balanced_accuracy_score(y_val, probs.argmax(1)))
+            if self.best is None or value > self.best:
+                self.best, self.best_epoch, self.wait = value, epoch + 1, 0
+                self.best_weights = self.model.get_weights()
+                self.probs = probs
+            else:
+                self.wait += 1
+                if patience and self.wait >= int(patience):
+                    self.model.stop_training = True
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t_fit = time.time()
+        cb = _Validate()
+        history = model.fit(train_ds, epochs=int(epochs), callbacks=[cb], verbose=2 if progress else 0,
+                            shuffle=False)
+        train_s = time.time() - t_fit
+        if cb.best_weights is not None:
+            model.set_weights(cb.best_weights)
+        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        epochs_run = len(next(iter(hist.values()))) if hist else 0
+        probs = cb.probs if cb.probs is not None else np.asarray(model.predict(val_ds, verbose=0))
+        metrics = compute_metrics(y_val, probs, classes)
+        model.save(tmp / "model.keras")
+        wall_s = time.time() - t0
+        metrics = {"split": "validation", "best_epoch": cb.best_epoch, "epochs_run": epochs_run,
+                   **metrics, "wall_seconds": round(wall_s, 3), "train_seconds": round(train_s, 3)}
+        info = {
+            "kind": "finetune",
+            "classes": classes,
+            "backbone": {**bb.describe(), "fingerprint_before_finetuning": bb.fingerprint},
+            "views": views_to_strings(view_list),
+            "input_size": size,
+            "trainable_params": trainable,
+            "split": split,
+            "settings": {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed),
+                         "loss": loss, "gamma": float(gamma), "alpha": float(alpha), "dropout": float(dropout),
+                         "augment": ["flip", "rot90", "brightness", "contrast", "saturation", "hue"]
+                         if augment else [], "jitter": float(jitter), "fit": fit, "pad_to": pad_to,
+                         "patience": int(patience), "optimizer": "adam"},
+            "dataset": str(dataset),
+            "wall_seconds": round(wall_s, 3),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dfl_tf_version": __version__,
+        }
+        atomic_write_text(tmp / "history.csv", _history_csv(hist))
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_json(tmp / "finetune.json", info)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+

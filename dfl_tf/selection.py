@@ -1,0 +1,605 @@
+"""Backbone selection: which frozen backbone suits this dataset? (the paper's Table 1 protocol)
+
+For every candidate backbone:
+
+1. extract once into a cache keyed by the backbone fingerprint, the extraction settings (views,
+   input size, fit, dtype...) and the data fingerprint (``OUT/cache/<name>-<fp12>-<data12>-<set8>``;
+   a rerun reuses it, an interrupted one resumes);
+2. split the labeled samples into train/validation, the same split for every backbone: the
+   ``split`` column of a CSV source (``train`` / ``val``; other rows, e.g. ``test``, are left out)
+   when present, else stratified and grouped by ``group`` when samples have groups (no
+   patient/slide in both parts), else stratified; seeded by ``split_seed``;
+3. train a linear softmax head (no hidden layer; standardised embeddings, isotropic Gaussian
+   feature noise, focal loss, Adam, a fixed number of epochs) once per seed and score it on the
+   validation part: balanced accuracy, Cohen's kappa, weighted F1 (mean and std over seeds);
+4. a training-free pre-screen on all labeled records: cross-validated k-NN accuracy and the
+   silhouette score of the classes (standardised embeddings, Euclidean);
+5. rank by mean balanced accuracy; add a random-init control of the best architecture
+   (``weights="none"``), marked ``(random init control)``;
+6. write ``table.md``, ``results.csv``, ``results.json`` (atomically), ``maps.png`` and
+   ``projector/`` (:mod:`dfl_tf.maps`).
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.errors import DflError
+
+CONTROL_SUFFIX = " (random init control)"
+SIDE_FILE = "dfl_select.json"
+VAL_NAMES = {"val", "valid", "validation"}
+
+
+def _note(message: str, notes: list[str]) -> None:
+    notes.append(message)
+    print(f"note: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_backbones(backbones: str | Sequence[str]) -> list[str]:
+    if isinstance(backbones, str):
+        names = [b.strip() for b in backbones.split(",")]
+    else:
+        names = [str(b).strip() for b in backbones]
+    names = [n for n in names if n]
+    if not names:
+        raise DflError("no backbones given (e.g. --backbones resnet50,efficientnet_b0)")
+    if len(set(names)) != len(names):
+        raise DflError(f"a backbone is listed twice: {names}")
+    return names
+
+
+def parse_weights(weights: str | Mapping[str, str] | None, names: Sequence[str]) -> dict[str, str]:
+    """Per-backbone weights from one value (``imagenet``), ``name=weights`` pairs or a mapping.
+
+    In a comma-separated string an entry without ``=`` sets the weights of every backbone not
+    named in a pair, e.g. ``imagenet,efficientnet_lite0=none``.
+    """
+    default, pairs = "default", {}
+    if weights is None:
+        pass
+    elif isinstance(weights, Mapping):
+        pairs = {str(k): str(v) for k, v in weights.items()}
+    else:
+        for entry in str(weights).split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            if "=" in entry:
+                key, value = entry.split("=", 1)
+                pairs[key.strip()] = value.strip()
+            else:
+                default = entry
+    unknown = sorted(set(pairs) - set(names))
+    if unknown:
+        raise DflError(f"--weights names {unknown} that are not among the backbones {list(names)}")
+    return {n: pairs.get(n, default) for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# split
+
+
+def _csv_split_column(dataset: str | Path) -> list[str] | None:
+    path = Path(dataset)
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if "split" not in fields:
+            return None
+        return [{k.strip(): v for k, v in row.items() if k}.get("split", "").strip().lower() for row in reader]
+
+
+def split_samples(dataset: str | Path, samples, val_fraction: float = 0.25, seed: int = 0
+                  ) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(train ids, validation ids, description) of the labeled samples of ``samples``."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DflError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labeled = [(i, s) for i, s in enumerate(samples.samples) if s.label >= 0]
+    if len(labeled) < 4:
+        raise DflError(f"{dataset}: {len(labeled)} labeled samples; selection needs at least 4")
+    ids = [s.id for _, s in labeled]
+    if len(set(ids)) != len(ids):
+        raise DflError(f"{dataset}: sample ids are not unique (give the CSV an 'id' column)")
+    y = np.array([s.label for _, s in labeled])
+    column = _csv_split_column(dataset)
+    if column is not None and len(column) == len(samples.samples):
+        parts = [column[i] for i, _ in labeled]
+        train = [i for i, p in zip(ids, parts) if p == "train"]
+        val = [i for i, p in zip(ids, parts) if p in VAL_NAMES]
+        if not train or not val:
+            raise DflError(f"{dataset}: the 'split' column needs 'train' and 'val' rows (labeled); found "
+                           f"{sorted(set(parts))}")
+        how = {"method": "split column", "left_out": len(ids) - len(train) - len(val)}
+    else:
+        idx = np.arange(len(ids))
+        groups = [s.group for _, s in labeled]
+        if any(g for g in groups):
+            g = np.array([gr or f"__sample__{sid}" for gr, sid in zip(groups, ids)])
+            n_splits = max(2, int(round(1.0 / float(val_fraction))))
+            try:
+                cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                tr, va = next(cv.split(idx, y, g))
+                how = {"method": "stratified group k-fold (first fold)", "n_splits": n_splits}
+            except ValueError:
+                cv = GroupShuffleSplit(n_splits=1, test_size=float(val_fraction), random_state=seed)
+                tr, va = next(cv.split(idx, y, g))
+                how = {"method": "group shuffle split"}
+            how["groups"] = int(len(set(g)))
+        else:
+            try:
+                tr, va = train_test_split(idx, test_size=float(val_fraction), stratify=y, random_state=seed)
+                how = {"method": "stratified"}
+            except ValueError:
+                tr, va = train_test_split(idx, test_size=float(val_fraction), random_state=seed)
+                how = {"method": "random (a class is too small to stratify)"}
+        train, val = [ids[i] for i in sorted(tr)], [ids[i] for i in sorted(va)]
+        if not train or not val:
+            raise DflError(f"{dataset}: the split left an empty train or validation part")
+    how.update({"val_fraction": float(val_fraction), "seed": int(seed), "train": len(train), "val": len(val)})
+    return train, val, how
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, n_classes: int,
+                      seed: int = 0, epochs: int = 30, lr: float = 1e-3, batch_size: int = 256,
+                      noise: float = 0.1, loss: str = "focal", gamma: float = 2.0, alpha: float = 0.25
+                      ) -> np.ndarray:
+    """The protocol's linear softmax head, trained in memory; returns validation probabilities."""
+    import keras
+
+    from dfl_tf.evaluation import predict_probs
+    from dfl_tf.heads.augment import FeatureNoise
+    from dfl_tf.heads.model import build_head, standardisation
+
+    keras.utils.set_random_seed(int(seed))
+    mean, std = standardisation(X_train)
+    augment = [FeatureNoise(float(noise), seed=int(seed), name="noise")] if noise and noise > 0 else []
+    model = build_head(X_train.shape[1], n_classes, hidden=0, mean=mean, std=std, augment=augment,
+                       name="linear_head")
+    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
+               else keras.losses.CategoricalCrossentropy())
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss=loss_fn)
+    onehot = np.eye(n_classes, dtype=np.float32)[y_train]
+    model.fit(np.asarray(X_train, np.float32), onehot, epochs=int(epochs), batch_size=int(batch_size),
+              shuffle=True, verbose=0)
+    probs = predict_probs(model, X_val)
+    del model
+    return probs
+
+
+def separability(X: np.ndarray, y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = 10,
+                 seed: int = 0, max_points: int = 5000) -> dict[str, float | None]:
+    """Training-free pre-screen: cross-validated k-NN (standardised, Euclidean) and silhouette."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, silhouette_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    result: dict[str, float | None] = {"knn_accuracy": None, "knn_balanced_accuracy": None, "silhouette": None,
+                                       "knn_k": None}
+    y = np.asarray(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    if len(counts) < 2:
+        return result
+    n_splits = int(min(5, counts.min()))
+    if n_splits >= 2:
+        smallest_train = len(y) - math.ceil(len(y) / n_splits)
+        kk = int(max(1, min(k, smallest_train)))
+        model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=kk))
+        pred = None
+        if groups is not None and any(g for g in groups):
+            g = np.array([gr or f"__{i}" for i, gr in enumerate(groups)])
+            try:
+                cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                pred = cross_val_predict(model, X, y, groups=g, cv=cv)
+            except ValueError:
+                pred = None
+        if pred is None:
+            cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            pred = cross_val_predict(model, X, y, cv=cv)
+        result.update(knn_accuracy=float(accuracy_score(y, pred)),
+                      knn_balanced_accuracy=float(balanced_accuracy_score(y, pred)), knn_k=kk)
+    if len(counts) < len(y):
+        std = X.std(axis=0)
+        Xs = (X - X.mean(axis=0)) / np.where(std < 1e-6, 1.0, std)
+        size = min(len(y), max_points)
+        try:
+            result["silhouette"] = float(silhouette_score(Xs, y, sample_size=size if size < len(y) else None,
+                                                          random_state=seed))
+        except ValueError:
+            pass
+    return result
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray([v for v in values if v is not None], np.float64)
+    if not len(arr):
+        return {"mean": None, "std": None, "values": []}
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "values": [float(v) for v in arr]}
+
+
+# --------------------------------------------------------------------------------------------
+# one candidate
+
+
+def _safe(name: str) -> str:
+    base = Path(name).name if os.path.isdir(name) else name
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)
+    return keep.strip("._") or "backbone"
+
+
+def cache_key(bb, views: Sequence[str], data_fingerprint: str, settings: Mapping[str, Any]) -> str:
+    """``<name>-<fp12>-<data12>-<settings8>``: one directory per distinct extraction."""
+    blob = json.dumps({"views": list(views), "input_size": bb.input_size, **settings}, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return f"{_safe(bb.name)}-{bb.fingerprint[:12]}-{data_fingerprint[:12]}-{digest}"
+
+
+def _cached(directory: Path, bb, views: Sequence[str], data_fingerprint: str) -> bool:
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (manifest.get("backbone", {}).get("fingerprint") == bb.fingerprint
+            and list(manifest.get("views", [])) == list(views)
+            and manifest.get("source", {}).get("fingerprint") == data_fingerprint
+            and all((directory / s["file"]).exists() for s in manifest.get("shards", [])))
+
+
+class _Candidate:
+    def __init__(self, name: str, weights: str, control: bool = False):
+        self.name, self.weights, self.control = name, weights, control
+        self.display = f"{name}{CONTROL_SUFFIX}" if control else (
+            _safe(name) if os.path.isdir(name) else name)
+        self.registry = not os.path.isdir(name)
+
+
+def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    from dfl_tf.backbones.registry import load_backbone
+    from dfl_tf.evaluation import compute_metrics
+    from dfl_tf.extraction import extract
+    from dfl_tf.store.shards import load_embeddings
+
+    t0 = time.time()
+    bb = load_backbone(cand.name, weights=cand.weights, input_size=ctx["input_size"],
+                       precision=ctx["extract"]["precision"])
+    load_s = time.time() - t0
+    key = cache_key(bb, ctx["views"], ctx["data_fp"],
+                    {k: ctx["extract"].get(k) for k in ("fit", "pad_to", "dtype", "precision", "mpp",
+                                                         "patch_size", "slide_mpp")})
+    directory = ctx["cache"] / key
+    side = directory / SIDE_FILE
+    cached = _cached(directory, bb, ctx["views"], ctx["data_fp"])
+    extract_s = 0.0
+    if cached:
+        previous = json.loads(side.read_text()) if side.exists() else {}
+        original_s = previous.get("extract_seconds")
+    else:
+        t1 = time.time()
+        extract(ctx["dataset"], directory, views=ctx["views"], model=bb, progress=ctx["progress"],
+                **ctx["extract"])
+        extract_s = time.time() - t1
+        original_s = extract_s
+        atomic_write_json(side, {"backbone": cand.name, "weights": bb.weights, "fingerprint": bb.fingerprint,
+                                 "extract_seconds": round(extract_s, 3), "load_seconds": round(load_s, 3),
+                                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    describe = bb.describe()
+    del bb
+    gc.collect()
+
+    emb = load_embeddings(directory)
+    position = {sid: i for i, sid in enumerate(emb.ids)}
+    tr = np.array([position[i] for i in ctx["train_ids"] if i in position], np.int64)
+    va = np.array([position[i] for i in ctx["val_ids"] if i in position], np.int64)
+    missing = len(ctx["train_ids"]) + len(ctx["val_ids"]) - len(tr) - len(va)
+    if len(tr) == 0 or len(va) == 0:
+        raise DflError(f"{cand.display}: no embedded records in the train or validation part")
+    classes = emb.classes
+    labeled = np.concatenate([tr, va])
+
+    t2 = time.time()
+    sep = separability(emb.X[labeled], emb.y[labeled], [emb.groups[i] for i in labeled], k=ctx["knn_k"],
+                       seed=ctx["split_seed"])
+    knn_s = time.time() - t2
+
+    per_seed: dict[str, list[float]] = {"balanced_accuracy": [], "cohen_kappa": [], "f1_weighted": []}
+    t3 = time.time()
+    for s in range(int(ctx["seeds"])):
+        probs = train_linear_head(emb.X[tr], emb.y[tr], emb.X[va], len(classes), seed=ctx["seed0"] + s,
+                                  **ctx["head"])
+        m = compute_metrics(emb.y[va], probs, classes)
+        for key_ in per_seed:
+            per_seed[key_].append(m[key_])
+    train_s = time.time() - t3
+
+    row = {
+        "backbone": cand.display,
+        "name": describe["name"] if cand.registry else cand.name,
+        "weights": describe["weights"],
+        "control": cand.control,
+        "architecture": cand.name if cand.registry else None,
+        "fingerprint": describe["fingerprint"],
+        "input_size": describe["input_size"],
+        "dim": int(emb.manifest["dim"]),
+        "records": {"train": int(len(tr)), "val": int(len(va)), "missing": int(missing)},
+        **{k: _summary(v) for k, v in per_seed.items()},
+        **sep,
+        "cache": str(directory),
+        "cached": cached,
+        "load_seconds": round(load_s, 3),
+        "extract_seconds": round(extract_s, 3),
+        "extract_seconds_original": None if original_s is None else round(float(original_s), 3),
+        "train_seconds": round(train_s, 3),
+        "knn_seconds": round(knn_s, 3),
+    }
+    return row, directory
+
+
+def _rank_key(row: dict[str, Any]) -> tuple:
+    def val(x):
+        return -1.0 if x is None else float(x)
+
+    return (-val(row["balanced_accuracy"]["mean"]), -val(row.get("knn_balanced_accuracy")),
+            -val(row.get("silhouette")))
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def _fmt(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("mean") is None:
+        return "-"
+    if summary.get("std") is None:
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Backbone selection: {result['dataset']}", "",
+             f"Views {','.join(result['views'])}; {result['split']['train']} train / {result['split']['val']} "
+             f"validation records ({result['split']['method']}); linear softmax head, focal loss, Adam, "
+             f"feature noise {result['protocol']['noise']}, {result['protocol']['epochs']} epochs, "
+             f"{result['protocol']['seeds']} seeds (mean ± std).", "",
+             "| rank | backbone | bal. acc | kappa | weighted F1 | kNN acc | silhouette | extract s | train s |",
+             "|---:|---|---|---|---|---:|---:|---:|---:|"]
+    for row in result["results"]:
+        if row["cached"]:
+            ext = "cached" + (f" ({row['extract_seconds_original']:.1f})"
+                              if row.get("extract_seconds_original") is not None else "")
+        else:
+            ext = f"{row['extract_seconds']:.1f}"
+        lines.append(f"| {row['rank']} | {row['backbone']} | {_fmt(row['balanced_accuracy'])} | "
+                     f"{_fmt(row['cohen_kappa'])} | {_fmt(row['f1_weighted'])} | {_num(row['knn_accuracy'])} | "
+                     f"{_num(row['silhouette'])} | {ext} | {row['train_seconds']:.1f} |")
+    lines += ["", f"Best: **{result['best']}**." if result.get("best") else ""]
+    lines.append("kNN acc: cross-validated k-NN accuracy on all labeled records (training-free pre-screen); "
+                 "extract s: seconds spent extracting in this run (cached: reused, with the original time).")
+    for note in result.get("notes", []):
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["rank", "backbone", "weights", "control", "balanced_accuracy_mean", "balanced_accuracy_std",
+              "cohen_kappa_mean", "cohen_kappa_std", "f1_weighted_mean", "f1_weighted_std", "knn_accuracy",
+              "knn_balanced_accuracy", "silhouette", "extract_seconds", "extract_seconds_original", "cached",
+              "train_seconds", "dim", "input_size", "fingerprint", "cache"]
+
+
+def results_csv(rows: Sequence[dict[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = {k: row.get(k) for k in CSV_FIELDS}
+        for metric in ("balanced_accuracy", "cohen_kappa", "f1_weighted"):
+            flat[f"{metric}_mean"] = row[metric]["mean"]
+            flat[f"{metric}_std"] = row[metric]["std"]
+        writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# public
+
+
+def select_backbones(
+    dataset: str | Path,
+    backbones: str | Sequence[str],
+    out: str | Path,
+    views: str | Sequence[str] = "x20:rgb",
+    seeds: int = 5,
+    weights: str | Mapping[str, str] | None = "default",
+    input_size: int | None = None,
+    val_fraction: float = 0.25,
+    epochs: int = 30,
+    noise: float = 0.1,
+    lr: float = 1e-3,
+    head_batch_size: int = 256,
+    loss: str = "focal",
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    seed: int = 0,
+    split_seed: int = 0,
+    control: bool | str = True,
+    cache_dir: str | Path | None = None,
+    knn_k: int = 10,
+    maps: bool = True,
+    map_method: str = "auto",
+    max_points: int = 2000,
+    fit: str = "scale",
+    pad_to: int | None = None,
+    batch_size: int = 32,
+    precision: str = "float32",
+    dtype: str = "float16",
+    shard_size: int = 1024,
+    skip_bad: bool = False,
+    mpp: float = 0.5,
+    patch_size: int = 256,
+    slide_mpp: float | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    **extract_options: Any,
+) -> dict[str, Any]:
+    """Rank frozen ``backbones`` on ``dataset`` with linear heads; write OUT/table.md etc.
+
+    Args:
+        dataset: image folder, image CSV or slide coordinates CSV (as for :func:`dfl_tf.extract`).
+        backbones: registry names or SavedModel directories (list or comma-separated string).
+        out: output directory (``table.md``, ``results.csv``, ``results.json``, ``maps.png``,
+            ``projector/``, and ``cache/`` unless ``cache_dir``).
+        weights: one weight source for all, ``name=weights`` pairs, or a {name: weights} mapping.
+        seeds: linear heads trained per backbone (seeds ``seed`` .. ``seed+seeds-1``); 0 runs only
+            the training-free pre-screen (ranked by k-NN balanced accuracy).
+        control: True: add a random-init (``weights="none"``) copy of the best registry
+            architecture; a registry name: that architecture; False: none.
+        epochs, noise, lr, head_batch_size, loss, gamma, alpha: the linear head's training.
+        fit ... workers, ``**extract_options``: passed to :func:`dfl_tf.extract`.
+    Returns the content of ``results.json``.
+    """
+    from dfl_tf import __version__
+    from dfl_tf.data.sources import load_source
+    from dfl_tf.data.views import parse_views, views_to_strings
+
+    t_start = time.time()
+    names = parse_backbones(backbones)
+    weight_map = parse_weights(weights, names)
+    view_list = views_to_strings(parse_views(views))
+    if int(seeds) < 0:
+        raise DflError(f"seeds must be >= 0, got {seeds}")
+    if loss not in ("focal", "crossentropy"):
+        raise DflError(f"loss must be focal or crossentropy, got {loss!r}")
+    for label, value in (("epochs", epochs), ("head_batch_size", head_batch_size), ("knn_k", knn_k)):
+        if int(value) < 1:
+            raise DflError(f"{label} must be >= 1, got {value}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    samples = load_source(dataset, classes=extract_options.get("classes"))
+    if len(samples.classes) < 2:
+        raise DflError(f"{dataset}: selection needs at least 2 classes, found {samples.classes}")
+    train_ids, val_ids, split = split_samples(dataset, samples, val_fraction, split_seed)
+    notes: list[str] = []
+    ctx = {
+        "dataset": str(dataset), "views": view_list, "input_size": input_size, "cache": cache,
+        "data_fp": samples.fingerprint(), "train_ids": train_ids, "val_ids": val_ids, "seeds": int(seeds),
+        "seed0": int(seed), "split_seed": int(split_seed), "knn_k": int(knn_k), "progress": progress,
+        "head": {"epochs": int(epochs), "lr": float(lr), "batch_size": int(head_batch_size),
+                 "noise": float(noise or 0.0), "loss": loss, "gamma": float(gamma), "alpha": float(alpha)},
+        "extract": {"fit": fit, "pad_to": pad_to, "batch_size": int(batch_size), "precision": precision,
+                    "dtype": dtype, "shard_size": int(shard_size), "skip_bad": bool(skip_bad), "mpp": mpp,
+                    "patch_size": int(patch_size), "slide_mpp": slide_mpp, "workers": workers,
+                    **extract_options},
+    }
+
+    rows, dirs = [], {}
+    for name in names:
+        cand = _Candidate(name, weight_map[name])
+        base, k = cand.display, 1
+        while cand.display in dirs:  # two SavedModel folders with the same name
+            k += 1
+            cand.display = f"{base}_{k}"
+        row, directory = _run_candidate(cand, ctx)
+        rows.append(row)
+        dirs[cand.display] = directory
+        if row["records"]["missing"]:
+            _note(f"{cand.display}: {row['records']['missing']} samples have no embedding (skipped)", notes)
+    if int(seeds) == 0:
+        _note("seeds=0: no heads trained; ranked by cross-validated k-NN balanced accuracy", notes)
+    rows.sort(key=_rank_key)
+
+    control_row = None
+    if isinstance(control, str) and control.strip().lower() in ("false", "no", "0", "none", "off", ""):
+        control = False
+    if control:
+        if isinstance(control, str) and control.strip().lower() not in ("true", "1", "yes", "auto", "best"):
+            arch = control
+        else:
+            real = [r for r in rows if r["architecture"] and r["weights"] != "none"]
+            arch = real[0]["architecture"] if real else None
+            if arch is None:
+                _note("random init control skipped: no registry architecture with pretrained weights among the "
+                      "candidates (pass control=NAME to choose one)", notes)
+            elif rows[0]["architecture"] != arch:
+                _note(f"control: the best candidate is not a registry architecture; using {arch}", notes)
+        if arch is not None:
+            cand = _Candidate(arch, "none", control=True)
+            control_row, directory = _run_candidate(cand, ctx)
+            rows.append(control_row)
+            dirs[cand.display] = directory
+            rows.sort(key=_rank_key)
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    real_rows = [r for r in rows if not r["control"]]
+    best = real_rows[0]["backbone"] if real_rows else None
+
+    result: dict[str, Any] = {
+        "dataset": str(dataset),
+        "views": view_list,
+        "classes": samples.classes,
+        "protocol": {"head": "linear softmax (hidden 0)", "loss": loss, "gamma": float(gamma),
+                     "alpha": float(alpha), "optimizer": "adam", "lr": float(lr), "epochs": int(epochs),
+                     "batch_size": int(head_batch_size), "noise": float(noise or 0.0), "seeds": int(seeds),
+                     "seed": int(seed), "metrics_on": "validation part", "std": "sample std over seeds (ddof=1)",
+                     "knn": {"k": int(knn_k), "cv": "stratified (group) k-fold, up to 5 folds, standardised"},
+                     "silhouette": "Euclidean on standardised embeddings"},
+        "split": split,
+        "results": rows,
+        "ranking": [r["backbone"] for r in rows],
+        "ranked_by": "balanced_accuracy (mean over seeds)" if int(seeds) else "knn_balanced_accuracy",
+        "best": best,
+        "control": None if control_row is None else control_row["backbone"],
+        "notes": notes,
+    }
+    if maps and dirs:
+        from dfl_tf.maps import embedding_maps
+
+        ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
+        titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}
+        result["maps"] = embedding_maps(ordered, out, method=map_method, max_points=max_points,
+                                        seed=split_seed, titles=titles)
+    result["seconds"] = round(time.time() - t_start, 2)
+    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["dfl_tf_version"] = __version__
+    atomic_write_text(out / "table.md", table_markdown(result))
+    atomic_write_text(out / "results.csv", results_csv(rows))
+    atomic_write_json(out / "results.json", result)
+    return result
