@@ -1,0 +1,270 @@
+"""Evaluate a head on an embedding directory: metrics via scikit-learn, report.md, plots.
+
+:func:`compute_metrics` is the single metric function: ``dfl train`` uses it for the
+validation ``metrics.json`` of a head directory and :func:`evaluate` for its report.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfl_tf.errors import DflError
+
+
+def _f(value: Any) -> float | None:
+    """A JSON-friendly float (None for NaN/inf)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str],
+                    threshold: float | None = None) -> dict[str, Any]:
+    """Classification metrics of softmax outputs ``probs`` [N, C] against labels ``y_true`` [N].
+
+    Predictions are the argmax; for two-class tasks the positive class is index 1 and, with a
+    ``threshold``, metrics are also given for ``probs[:, 1] >= threshold``. AUCs of a class
+    absent from ``y_true`` (or the only one present) are None.
+    """
+    from sklearn import metrics as skm
+
+    y = np.asarray(y_true, np.int64)
+    probs = np.asarray(probs, np.float64)
+    n_classes = len(classes)
+    if probs.ndim != 2 or probs.shape[1] != n_classes or len(y) != len(probs):
+        raise DflError(f"probabilities of shape {probs.shape} do not match {len(y)} labels and "
+                       f"{n_classes} classes")
+    if len(y) == 0:
+        raise DflError("no labeled records to evaluate")
+    labels = list(range(n_classes))
+    pred = probs.argmax(axis=1)
+    present = set(np.unique(y).tolist())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined metrics (absent classes) -> 0 / None, documented
+        p, r, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+        per_class: dict[str, dict[str, Any]] = {}
+        for c, name in enumerate(classes):
+            binary = (y == c).astype(int)
+            defined = c in present and len(present) > 1
+            per_class[name] = {
+                "precision": _f(p[c]), "recall": _f(r[c]), "f1": _f(f1[c]), "support": int(support[c]),
+                "average_precision": _f(skm.average_precision_score(binary, probs[:, c])) if c in present else None,
+                "roc_auc": _f(skm.roc_auc_score(binary, probs[:, c])) if defined else None,
+            }
+        averages = {}
+        for avg in ("macro", "weighted"):
+            ap, ar, af, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average=avg,
+                                                                zero_division=0)
+            averages[avg] = {"precision": _f(ap), "recall": _f(ar), "f1": _f(af)}
+        roc_auc = None
+        if len(present) > 1:
+            if n_classes == 2:
+                roc_auc = _f(skm.roc_auc_score(y, probs[:, 1]))
+            elif len(present) == n_classes:
+                roc_auc = _f(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
+        aps = [v["average_precision"] for v in per_class.values() if v["average_precision"] is not None]
+        result: dict[str, Any] = {
+            "num_records": int(len(y)),
+            "classes": list(classes),
+            "support": {name: int(support[c]) for c, name in enumerate(classes)},
+            "accuracy": _f(skm.accuracy_score(y, pred)),
+            "balanced_accuracy": _f(skm.balanced_accuracy_score(y, pred)),
+            "cohen_kappa": _f(skm.cohen_kappa_score(y, pred, labels=labels)),
+            "precision_macro": averages["macro"]["precision"], "recall_macro": averages["macro"]["recall"],
+            "f1_macro": averages["macro"]["f1"],
+            "precision_weighted": averages["weighted"]["precision"],
+            "recall_weighted": averages["weighted"]["recall"], "f1_weighted": averages["weighted"]["f1"],
+            "roc_auc_macro_ovr": roc_auc,
+            "pr_auc_macro": _f(np.mean(aps)) if aps else None,
+            "log_loss": _f(skm.log_loss(y, np.clip(probs, 1e-7, 1.0), labels=labels)),
+            "per_class": per_class,
+            "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        }
+        if n_classes == 2:
+            pos = classes[1]
+            result["positive_class"] = {"index": 1, "name": pos, **{k: per_class[pos][k] for k in
+                                        ("precision", "recall", "f1", "average_precision", "roc_auc")}}
+            if threshold is not None:
+                tpred = (probs[:, 1] >= threshold).astype(np.int64)
+                tp, tr, tf1, _ = skm.precision_recall_fscore_support(y, tpred, labels=[1], zero_division=0)
+                result["at_threshold"] = {
+                    "threshold": float(threshold),
+                    "precision": _f(tp[0]), "recall": _f(tr[0]), "f1": _f(tf1[0]),
+                    "accuracy": _f(skm.accuracy_score(y, tpred)),
+                    "balanced_accuracy": _f(skm.balanced_accuracy_score(y, tpred)),
+                    "cohen_kappa": _f(skm.cohen_kappa_score(y, tpred, labels=labels)),
+                    "confusion_matrix": skm.confusion_matrix(y, tpred, labels=labels).tolist(),
+                }
+    return result
+
+
+def best_f1_threshold(y_true: Sequence[int], pos_probs: np.ndarray) -> float | None:
+    """The threshold on the positive-class probability that maximises F1 (None if undefined)."""
+    from sklearn.metrics import precision_recall_curve
+
+    y = np.asarray(y_true)
+    if y.sum() == 0 or y.sum() == len(y):
+        return None
+    precision, recall, thresholds = precision_recall_curve(y, pos_probs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)[:-1]
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(metrics: dict[str, Any], title: str = "Evaluation", context: dict[str, Any] | None = None
+                    ) -> str:
+    classes = metrics["classes"]
+    parts = [f"# {title}", ""]
+    for key, value in (context or {}).items():
+        parts.append(f"- {key}: {value}")
+    parts += ["", "## Summary", "", _table(["metric", "value"], [
+        [k, metrics[k]] for k in ("num_records", "accuracy", "balanced_accuracy", "cohen_kappa", "precision_macro",
+                                  "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
+                                  "f1_weighted", "roc_auc_macro_ovr", "pr_auc_macro", "log_loss")]), ""]
+    parts += ["## Per class", "", _table(
+        ["class", "precision", "recall", "f1", "support", "PR-AUC (AP)", "ROC-AUC"],
+        [[c, v["precision"], v["recall"], v["f1"], v["support"], v["average_precision"], v["roc_auc"]]
+         for c, v in metrics["per_class"].items()]), ""]
+    parts += ["## Confusion matrix (rows: true, columns: predicted)", "", _table(
+        ["true \\ pred"] + list(classes), [[c] + row for c, row in zip(classes, metrics["confusion_matrix"])]), ""]
+    if "at_threshold" in metrics:
+        t = metrics["at_threshold"]
+        parts += [f"## Positive class '{classes[1]}' at threshold {t['threshold']:.4f}", "", _table(
+            ["metric", "value"], [[k, t[k]] for k in ("precision", "recall", "f1", "accuracy",
+                                                      "balanced_accuracy", "cohen_kappa")]), "",
+            _table(["true \\ pred"] + list(classes), [[c] + row for c, row in zip(classes, t["confusion_matrix"])]),
+            ""]
+    return "\n".join(parts)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, metrics: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    classes = metrics["classes"]
+    cm = np.asarray(metrics["confusion_matrix"])
+    side = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix")
+    atomic_write_bytes(out / "confusion_matrix.png", _png(fig))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for c, name in enumerate(classes):
+        binary = (y == c).astype(int)
+        if binary.sum() == 0:
+            continue
+        precision, recall, _ = precision_recall_curve(binary, probs[:, c])
+        ap = metrics["per_class"][name]["average_precision"]
+        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall curves")
+    ax.legend(loc="lower left", fontsize="small")
+    atomic_write_bytes(out / "pr_curves.png", _png(fig))
+    plt.close(fig)
+    return ["confusion_matrix.png", "pr_curves.png"]
+
+
+def predict_probs(model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax outputs of a head on an in-memory embedding matrix (inference mode)."""
+    if len(X) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return np.asarray(model.predict(np.asarray(X, np.float32), batch_size=batch_size, verbose=0), np.float32)
+
+
+def check_head_embeddings(info: dict[str, Any], manifest: dict[str, Any], head_name: str, emb_name: str) -> None:
+    """Refuse embeddings that a head was not trained for (backbone fingerprint, views, dim, classes)."""
+    from dfl_tf.store.manifest import check_compatible
+
+    check_compatible(info, manifest, head_name, emb_name)
+    if list(info["classes"]) != list(manifest["classes"]):
+        raise DflError(f"{head_name} and {emb_name} disagree on classes: {list(info['classes'])} vs "
+                       f"{list(manifest['classes'])}")
+
+
+def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, batch_size: int = 1024
+             ) -> dict[str, Any]:
+    """Evaluate the head directory ``head`` on the labeled records of embedding directory ``emb``.
+
+    Returns the metrics dict; with ``out`` also writes ``metrics.json``, ``report.md``,
+    ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there.
+    """
+    from dfl_tf.heads.model import load_head
+    from dfl_tf.store.manifest import load_manifest
+    from dfl_tf.store.shards import load_embeddings
+
+    manifest = load_manifest(emb)
+    info_path = Path(head) / "head.json"
+    if not info_path.exists():
+        raise DflError(f"{head}: not a head directory (no head.json)")
+    import json
+
+    check_head_embeddings(json.loads(info_path.read_text()), manifest, f"head {head}", f"embeddings {emb}")
+    model, info = load_head(head)
+    data = load_embeddings(emb)
+    probs = predict_probs(model, data.X, batch_size)
+    labeled = data.y >= 0
+    if not labeled.any():
+        raise DflError(f"{emb}: no labeled records to evaluate")
+    threshold = info.get("threshold") if len(info["classes"]) == 2 else None
+    metrics = compute_metrics(data.y[labeled], probs[labeled], info["classes"], threshold)
+    metrics["unlabeled_records"] = int((~labeled).sum())
+    metrics["head"] = str(head)
+    metrics["embeddings"] = str(emb)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "metrics.json", metrics)
+        context = {"head": head, "embeddings": emb, "backbone": info["backbone"].get("name"),
+                   "views": ", ".join(info["views"]), "unlabeled records (not scored)": metrics["unlabeled_records"]}
+        atomic_write_text(out / "report.md", report_markdown(metrics, "Evaluation", context))
+        write_plots(out, data.y[labeled], probs[labeled], metrics)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        classes = info["classes"]
+        writer.writerow(["id", "label", "predicted"] + [f"p_{c}" for c in classes])
+        pred = probs.argmax(axis=1) if len(probs) else []
+        for i in range(len(data)):
+            label = classes[data.y[i]] if data.y[i] >= 0 else ""
+            writer.writerow([data.ids[i], label, classes[int(pred[i])]] + [f"{p:.6g}" for p in probs[i]])
+        atomic_write_text(out / "predictions.csv", buf.getvalue())
+    return metrics

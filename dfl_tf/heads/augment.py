@@ -1,0 +1,210 @@
+"""Feature-space augmentations for heads trained on frozen embeddings.
+
+Each augmentation is switched on by an entry of the ``augment`` list (config or
+:func:`dfl_tf.train_head`), and they compose in the order given::
+
+    augment: [{name: noise, std: 0.1}, {name: feature-dropout, rate: 0.1}, {name: mixup, alpha: 0.2}]
+
+* ``noise`` (``std``, default 0.1): isotropic Gaussian noise added to the *standardised*
+  embedding (the paper's augmentation). :class:`FeatureNoise`.
+* ``scaled-noise`` (``std``): Gaussian noise whose per-dimension std is ``std`` times that
+  feature's std on the training set, added to the *raw* embedding, i.e. before
+  standardisation. After standardisation this is the same distribution as ``noise`` for every
+  feature with a non-negligible std; it differs only for (near-)constant features, which it
+  leaves untouched while ``noise`` perturbs them. :class:`ScaledFeatureNoise`.
+* ``feature-dropout`` (``rate``): zeroes a random fraction of the standardised features (i.e.
+  replaces them by the training mean) with the usual 1/(1-rate) rescaling.
+  :class:`FeatureDropout`.
+* ``mixup`` (``alpha``): batch-level mixup of embeddings and one-hot labels with
+  lambda ~ Beta(alpha, alpha), done in the tf.data training pipeline (:func:`mixup_batch`),
+  so it never touches the saved model.
+
+The layers are registered Keras-serializable layers and are the identity at inference
+(``training=False``), so ``head.keras`` stays self-contained.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dfl_tf.errors import DflError
+
+#: name -> default parameters
+AUGMENTATIONS: dict[str, dict[str, float]] = {
+    "noise": {"std": 0.1},
+    "scaled-noise": {"std": 0.1},
+    "feature-dropout": {"rate": 0.1},
+    "mixup": {"alpha": 0.2},
+}
+DEFAULT_NOISE = 0.1
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class FeatureNoise(keras.layers.Layer):
+    """Isotropic Gaussian noise ``N(0, stddev^2)`` in training; identity at inference."""
+
+    def __init__(self, stddev: float = DEFAULT_NOISE, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.stddev = float(stddev)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=False):
+        if training and self.stddev > 0:
+            return inputs + keras.random.normal(keras.ops.shape(inputs), stddev=self.stddev,
+                                                dtype=inputs.dtype, seed=self.seed_generator)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class ScaledFeatureNoise(keras.layers.Layer):
+    """Gaussian noise with per-dimension std ``stddev * scale[d]`` (``scale`` = training-set std).
+
+    Meant for the raw embedding, before standardisation. ``scale`` is a non-trainable weight,
+    saved with the model.
+    """
+
+    def __init__(self, dim: int, stddev: float = DEFAULT_NOISE, scale: Sequence[float] | None = None,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.stddev, self.seed = int(dim), float(stddev), seed
+        self._init_scale = None if scale is None else np.asarray(scale, np.float32).reshape(self.dim)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        init = (keras.initializers.Constant(self._init_scale) if self._init_scale is not None
+                else keras.initializers.Ones())
+        self.scale = self.add_weight(name="scale", shape=(self.dim,), initializer=init, trainable=False)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if training and self.stddev > 0:
+            noise = keras.random.normal(keras.ops.shape(inputs), stddev=self.stddev, dtype=inputs.dtype,
+                                        seed=self.seed_generator)
+            return inputs + noise * keras.ops.cast(self.scale, inputs.dtype)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "dim": self.dim, "stddev": self.stddev, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class FeatureDropout(keras.layers.Layer):
+    """Drops each feature with probability ``rate`` in training (rescaled); identity at inference."""
+
+    def __init__(self, rate: float = 0.1, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise DflError(f"feature-dropout rate must be in [0, 1), got {rate}")
+        self.rate, self.seed = float(rate), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if training and self.rate > 0:
+            return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[dict[str, Any]]:
+    """Validated augmentation list, with the ``noise`` shortcut applied.
+
+    ``noise=None`` keeps the ``noise`` entry of ``augment`` if there is one, else adds
+    ``{name: noise, std: 0.1}`` (the default); ``noise=S>0`` sets (or adds) that entry's std;
+    ``noise=0`` removes it.
+    """
+    specs: list[dict[str, Any]] = []
+    for entry in augment or []:
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise DflError(f"augment entries are mappings with a 'name' (one of {', '.join(AUGMENTATIONS)}), "
+                           f"got {entry!r}")
+        name = str(entry["name"]).replace("_", "-")
+        if name not in AUGMENTATIONS:
+            raise DflError(f"unknown augmentation '{entry['name']}' (known: {', '.join(AUGMENTATIONS)})")
+        params = {k: v for k, v in entry.items() if k != "name"}
+        unknown = set(params) - set(AUGMENTATIONS[name])
+        if unknown:
+            raise DflError(f"augmentation '{name}' has no parameter(s) {sorted(unknown)} "
+                           f"(known: {', '.join(AUGMENTATIONS[name])})")
+        if any(s["name"] == name for s in specs):
+            raise DflError(f"augmentation '{name}' is listed twice")
+        spec = {"name": name, **AUGMENTATIONS[name], **params}
+        for key, value in list(spec.items()):
+            if key != "name":
+                try:
+                    spec[key] = float(value)
+                except (TypeError, ValueError) as exc:
+                    raise DflError(f"augmentation '{name}': {key} must be a number, got {value!r}") from exc
+                if spec[key] < 0:
+                    raise DflError(f"augmentation '{name}': {key} must be >= 0, got {value}")
+        specs.append(spec)
+    has_noise = any(s["name"] == "noise" for s in specs)
+    if noise is None:
+        if not has_noise:
+            specs.insert(0, {"name": "noise", "std": DEFAULT_NOISE})
+    elif float(noise) <= 0:
+        specs = [s for s in specs if s["name"] != "noise"]
+    elif has_noise:
+        for s in specs:
+            if s["name"] == "noise":
+                s["std"] = float(noise)
+    else:
+        specs.insert(0, {"name": "noise", "std": float(noise)})
+    return specs
+
+
+def augment_layers(specs: Sequence[dict[str, Any]], dim: int, train_std: np.ndarray | None = None
+                   ) -> tuple[list[keras.layers.Layer], list[keras.layers.Layer]]:
+    """(layers before standardisation, layers after it) for the model-side augmentations."""
+    pre, post = [], []
+    for spec in specs:
+        if spec["name"] == "scaled-noise":
+            pre.append(ScaledFeatureNoise(dim, spec["std"], scale=train_std, name="scaled_noise"))
+        elif spec["name"] == "noise":
+            post.append(FeatureNoise(spec["std"], name="noise"))
+        elif spec["name"] == "feature-dropout":
+            post.append(FeatureDropout(spec["rate"], name="feature_dropout"))
+    return pre, post
+
+
+def mixup_alpha(specs: Sequence[dict[str, Any]]) -> float:
+    return next((float(s["alpha"]) for s in specs if s["name"] == "mixup"), 0.0)
+
+
+def mixup_batch(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, seed: tf.Tensor, alpha: float):
+    """Mix a batch with a random permutation of itself: lambda ~ Beta(alpha, alpha) per sample.
+
+    ``y`` are one-hot (or soft) labels, ``w`` sample weights, ``seed`` an int64 [2] stateless seed.
+    """
+    seed = tf.cast(seed, tf.int64)
+    n = tf.shape(x)[0]
+    s1, s2, s3 = (tf.random.experimental.stateless_fold_in(seed, i) for i in range(3))
+    g1 = tf.random.stateless_gamma([n], s1, alpha=alpha)
+    g2 = tf.random.stateless_gamma([n], s2, alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    perm = tf.argsort(tf.random.stateless_uniform([n], s3))
+    lam_x = lam[:, None]
+    x = lam_x * x + (1.0 - lam_x) * tf.gather(x, perm)
+    y = lam_x * y + (1.0 - lam_x) * tf.gather(y, perm)
+    w = lam * w + (1.0 - lam) * tf.gather(w, perm)
+    return x, y, w

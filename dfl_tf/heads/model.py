@@ -1,0 +1,102 @@
+"""The head: raw embedding -> fixed standardisation -> augmentations -> MLP -> softmax.
+
+The standardisation statistics live inside the model (non-trainable weights of
+:class:`Standardize`) as well as in ``head.json``, so ``head.keras`` can be called directly on
+backbone embeddings.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from dfl_tf.errors import DflError
+from dfl_tf.heads import augment as _augment  # noqa: F401  (registers the augmentation layers)
+
+HEAD_FILE = "head.keras"
+HEAD_JSON = "head.json"
+EPS = 1e-6
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class Standardize(keras.layers.Layer):
+    """``(x - mean) / std`` with fixed statistics (non-trainable weights saved with the model)."""
+
+    def __init__(self, dim: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self._init = (None if mean is None else np.asarray(mean, np.float32).reshape(self.dim),
+                      None if std is None else np.asarray(std, np.float32).reshape(self.dim))
+
+    def build(self, input_shape):
+        mean, std = self._init
+        self.mean = self.add_weight(
+            name="mean", shape=(self.dim,), trainable=False,
+            initializer=keras.initializers.Constant(mean) if mean is not None else "zeros")
+        self.std = self.add_weight(
+            name="std", shape=(self.dim,), trainable=False,
+            initializer=keras.initializers.Constant(std) if std is not None else "ones")
+        self.built = True
+
+    def call(self, inputs):
+        return (inputs - keras.ops.cast(self.mean, inputs.dtype)) / keras.ops.cast(self.std, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "dim": self.dim}
+
+
+def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (float64 accumulation; std floored at 1e-6 -> 1)."""
+    X = np.asarray(X)
+    mean = X.mean(axis=0, dtype=np.float64)
+    std = X.std(axis=0, dtype=np.float64)
+    return mean.astype(np.float32), safe_std(std)
+
+
+def safe_std(std: np.ndarray) -> np.ndarray:
+    std = np.asarray(std, np.float64)
+    return np.where(std < EPS, 1.0, std).astype(np.float32)
+
+
+def build_head(dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.0,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+               augment: Sequence[keras.layers.Layer] = (), pre_augment: Sequence[keras.layers.Layer] = (),
+               name: str = "head") -> keras.Model:
+    """A softmax head on raw ``float32 [dim]`` embeddings.
+
+    ``pre_augment`` layers act on the raw embedding, ``augment`` layers on the standardised
+    one (both only in training). ``hidden=0`` gives a linear softmax head.
+    """
+    if n_classes < 2:
+        raise DflError(f"a head needs at least 2 classes, got {n_classes}")
+    inputs = keras.Input(shape=(int(dim),), dtype="float32", name="embedding")
+    x = inputs
+    for layer in pre_augment:
+        x = layer(x)
+    x = Standardize(dim, mean, std, name="standardize")(x)
+    for layer in augment:
+        x = layer(x)
+    if hidden and hidden > 0:
+        x = keras.layers.Dense(int(hidden), activation="relu", name="hidden")(x)
+        if dropout and dropout > 0:
+            x = keras.layers.Dropout(float(dropout), name="dropout")(x)
+    outputs = keras.layers.Dense(int(n_classes), activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def load_head(head_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    """``(model, head.json)`` of a head directory written by :func:`dfl_tf.train_head`."""
+    head_dir = Path(head_dir)
+    info_path, model_path = head_dir / HEAD_JSON, head_dir / HEAD_FILE
+    if not info_path.exists() or not model_path.exists():
+        raise DflError(f"{head_dir}: not a head directory (needs {HEAD_FILE} and {HEAD_JSON})")
+    info = json.loads(info_path.read_text())
+    model = keras.saving.load_model(model_path, compile=False)
+    return model, info

@@ -1,0 +1,516 @@
+"""Train a head on stored embeddings: tf.data pipeline, loss, callbacks, TensorBoard, HEAD_DIR.
+
+HEAD_DIR (written to a temporary directory and renamed at the end):
+
+* ``head.keras``: the model; input = raw ``float32 [dim]`` embedding, output = softmax.
+* ``head.json``: classes, views, backbone, dim, standardisation mean/std, training settings,
+  best epoch, decision threshold (two-class tasks), seed, dfl_tf version.
+* ``history.csv``: one row per epoch.
+* ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.evaluation.compute_metrics`).
+* ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.errors import DflError
+from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
+from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
+from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, safe_std, standardisation
+from dfl_tf.store.manifest import check_compatible, load_manifest
+from dfl_tf.store.shards import DTYPES, record_dataset
+
+LOSSES = ("focal", "crossentropy")
+MONITORS = ("val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro", "val_cohen_kappa",
+            "val_roc_auc", "val_pr_auc")
+HEAD_FORMAT_VERSION = 1
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class _TrainData:
+    """The labeled training records: in memory (storage dtype) when small enough, else streamed."""
+
+    def __init__(self, emb_dir: str | Path, manifest: dict[str, Any], cache_gb: float):
+        self.emb_dir, self.manifest = emb_dir, manifest
+        self.dim = int(manifest["dim"])
+        self.n_classes = len(manifest["classes"])
+        storage = np.dtype(DTYPES[manifest["dtype"]])
+        total = int(manifest["num_records"])
+        self.in_memory = total * self.dim * storage.itemsize <= cache_gb * 1e9
+        self.X: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+        if self.in_memory:
+            X = np.empty((total, self.dim), storage)
+            y = np.empty((total,), np.int64)
+            i = 0
+            for batch in record_dataset(emb_dir, batch_size=8192, manifest=manifest):
+                n = int(batch["label"].shape[0])
+                X[i:i + n] = batch["embedding"].numpy().astype(storage)
+                y[i:i + n] = batch["label"].numpy()
+                i += n
+            X, y = X[:i], y[:i]
+            keep = y >= 0
+            self.unlabeled = int((~keep).sum())
+            if self.unlabeled:
+                X, y = X[keep], y[keep]
+            self.X, self.y = X, y
+            self.mean, self.std = standardisation(X)
+            self.counts = np.bincount(y, minlength=self.n_classes)
+        else:
+            self._stream_stats()
+        self.num = int(self.counts.sum())
+
+    def _stream_stats(self) -> None:
+        """Mean/std and class counts in one pass (Chan's parallel merge, float64)."""
+        n, mean, m2 = 0, np.zeros(self.dim), np.zeros(self.dim)
+        counts = np.zeros(self.n_classes, np.int64)
+        unlabeled = 0
+        for batch in record_dataset(self.emb_dir, batch_size=8192, manifest=self.manifest):
+            y = batch["label"].numpy()
+            keep = y >= 0
+            unlabeled += int((~keep).sum())
+            X = batch["embedding"].numpy()[keep].astype(np.float64)
+            if not len(X):
+                continue
+            counts += np.bincount(y[keep], minlength=self.n_classes)
+            bn, bmean = len(X), X.mean(axis=0)
+            bm2 = ((X - bmean) ** 2).sum(axis=0)
+            delta = bmean - mean
+            tot = n + bn
+            mean = mean + delta * bn / tot
+            m2 = m2 + bm2 + delta ** 2 * n * bn / tot
+            n = tot
+        self.mean = mean.astype(np.float32)
+        self.std = safe_std(np.sqrt(m2 / max(n, 1)))
+        self.counts, self.unlabeled = counts, unlabeled
+
+    def dataset(self, batch_size: int, seed: int, balanced: bool, class_weights: np.ndarray | None,
+                mixup: float) -> tuple[tf.data.Dataset, int | None]:
+        """(endless dataset of (x, y_onehot, sample_weight) batches, steps_per_epoch)."""
+        C = self.n_classes
+        steps = math.ceil(self.num / batch_size)
+        cw = tf.constant(class_weights if class_weights is not None else np.ones(C), tf.float32)
+
+        def finish(x, label):
+            x = tf.cast(x, tf.float32)
+            y = tf.one_hot(label, C, dtype=tf.float32)
+            w = tf.reduce_sum(y * cw, axis=-1)
+            return x, y, w
+
+        if self.in_memory:
+            Xc, yc = tf.constant(self.X), tf.constant(self.y)
+            if balanced:
+                parts = [tf.data.Dataset.from_tensor_slices(np.flatnonzero(self.y == c).astype(np.int64))
+                         .shuffle(int(self.counts[c]), seed=seed + c, reshuffle_each_iteration=True).repeat()
+                         for c in range(C) if self.counts[c] > 0]
+                idx = tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / len(parts)] * len(parts),
+                                                           seed=seed)
+            else:
+                idx = tf.data.Dataset.range(self.num).shuffle(self.num, seed=seed, reshuffle_each_iteration=True)
+            ds = idx.batch(batch_size).map(lambda i: finish(tf.gather(Xc, i), tf.gather(yc, i)),
+                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        else:
+            # Filter at batch level (cheap), then unbatch -> shuffle -> batch (per record).
+            def labeled(r, c=None):
+                keep = r["label"] >= 0 if c is None else tf.equal(r["label"], c)
+                return tf.boolean_mask(r["embedding"], keep), tf.boolean_mask(r["label"], keep)
+
+            rec = record_dataset(self.emb_dir, batch_size=1024, manifest=self.manifest)
+            if balanced:
+                parts = [rec.map(lambda r, c=c: labeled(r, c)).unbatch().repeat()
+                         for c in range(C) if self.counts[c] > 0]
+                rec = tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / len(parts)] * len(parts),
+                                                           seed=seed)
+            else:
+                rec = rec.map(labeled).unbatch()
+            rec = rec.shuffle(min(self.num, 65536), seed=seed, reshuffle_each_iteration=True)
+            ds = rec.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if mixup > 0:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(
+                lambda b, s: mixup_batch(*b, s, alpha=mixup), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+        # One pass = ceil(num / batch_size) batches (partial last batch); repeated, with the
+        # explicit steps_per_epoch, so Keras never has to guess the length of a filtered stream.
+        ds = ds.repeat().prefetch(tf.data.AUTOTUNE)
+        return ds, steps
+
+
+def _load_val(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    from dfl_tf.store.shards import load_embeddings
+
+    data = load_embeddings(emb_dir)
+    keep = data.y >= 0
+    return data.X[keep], data.y[keep], int((~keep).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# callback
+
+
+class ValidationCallback(keras.callbacks.Callback):
+    """Validation metrics at epoch end (scikit-learn), learning rate, early stopping, best weights.
+
+    Adds ``val_loss``, ``val_accuracy``, ``val_balanced_accuracy`` (and the monitored metric) and
+    ``learning_rate`` to the epoch logs, so History, history.csv and TensorBoard get them.
+    """
+
+    def __init__(self, X: np.ndarray | None, y: np.ndarray | None, n_classes: int, loss_fn, monitor: str,
+                 patience: int, batch_size: int = 2048):
+        super().__init__()
+        self.X, self.y, self.n_classes, self.loss_fn = X, y, n_classes, loss_fn
+        self.monitor, self.patience, self.batch_size = monitor, patience, batch_size
+        self.mode = "min" if monitor == "val_loss" else "max"
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_weights = None
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def _metrics(self) -> dict[str, float]:
+        from sklearn import metrics as skm
+
+        probs = predict_probs(self.model, self.X, self.batch_size)
+        pred = probs.argmax(axis=1)
+        onehot = np.eye(self.n_classes, dtype=np.float32)[self.y]
+        out = {"val_loss": float(keras.ops.convert_to_numpy(self.loss_fn(onehot, probs))),
+               "val_accuracy": float(skm.accuracy_score(self.y, pred)),
+               "val_balanced_accuracy": float(skm.balanced_accuracy_score(self.y, pred))}
+        if self.monitor not in out:
+            m = compute_metrics(self.y, probs, [str(c) for c in range(self.n_classes)])
+            key = {"val_f1_macro": "f1_macro", "val_cohen_kappa": "cohen_kappa",
+                   "val_roc_auc": "roc_auc_macro_ovr", "val_pr_auc": "pr_auc_macro"}[self.monitor]
+            out[self.monitor] = float("nan") if m[key] is None else float(m[key])
+        return out
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if self.X is None:
+            return
+        logs.update(self._metrics())
+        value = logs[self.monitor]
+        better = (self.best is None or (not math.isnan(value) and (
+            (self.mode == "max" and value > self.best) or (self.mode == "min" and value < self.best))))
+        if better and not math.isnan(value):
+            self.best, self.best_epoch, self.wait = value, epoch + 1, 0
+            self.best_weights = self.model.get_weights()
+        elif self.best is None:
+            self.best_epoch, self.best_weights = epoch + 1, self.model.get_weights()
+        else:
+            self.wait += 1
+            if self.patience and self.wait >= self.patience:
+                self.stopped_epoch = epoch + 1
+                self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def _summary_metadata(plugin: str, data_class: int) -> bytes:
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata()
+    meta.plugin_data.plugin_name = plugin
+    meta.data_class = data_class
+    return meta.SerializeToString()
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+    """TensorBoard event files without the ``tensorboard`` package (TF 2.21 no longer ships it).
+
+    Same layout and tags as ``keras.callbacks.TensorBoard``: ``LOGDIR/train`` gets
+    ``epoch_<metric>`` scalars (loss, accuracy, learning_rate) and, every ``histogram_freq``
+    epochs, one histogram per weight (tag = the weight's path, e.g. ``hidden/kernel``);
+    ``LOGDIR/validation`` gets the ``val_*`` metrics as ``epoch_<metric>``. Written with the
+    core ``tf.summary.write`` op and the scalar / histogram plugin metadata, so TensorBoard reads
+    them like its own.
+    """
+
+    def __init__(self, log_dir: str | Path, histogram_freq: int = 1, bins: int = 30):
+        super().__init__()
+        self.log_dir, self.histogram_freq, self.bins = Path(log_dir), int(histogram_freq or 0), bins
+        self._writers: dict[str, Any] = {}
+
+    def _writer(self, name: str):
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
+        return self._writers[name]
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from tensorflow.core.framework import summary_pb2
+
+        scalar_meta = _summary_metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+        for split, items in (("train", {k: v for k, v in (logs or {}).items() if not k.startswith("val_")}),
+                             ("validation", {k[4:]: v for k, v in (logs or {}).items() if k.startswith("val_")})):
+            if not items:
+                continue
+            with self._writer(split).as_default():
+                for key, value in sorted(items.items()):
+                    tf.summary.write(f"epoch_{key}", tf.constant(float(value), tf.float32), step=epoch,
+                                     metadata=scalar_meta)
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            hist_meta = _summary_metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
+            with self._writer("train").as_default():
+                for weight in self.model.weights:
+                    if "seed_generator" in weight.path:
+                        continue
+                    values = keras.ops.convert_to_numpy(weight.value).astype(np.float64).ravel()
+                    lo, hi = float(values.min()), float(values.max())
+                    if hi <= lo:
+                        hi = lo + 1e-12
+                    counts, edges = np.histogram(values, bins=self.bins, range=(lo, hi))
+                    data = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
+                    tf.summary.write(weight.path, tf.constant(data, tf.float64), step=epoch, metadata=hist_meta)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+# --------------------------------------------------------------------------------------------
+# train_head
+
+
+def _class_weights(class_weight: Any, counts: np.ndarray, classes: Sequence[str]) -> np.ndarray | None:
+    if class_weight in (None, "none", "None", False):
+        return None
+    if class_weight == "balanced":
+        n, C = counts.sum(), len(counts)
+        return np.where(counts > 0, n / (C * np.maximum(counts, 1)), 0.0).astype(np.float32)
+    if isinstance(class_weight, Mapping):
+        unknown = set(map(str, class_weight)) - set(classes)
+        if unknown:
+            raise DflError(f"class_weight names unknown classes {sorted(unknown)} (classes: {list(classes)})")
+        return np.array([float(class_weight.get(c, 1.0)) for c in classes], np.float32)
+    raise DflError(f"class_weight must be none, 'balanced' or a mapping class -> weight, got {class_weight!r}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DflError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+
+
+def _history_csv(history: dict[str, list]) -> str:
+    keys = sorted(history)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["epoch"] + keys)
+    for i in range(len(history[keys[0]]) if keys else 0):
+        writer.writerow([i + 1] + [f"{float(history[k][i]):.8g}" for k in keys])
+    return buf.getvalue()
+
+
+def train_head(
+    train: str | Path,
+    out: str | Path,
+    val: str | Path | None = None,
+    hidden: int = 256,
+    dropout: float = 0.0,
+    noise: float | None = None,
+    augment: Sequence[Any] | None = None,
+    loss: str = "focal",
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    epochs: int = 50,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    patience: int = 10,
+    monitor: str = "val_balanced_accuracy",
+    class_weight: str | Mapping[str, float] | None = None,
+    balanced_sampling: bool = False,
+    logdir: str | Path | None = None,
+    histogram_freq: int = 1,
+    cache_gb: float = 2.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
+) -> dict[str, Any]:
+    """Train a softmax head on the embedding directory ``train``; write HEAD_DIR ``out``.
+
+    ``noise``: std of the isotropic Gaussian feature noise (None: the ``noise`` entry of
+    ``augment``, else 0.1; 0 disables it). ``augment``: list of augmentations, e.g.
+    ``[{"name": "noise", "std": 0.1}, {"name": "mixup", "alpha": 0.2}]`` (see
+    :mod:`dfl_tf.heads.augment`). ``loss``: ``focal`` (CategoricalFocalCrossentropy(alpha,
+    gamma)) or ``crossentropy``. Early stopping on ``monitor`` (computed on ``val`` at each
+    epoch end; patience 0 disables stopping) restores the best weights. ``class_weight``:
+    None, ``"balanced"`` or {class: weight}; ``balanced_sampling`` draws classes uniformly.
+    Training records are kept in memory when they take at most ``cache_gb`` GB in their
+    storage dtype, else streamed from the shards. ``callbacks``: extra Keras callbacks
+    (Python API only). Returns a summary dict.
+    """
+    t0 = time.time()
+    out = Path(out)
+    _check_out(out, overwrite)
+    if loss in ("ce", "categorical_crossentropy", "cross-entropy"):
+        loss = "crossentropy"
+    if loss not in LOSSES:
+        raise DflError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if monitor not in MONITORS:
+        raise DflError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("hidden", hidden, 0),
+                             ("patience", patience, 0)):
+        if int(value) < low:
+            raise DflError(f"{name} must be >= {low}, got {value}")
+    if not 0 <= float(dropout) < 1:
+        raise DflError(f"dropout must be in [0, 1), got {dropout}")
+    specs = resolve_augment(augment, noise)
+
+    tm = load_manifest(train)
+    classes = list(tm["classes"])
+    if len(classes) < 2:
+        raise DflError(f"{train}: a head needs at least 2 classes, the manifest has {classes}")
+    vm = None
+    if val is not None:
+        vm = load_manifest(val)
+        check_compatible(tm, vm, f"training embeddings {train}", f"validation embeddings {val}")
+        if list(vm["classes"]) != classes:
+            raise DflError(f"training embeddings {train} and validation embeddings {val} disagree on classes: "
+                           f"{classes} vs {list(vm['classes'])}")
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+    data = _TrainData(train, tm, cache_gb)
+    if data.unlabeled:
+        _note(f"{train}: {data.unlabeled} unlabeled records dropped from training")
+    if data.num == 0:
+        raise DflError(f"{train}: no labeled records to train on")
+    cw = _class_weights(class_weight, data.counts, classes)
+    Xv = yv = None
+    val_unlabeled = 0
+    if val is not None:
+        Xv, yv, val_unlabeled = _load_val(val)
+        if val_unlabeled:
+            _note(f"{val}: {val_unlabeled} unlabeled records dropped from validation")
+        if len(yv) == 0:
+            raise DflError(f"{val}: no labeled records to validate on")
+    elif monitor != "val_loss" or patience:
+        _note("no --val: training for all epochs, no early stopping; metrics.json holds training-set metrics")
+
+    pre, post = augment_layers(specs, data.dim, data.std)
+    model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
+                       pre_augment=pre)
+    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
+               else keras.losses.CategoricalCrossentropy())
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss_fn,
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs))
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        log_root = Path(logdir) if logdir else tmp / "logs"
+        valcb = ValidationCallback(Xv, yv, len(classes), loss_fn, monitor, int(patience) if val else 0,
+                                   batch_size=max(int(batch_size), 2048))
+        history = model.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
+                            callbacks=[valcb, TensorBoardLogger(log_root, histogram_freq), *(callbacks or [])],
+                            verbose=2 if progress else 0, shuffle=False)
+        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        epochs_run = len(next(iter(hist.values()))) if hist else 0
+        best_epoch = valcb.best_epoch if val is not None else epochs_run
+
+        threshold, threshold_from = None, None
+        if val is not None:
+            probs, y_eval, split = predict_probs(model, Xv), yv, "validation"
+        else:
+            X_train = data.X if data.in_memory else None
+            if X_train is None:
+                from dfl_tf.store.shards import load_embeddings
+
+                td = load_embeddings(train)
+                X_train, y_train = td.X[td.y >= 0], td.y[td.y >= 0]
+            else:
+                y_train = data.y
+            probs, y_eval, split = predict_probs(model, X_train), y_train, "train"
+        if len(classes) == 2:
+            threshold = best_f1_threshold(y_eval == 1, probs[:, 1])
+            threshold_from = f"max F1 on {split}"
+            if threshold is None:
+                threshold, threshold_from = 0.5, "default (F1 undefined: one class only)"
+        metrics = compute_metrics(y_eval, probs, classes, threshold)
+        metrics = {"split": split, "best_epoch": best_epoch, **metrics}
+
+        settings = {"hidden": int(hidden), "dropout": float(dropout), "noise": noise, "augment": specs,
+                    "loss": loss, "gamma": float(gamma), "alpha": float(alpha), "epochs": int(epochs),
+                    "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "patience": int(patience),
+                    "monitor": monitor, "class_weight": class_weight if not isinstance(class_weight, Mapping)
+                    else dict(class_weight), "class_weights": None if cw is None else cw.tolist(),
+                    "balanced_sampling": bool(balanced_sampling), "histogram_freq": histogram_freq,
+                    "cache_gb": cache_gb, "in_memory": data.in_memory}
+        from dfl_tf import __version__
+
+        info = {
+            "format_version": HEAD_FORMAT_VERSION,
+            "classes": classes,
+            "n_classes": len(classes),
+            "positive_class": classes[1] if len(classes) == 2 else None,
+            "views": list(tm["views"]),
+            "backbone": dict(tm["backbone"]),
+            "dim": int(tm["dim"]),
+            "extraction": {k: tm[k] for k in ("dtype", "settings") if k in tm},
+            "standardisation": {"mean": data.mean.tolist(), "std": data.std.tolist()},
+            "settings": settings,
+            "seed": int(seed),
+            "best_epoch": best_epoch,
+            "epochs_run": epochs_run,
+            "stopped_early": valcb.stopped_epoch is not None,
+            "best_value": valcb.best,
+            "threshold": threshold,
+            "threshold_chosen_by": threshold_from,
+            "train": {"path": str(train), "records": data.num, "unlabeled_dropped": data.unlabeled,
+                      "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
+            "val": None if val is None else {
+                "path": str(val), "records": int(len(yv)), "unlabeled_dropped": val_unlabeled,
+                "counts": {c: int(n) for c, n in zip(classes, np.bincount(yv, minlength=len(classes)))}},
+            "logdir": str(Path(logdir)) if logdir else "logs",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dfl_tf_version": __version__,
+        }
+        model.save(tmp / HEAD_FILE)
+        atomic_write_json(tmp / HEAD_JSON, info)
+        atomic_write_text(tmp / "history.csv", _history_csv(hist))
+        atomic_write_json(tmp / "metrics.json", metrics)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "out": str(out), "classes": classes, "best_epoch": best_epoch, "epochs_run": epochs_run,
+        "monitor": monitor, "best_value": valcb.best, "threshold": threshold, "metrics": metrics,
+        "train_records": data.num, "val_records": None if yv is None else int(len(yv)),
+        "seconds": round(time.time() - t0, 2),
+    }
