@@ -116,6 +116,7 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
     commands.append(_cmd("heatmap", export_dir, slide, out=out / "heatmap", **cfg.get("heatmap", {})))
     summary = {
         "tiles": counts,
+        "heatmap_tiles": hm["tiles"],
         "metrics": {k: metrics.get(k) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "weighted_f1")
                     if k in metrics},
         "best_epoch": trained.get("best_epoch"),

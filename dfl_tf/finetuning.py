@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf.errors import DflError
 
 
@@ -271,13 +271,7 @@ def finetune(
         atomic_write_text(tmp / "history.csv", _history_csv(hist))
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / "finetune.json", info)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

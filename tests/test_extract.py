@@ -236,3 +236,41 @@ def test_bfloat16_close_to_float32(image_folder):
     bf16 = load_backbone("resnet50", weights="none", input_size=64, precision="bfloat16")(imgs).numpy()
     cos = (f32 * bf16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cos.min() >= 0.99
+
+
+def _slide_csv(tmp_path, rows, header="slide,x,y,label"):
+    (tmp_path / "coords.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return tmp_path / "coords.csv"
+
+
+def test_slide_coordinates_source(tmp_path):
+    from slide_utils import make_pyramid_tiff
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    make_pyramid_tiff(tmp_path / "s.tiff", image, mpp=0.5, levels=3, tile=128)
+    make_pyramid_tiff(tmp_path / "nompp.tiff", image, mpp=None, levels=1, tile=128)
+    csv_path = _slide_csv(tmp_path, ["s.tiff,100,120,a", "s.tiff,400,300,b", "s.tiff,790,590,a"])
+    m = extract(csv_path, tmp_path / "emb", views="x20:rgb,x5:rgb", patch_size=64, **TINY)
+    emb = load_embeddings(tmp_path / "emb")
+    assert m["num_records"] == 3 and m["settings"]["context"] == "separate"
+    assert m["settings"]["slide_read"] == {"mpp": 0.5, "patch_size": 64, "slide_mpp": None}
+    assert emb.xy.tolist() == [[100, 120], [400, 300], [790, 590]] and emb.ids[0] == "s.tiff@100,120"
+    assert all(s.endswith("s.tiff") for s in emb.slides) and emb.groups == ["s"] * 3
+    # the record equals the backbone on the reads at the same centre
+    from dfl_tf.data.slides import read_views
+
+    x20, x5 = read_views(str(tmp_path / "s.tiff"), 400, 300, 0.5, 64, True)
+    bb = load_backbone("resnet50", weights="none", input_size=32)
+    direct = bb(compose_views(tf.constant(x20), tf.constant(x5), parse_views("x20:rgb,x5:rgb"), 32)).numpy()
+    assert_f16_close(emb.X[1], direct.reshape(-1))
+    # bounds are validated, naming the slide
+    with pytest.raises(DflError, match=r"s\.tiff: centre \(900, 10\) lies outside the slide \(800 x 600"):
+        extract(_slide_csv(tmp_path, ["s.tiff,900,10,a"]), tmp_path / "e2", patch_size=64, **TINY)
+    # no mpp metadata: a clear error, then the override works (flag or column)
+    nompp = _slide_csv(tmp_path, ["nompp.tiff,200,200,a"])
+    with pytest.raises(DflError, match=r"nompp\.tiff.*--slide-mpp"):
+        extract(nompp, tmp_path / "e3", patch_size=64, **TINY)
+    assert extract(nompp, tmp_path / "e4", patch_size=64, slide_mpp=0.5, **TINY)["num_records"] == 1
+    col = _slide_csv(tmp_path, ["nompp.tiff,200,200,a,0.25"], header="slide,x,y,label,slide_mpp")
+    assert extract(col, tmp_path / "e5", patch_size=64, **TINY)["num_records"] == 1

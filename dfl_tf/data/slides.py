@@ -605,6 +605,9 @@ def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: 
                mpp_override: float | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The x20 tile and, when ``context``, its x5 sibling (same centre, 4x the mpp), both size x size."""
     reader = get_reader(path, mpp_override)
+    width, height = reader.dimensions
+    if not (0 <= cx < width and 0 <= cy < height):
+        raise DflError(f"{path}: centre ({cx}, {cy}) lies outside the slide ({width} x {height} level-0 px)")
     mpp = parse_magnification(mpp)
     x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
     x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None

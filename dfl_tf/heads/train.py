@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
@@ -498,13 +498,7 @@ def train_head(
         atomic_write_json(tmp / HEAD_JSON, info)
         atomic_write_text(tmp / "history.csv", _history_csv(hist))
         atomic_write_json(tmp / "metrics.json", metrics)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
