@@ -136,7 +136,7 @@ def finetune(
 
     Validation: the source ``val`` when given (same classes), else a split of ``dataset``
     (``split`` column, else stratified by class and grouped by ``group``; see
-    :func:`dfl_tf.selection.split_samples`). After every epoch the validation balanced
+    :func:`dfl_tf.splits.split_samples`). After every epoch the validation balanced
     accuracy is computed; the best epoch's weights are kept (early stopping after ``patience``
     epochs without improvement, 0: off). Returns the content of ``metrics.json``.
     """
@@ -147,7 +147,7 @@ def finetune(
     from dfl_tf.data.sources import load_source
     from dfl_tf.data.views import check_fit, parse_views, views_to_strings
     from dfl_tf.evaluation import compute_metrics
-    from dfl_tf.selection import split_samples
+    from dfl_tf.splits import split_samples
 
     t0 = time.time()
     view_list = parse_views(views)

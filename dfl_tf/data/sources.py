@@ -43,6 +43,7 @@ class Sample:
     slide_mpp: float | None = None
     mpp: float | None = None
     patch_size: int | None = None
+    split: str | None = None
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
             src = str((base / row["path"]))
             ctx = str(base / row["context_path"]) if row.get("context_path") else None
             samples.append(Sample(id=row.get("id") or row["path"], source=src, label=label,
-                                  group=group, context=ctx))
+                                  group=group, context=ctx, split=row.get("split") or None))
         else:
             try:
                 x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
@@ -152,7 +153,8 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
             slide = str(base / row["slide"])
             samples.append(Sample(id=row.get("id") or f"{Path(row['slide']).name}@{x},{y}", source=slide,
                                   label=label, group=group or Path(row["slide"]).stem, slide=slide,
-                                  x=x, y=y, slide_mpp=slide_mpp, mpp=mpp, patch_size=size))
+                                  x=x, y=y, slide_mpp=slide_mpp, mpp=mpp, patch_size=size,
+                                  split=row.get("split") or None))
     return SampleSet(samples, class_list, kind, str(path))
 
 

@@ -1,0 +1,67 @@
+"""Train/validation splits shared by backbone selection and fine-tuning.
+
+A ``split`` column of a CSV source wins (``train`` and ``val``/``valid``/``validation`` rows;
+others, e.g. ``test``, are left out); else the split is stratified and grouped by ``group`` when
+samples have groups (no patient or slide in both parts); else stratified. Seeded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfl_tf.errors import DflError
+
+VAL_NAMES = {"val", "valid", "validation"}
+
+
+def split_samples(dataset: str | Path, samples, val_fraction: float = 0.25, seed: int = 0
+                  ) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(train ids, validation ids, description) of the labeled samples of ``samples``."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DflError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labeled = [(i, s) for i, s in enumerate(samples.samples) if s.label >= 0]
+    if len(labeled) < 4:
+        raise DflError(f"{dataset}: {len(labeled)} labeled samples; selection needs at least 4")
+    ids = [s.id for _, s in labeled]
+    if len(set(ids)) != len(ids):
+        raise DflError(f"{dataset}: sample ids are not unique (give the CSV an 'id' column)")
+    y = np.array([s.label for _, s in labeled])
+    if any(s.split for _, s in labeled):
+        parts = [(s.split or "").strip().lower() for _, s in labeled]
+        train = [i for i, p in zip(ids, parts) if p == "train"]
+        val = [i for i, p in zip(ids, parts) if p in VAL_NAMES]
+        if not train or not val:
+            raise DflError(f"{dataset}: the 'split' column needs 'train' and 'val' rows (labeled); found "
+                           f"{sorted(set(parts))}")
+        how = {"method": "split column", "left_out": len(ids) - len(train) - len(val)}
+    else:
+        idx = np.arange(len(ids))
+        groups = [s.group for _, s in labeled]
+        if any(g for g in groups):
+            g = np.array([gr or f"__sample__{sid}" for gr, sid in zip(groups, ids)])
+            n_splits = max(2, int(round(1.0 / float(val_fraction))))
+            try:
+                cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                tr, va = next(cv.split(idx, y, g))
+                how = {"method": "stratified group k-fold (first fold)", "n_splits": n_splits}
+            except ValueError:
+                cv = GroupShuffleSplit(n_splits=1, test_size=float(val_fraction), random_state=seed)
+                tr, va = next(cv.split(idx, y, g))
+                how = {"method": "group shuffle split"}
+            how["groups"] = int(len(set(g)))
+        else:
+            try:
+                tr, va = train_test_split(idx, test_size=float(val_fraction), stratify=y, random_state=seed)
+                how = {"method": "stratified"}
+            except ValueError:
+                tr, va = train_test_split(idx, test_size=float(val_fraction), random_state=seed)
+                how = {"method": "random (a class is too small to stratify)"}
+        train, val = [ids[i] for i in sorted(tr)], [ids[i] for i in sorted(va)]
+        if not train or not val:
+            raise DflError(f"{dataset}: the split left an empty train or validation part")
+    how.update({"val_fraction": float(val_fraction), "seed": int(seed), "train": len(train), "val": len(val)})
+    return train, val, how
