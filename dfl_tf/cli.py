@@ -85,6 +85,12 @@ def backbones_cmd(as_json: bool) -> None:
 @click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
 @click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
 @click.option("--jit", is_flag=True, help="Compile the backbone with XLA.")
+@click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="beam: run as an Apache Beam pipeline (pip install 'dfl_tf[beam]'), one element per shard.")
+@click.option("--beam-option", "beam_options", multiple=True, metavar="KEY=VALUE",
+              help="Beam pipeline option, repeatable: runner=DataflowRunner, project=..., direct_num_workers=2.")
+@click.option("--devices", default=None,
+              help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
@@ -140,6 +146,8 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True)
 @click.option("--logdir", type=click.Path(), default=None, help="TensorBoard directory (default HEAD_DIR/logs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty head directory.")
+@click.option("--devices", default=None,
+              help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--config", type=click.Path(), default=None,
               help="YAML file of these options, may hold an 'augment:' list (flags win).")

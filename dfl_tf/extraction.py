@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +24,8 @@ from dfl_tf._io import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.sources import SampleSet, SlideRead, load_sample, load_source
 from dfl_tf.data.views import View, check_fit, compose_views, needs_context, parse_views, views_to_strings
+from dfl_tf.distribute import distributed_infer, resolve_strategy
+from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.store.manifest import FORMAT_VERSION, MANIFEST, load_manifest
 from dfl_tf.store.shards import DTYPES, count_by_class, make_example, write_shard
@@ -56,22 +57,34 @@ def extract(
     jit: bool = False,
     progress: bool = True,
     model: Backbone | None = None,
+    devices: str | Sequence[str] | None = None,
+    runner: str = "local",
+    beam_options: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Embed every sample of ``source`` into ``out`` and return the manifest.
 
     ``source`` is an image folder, an image CSV manifest or a slide coordinates CSV (see
     :mod:`dfl_tf.data.sources`). ``model`` passes an already built backbone (then
-    ``backbone``, ``weights``, ``input_size`` and ``precision`` are ignored).
+    ``backbone``, ``weights``, ``input_size`` and ``precision`` are ignored). ``devices``:
+    mirror the backbone over several devices (see :mod:`dfl_tf.distribute`; default: the
+    ``DFL_TF_DEVICES`` variable, else all GPUs when more than one is visible). ``runner="beam"``
+    runs the same extraction as an Apache Beam pipeline with ``beam_options`` (``KEY=VALUE``;
+    see :mod:`dfl_tf.beam_runner`): same shards, same manifest.
     """
-    view_list = parse_views(views)
-    check_fit(fit)
-    if dtype not in DTYPES:
-        raise DflError(f"unknown dtype '{dtype}' (float16 or float32)")
-    for name, value in (("batch size", batch_size), ("shard size", shard_size)):
-        if value < 1:
-            raise DflError(f"{name} must be at least 1 (got {value})")
+    if runner == "beam":
+        params = {k: v for k, v in locals().items() if k != "runner"}
+        from dfl_tf.beam_runner import extract_beam
+
+        return extract_beam(**params)
+    if runner != "local":
+        raise DflError(f"unknown runner '{runner}' (local or beam)")
+    if beam_options:
+        raise DflError("beam options given without runner='beam' (--runner beam)")
+    view_list = check_options(views, fit, dtype, batch_size, shard_size)
     samples = load_source(source, split=split, classes=classes)
-    bb = model or load_backbone(backbone, weights=weights, input_size=input_size, precision=precision)
+    strategy = resolve_strategy(devices)
+    with strategy_scope(strategy):
+        bb = model or load_backbone(backbone, weights=weights, input_size=input_size, precision=precision)
     slide_read = SlideRead(mpp=float(mpp), patch_size=int(patch_size), slide_mpp=slide_mpp)
 
     out = Path(out)
@@ -82,7 +95,8 @@ def extract(
     n_shards = math.ceil(n / shard_size)
     names = [f"shard-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
     done = [i for i in range(n_shards) if _part_path(out, i).exists() and (out / names[i]).exists()]
-    runner = _ShardRunner(bb, view_list, samples, fit, pad_to, batch_size, slide_read, workers, jit, skip_bad)
+    runner = _ShardRunner(bb, view_list, samples, fit, pad_to, batch_size, slide_read, workers, jit, skip_bad,
+                          strategy)
     bar = tqdm(total=n, unit="patch", desc="extract", disable=not progress, dynamic_ncols=True,
                initial=sum(min(shard_size, n - i * shard_size) for i in done))
     for i in range(n_shards):
@@ -97,6 +111,19 @@ def extract(
     manifest = _manifest(out, n_shards, run, settings, samples)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def check_options(views: str | Sequence[str], fit: str, dtype: str, batch_size: int, shard_size: int
+                  ) -> tuple[View, ...]:
+    """Validate the extraction options that need no data; returns the parsed views."""
+    view_list = parse_views(views)
+    check_fit(fit)
+    if dtype not in DTYPES:
+        raise DflError(f"unknown dtype '{dtype}' (float16 or float32)")
+    for name, value in (("batch size", batch_size), ("shard size", shard_size)):
+        if value < 1:
+            raise DflError(f"{name} must be at least 1 (got {value})")
+    return view_list
 
 
 def _settings(bb: Backbone, views: Sequence[View], dtype: str, fit: str, pad_to: int | None,
@@ -207,7 +234,7 @@ class _ShardRunner:
 
     def __init__(self, bb: Backbone, views: Sequence[View], samples: SampleSet, fit: str,
                  pad_to: int | None, batch_size: int, slide_read: SlideRead, workers: int | None,
-                 jit: bool, skip_bad: bool):
+                 jit: bool, skip_bad: bool, strategy: tf.distribute.Strategy | None = None):
         self.bb, self.views, self.samples = bb, tuple(views), samples.samples
         self.fit, self.pad_to, self.batch_size = fit, pad_to, batch_size
         self.slide_read, self.skip_bad = slide_read, skip_bad
@@ -217,6 +244,8 @@ class _ShardRunner:
         size = bb.input_size
         self.infer = tf.function(lambda x: bb.model(x, training=False), jit_compile=jit, reduce_retracing=True,
                                  input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        if strategy is not None:  # batch split across replicas, rows kept in order (jit not applied)
+            self.infer = distributed_infer(strategy, bb.model, size)
 
     def _load(self, index):
         index = int(index)

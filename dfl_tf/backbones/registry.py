@@ -6,8 +6,11 @@ global average pooling are part of the model, so callers never need to know them
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,6 +83,30 @@ class Backbone:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_build(seed: int):
+    """Build under a global dtype policy and seeded init, isolated from other threads.
+
+    Keras draws initializer seeds from Python's global ``random`` module, which other threads
+    (tf.data, Beam workers) may use meanwhile; a private ``random.Random(seed)`` gives the same
+    draws as ``keras.utils.set_random_seed(seed)`` in an undisturbed process.
+    """
+    with _BUILD_LOCK:
+        keras.utils.set_random_seed(seed)
+        try:
+            from keras.src.random import seed_generator
+        except ImportError:  # pragma: no cover - Keras internals moved: plain global seeding
+            yield
+            return
+        saved = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = saved
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
@@ -168,13 +195,13 @@ def load_backbone(
         raise DflError(f"weights '{weights}' for backbone '{name}': not a known source ({choices}) nor a file")
 
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}[precision]
-    previous = keras.config.dtype_policy()
-    keras.utils.set_random_seed(seed)
-    keras.config.set_dtype_policy(policy)
-    try:
-        model = spec.builder(size, build_weights)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    with _seeded_build(seed):
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            model = spec.builder(size, build_weights)
+        finally:
+            keras.config.set_dtype_policy(previous)
     model = _freeze(model)
     dim = int(model.output_shape[-1])
     return Backbone(

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf.distribute import resolve_strategy
+from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
@@ -224,6 +226,7 @@ def train_head(
     overwrite: bool = False,
     progress: bool = True,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    devices: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train a softmax head on the embedding directory ``train``; write HEAD_DIR ``out``.
 
@@ -236,7 +239,9 @@ def train_head(
     None, ``"balanced"`` or {class: weight}; ``balanced_sampling`` draws classes uniformly.
     Training records are kept in memory when they take at most ``cache_gb`` GB in their
     storage dtype, else streamed from the shards. ``callbacks``: extra Keras callbacks
-    (Python API only). Returns a summary dict.
+    (Python API only). ``devices``: train under ``tf.distribute.MirroredStrategy`` (see
+    :mod:`dfl_tf.distribute`; default: all GPUs when more than one is visible); the batch is
+    the global batch, split across replicas. Returns a summary dict.
     """
     t0 = time.time()
     out = Path(out)
@@ -287,13 +292,16 @@ def train_head(
     elif monitor != "val_loss" or patience:
         _note("no --val: training for all epochs, no early stopping; metrics.json holds training-set metrics")
 
+    strategy = resolve_strategy(devices)  # MirroredStrategy over several GPUs (or given devices)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     pre, post = augment_layers(specs, data.dim, data.std)
-    model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
-                       pre_augment=pre)
     loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
                else keras.losses.CategoricalCrossentropy())
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss_fn,
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    with strategy_scope(strategy):
+        model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
+                           pre_augment=pre)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss_fn,
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs))
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -337,7 +345,7 @@ def train_head(
                     "monitor": monitor, "class_weight": class_weight if not isinstance(class_weight, Mapping)
                     else dict(class_weight), "class_weights": None if cw is None else cw.tolist(),
                     "balanced_sampling": bool(balanced_sampling), "histogram_freq": histogram_freq,
-                    "cache_gb": cache_gb, "in_memory": data.in_memory}
+                    "cache_gb": cache_gb, "in_memory": data.in_memory, "replicas": replicas}
         from dfl_tf import __version__
 
         info = {
@@ -378,6 +386,6 @@ def train_head(
     return {
         "out": str(out), "classes": classes, "best_epoch": best_epoch, "epochs_run": epochs_run,
         "monitor": monitor, "best_value": valcb.best, "threshold": threshold, "metrics": metrics,
-        "train_records": data.num, "val_records": None if yv is None else int(len(yv)),
+        "train_records": data.num, "val_records": None if yv is None else int(len(yv)), "replicas": replicas,
         "seconds": round(time.time() - t0, 2),
     }

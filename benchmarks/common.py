@@ -1,0 +1,225 @@
+"""Shared helpers of the benchmarks: machine info, timing (median of runs), synthetic data,
+a tiny test backbone (``bench_tiny``, for the smoke test) and results.md sections."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+RESNET50_GFLOP_224 = 8.2  # ~4.1 G multiply-adds x 2
+
+
+@dataclass
+class Section:
+    title: str  # without the leading "## "
+    body: str
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def register_tiny() -> None:
+    """A 2-conv backbone ``bench_tiny`` (dim 16) so the smoke test runs in seconds."""
+    import keras
+
+    from dfl_tf.backbones.layers import wrap
+    from dfl_tf.backbones.registry import BackboneSpec, register
+
+    def build(input_size: int, weights: str | None) -> keras.Model:
+        base = keras.Sequential([keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+                                 keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+                                 keras.layers.GlobalAveragePooling2D()], name="bench_tiny_base")
+        model = wrap(base, input_size, "unit", "bench_tiny")
+        if weights:
+            model.load_weights(weights)
+        return model
+
+    register(BackboneSpec(name="bench_tiny", builder=build, input_size=32, dim=16, default_weights="none",
+                          description="benchmark smoke test only"))
+
+
+def ensure_backbone(name: str) -> None:
+    if name == "bench_tiny":
+        register_tiny()
+
+
+def machine_info() -> dict:
+    import keras
+    import tensorflow as tf
+
+    cpu, ram = "unknown", "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    try:
+        import torch
+        torch_v = torch.__version__
+    except ImportError:
+        torch_v = "not installed"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": cores, "ram": ram, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "torch": torch_v,
+            "gpus": ", ".join(gpus) or "none", "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "load": load_avg()}
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def tf_threads() -> int:
+    import tensorflow as tf
+
+    n = tf.config.threading.get_intra_op_parallelism_threads()
+    return n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
+def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def rate(n: int, seconds: list[float]) -> float:
+    """Median items/s over runs of ``n`` items each."""
+    return n / median(seconds)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """Measured float32 tf.linalg.matmul GFLOP/s of two n x n matrices (2 n^3 FLOP)."""
+    import tensorflow as tf
+
+    a = tf.random.normal([n, n], seed=1)
+    b = tf.random.normal([n, n], seed=2)
+    f = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+    secs = time_runs(lambda: f().numpy(), repeats, warmup=1)
+    return 2 * n ** 3 / median(secs) / 1e9
+
+
+def resnet50_gflop(size: int) -> float:
+    return RESNET50_GFLOP_224 * (size / 224) ** 2
+
+
+def write_images(root: Path, n: int, size: int, classes=("a", "b"), seed: int = 0) -> Path:
+    """``n`` random PNGs of size x size, spread over class folders (class b brighter)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % len(classes)
+        d = root / classes[c]
+        d.mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 200, (size, size, 3), dtype=np.uint8) + np.uint8(50 * c)
+        Image.fromarray(img).save(d / f"{i:06d}.png", compress_level=1)
+    return root
+
+
+def load_folder_array(root: Path) -> np.ndarray:
+    from dfl_tf.data.sources import load_source, read_image
+
+    return np.stack([read_image(s.source) for s in load_source(root).samples]).astype(np.float32)
+
+
+def make_slide_tiles(tmp: Path, n_tiles: int, size: int) -> Path:
+    """A synthetic pyramidal slide tiled with ``tile()`` at its own mpp; CSV cut to ``n_tiles`` rows."""
+    import math
+
+    from dfl_tf.data.synthetic import demo_slide_image, make_pyramid_tiff
+    from dfl_tf.data.tissue import tile
+
+    side = int(math.ceil(math.sqrt(n_tiles * 1.6))) * size + 2 * 160
+    image, _ = demo_slide_image(width=side, height=side)
+    slide = make_pyramid_tiff(tmp / "slide.tiff", image, mpp=0.5, levels=2)
+    csv = tmp / "tiles.csv"
+    tile([slide], csv, mpp=0.5, size=size, min_tissue=0.5, thumbnails=False)
+    lines = csv.read_text().splitlines()
+    if len(lines) - 1 < n_tiles:
+        raise RuntimeError(f"only {len(lines) - 1} tiles on the synthetic slide (wanted {n_tiles})")
+    csv.write_text("\n".join(lines[: n_tiles + 1]) + "\n")
+    return csv
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def write_results(path: Path, info: dict, sections: list[Section], command: str) -> Path:
+    """Rewrite ``path``: header, machine info, this run's sections, then any other ``## `` section
+    already in the file that this run did not produce (e.g. bench_heads.py's), kept as is."""
+    old = path.read_text() if path.exists() else ""
+    produced = {s.title for s in sections}
+    kept = []
+    for m in re.finditer(r"^## (.+?)\n(.*?)(?=^## |\Z)", old, re.S | re.M):
+        title = m.group(1).strip()
+        if title not in produced and title != "Machine":
+            kept.append(f"## {title}\n{m.group(2).rstrip()}\n")
+    machine = table(["", ""], [[k, v] for k, v in [
+        ("CPU", info["cpu"]), ("cores available", info["cores"]), ("RAM", info["ram"]), ("GPUs", info["gpus"]),
+        ("Python", info["python"]), ("TensorFlow", info["tensorflow"]), ("Keras", info["keras"]),
+        ("torch", info["torch"]), ("date", info["date"]),
+        ("load average (1/5/15 min) at start", info["load"]),
+        ("load average at end", info.get("load_end", "-"))]], "lr")
+    text = ["# Benchmarks", "",
+            f"Written by {command}. Each number is the median of several timed runs after a warm-up run "
+            "(see each section), all measured in the same run on the same machine. A load average above "
+            "the core count means another process shared the CPU and the absolute numbers are low; the "
+            "ratios inside one section are measured back to back and are more robust.", "",
+            "## Machine", "", machine, ""]
+    for s in sections:
+        text += [f"## {s.title}", "", s.body.strip(), ""]
+    text += kept
+    path.write_text("\n".join(text).rstrip("\n") + "\n")
+    return path

@@ -1,0 +1,106 @@
+"""Run all benchmarks (``make bench``) and rewrite benchmarks/results.md.
+
+    .venv/bin/python benchmarks/run_all.py            # moderate sizes (~10 min on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --quick    # small sizes (~2-3 min)
+    .venv/bin/python benchmarks/run_all.py --only backbone torch --out /tmp/r.md
+
+``--tiny`` (smoke test only) uses a 2-conv backbone and minimal sizes: tables, not speed.
+Sections already in the results file that this run does not produce (e.g. bench_heads.py's)
+are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, Section, load_avg, log, machine_info, write_results  # noqa: E402
+
+BENCHES = ("backbone", "extract", "torch", "finetune", "shards", "memory", "serving")
+
+
+def configs(mode: str, repeats: int | None) -> dict[str, dict]:
+    if mode == "full":
+        c = {
+            "backbone": dict(backbone="resnet50", sizes=[224, 256], precisions=["float32", "bfloat16"], batch=32,
+                             repeats=3, matmul_n=4096, jit=True),
+            "extract": dict(backbone="resnet50", size=224, batch=32, n=64, repeats=2),
+            "torch": dict(size=224, batch=32, repeats=3),
+            "finetune": dict(backbone="resnet50", size=224, n=64, batch=16, n_large=20000, steady=True),
+            "shards": dict(dims=[2048], n=20000, repeats=3),
+            "memory": dict(backbone="resnet50", size=32, counts=[1000, 10000]),
+            "serving": dict(backbone="resnet50", size=224, batches=[1, 16], repeats=3),
+        }
+    elif mode == "quick":
+        c = {
+            "backbone": dict(backbone="resnet50", sizes=[128], precisions=["float32", "bfloat16"], batch=16,
+                             repeats=2, matmul_n=1024, jit=True),
+            "extract": dict(backbone="resnet50", size=96, batch=16, n=32, repeats=2),
+            "torch": dict(size=128, batch=16, repeats=2),
+            "finetune": dict(backbone="resnet50", size=64, n=32, batch=8, n_large=5000),
+            "shards": dict(dims=[2048], n=5000, repeats=2),
+            "memory": dict(backbone="resnet50", size=32, counts=[200, 2000]),
+            "serving": dict(backbone="resnet50", size=96, batches=[1, 8], repeats=2),
+        }
+    else:  # tiny: structure only
+        c = {
+            "backbone": dict(backbone="bench_tiny", sizes=[32], precisions=["float32"], batch=4, repeats=1,
+                             matmul_n=128, jit=False),
+            "extract": dict(backbone="bench_tiny", size=32, batch=4, n=8, repeats=1),
+            "torch": dict(backbone="bench_tiny", size=32, batch=2, repeats=1),
+            "finetune": dict(backbone="bench_tiny", size=32, n=8, batch=4, n_large=256),
+            "shards": dict(dims=[16], n=100, repeats=1),
+            "memory": dict(backbone="bench_tiny", size=32, counts=[10, 20], parallel=True),
+            "serving": dict(backbone="bench_tiny", size=32, batches=[2], repeats=1),
+        }
+    if repeats:
+        for v in c.values():
+            if "repeats" in v:
+                v["repeats"] = repeats
+    return c
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--tiny", action="store_true", help="minimal sizes and a toy backbone (smoke test)")
+    parser.add_argument("--only", nargs="+", choices=BENCHES, help="run only these benchmarks")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (median reported)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    args = parser.parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = configs(mode, args.repeats)
+    info = machine_info()
+    log(f"machine: {info}")
+    sections: list[Section] = []
+    t_all = time.perf_counter()
+    for name in args.only or BENCHES:
+        module = __import__({"finetune": "bench_finetune_vs_heads"}.get(name, f"bench_{name}"))
+        t0 = time.perf_counter()
+        try:
+            section = module.run(cfg[name])
+        except Exception:  # one failing benchmark should not lose the others
+            if mode == "tiny":
+                raise
+            section = Section(module.TITLE, f"**Failed:**\n\n```\n{traceback.format_exc()[-3000:]}\n```")
+        section.body += f"\n\n_Section time {time.perf_counter() - t0:.0f} s; load average after: {load_avg()}._"
+        sections.append(section)
+        log(f"== {name}: {time.perf_counter() - t0:.0f}s")
+    info["load_end"] = load_avg()
+    flags = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--out" in flags:
+        i = flags.index("--out")
+        del flags[i:i + 2]
+    command = (f"`{' '.join(['benchmarks/run_all.py', *flags])}` (mode {mode}, "
+               f"total {time.perf_counter() - t_all:.0f} s)")
+    path = write_results(args.out, info, sections, command)
+    log(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
