@@ -36,22 +36,9 @@ def log(msg: str) -> None:
 
 def register_tiny() -> None:
     """A 2-conv backbone ``bench_tiny`` (dim 16) so the smoke test runs in seconds."""
-    import keras
+    from dfl_tf.backbones.toy import register_toy
 
-    from dfl_tf.backbones.layers import wrap
-    from dfl_tf.backbones.registry import BackboneSpec, register
-
-    def build(input_size: int, weights: str | None) -> keras.Model:
-        base = keras.Sequential([keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-                                 keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-                                 keras.layers.GlobalAveragePooling2D()], name="bench_tiny_base")
-        model = wrap(base, input_size, "unit", "bench_tiny")
-        if weights:
-            model.load_weights(weights)
-        return model
-
-    register(BackboneSpec(name="bench_tiny", builder=build, input_size=32, dim=16, default_weights="none",
-                          description="benchmark smoke test only"))
+    register_toy("bench_tiny")
 
 
 def ensure_backbone(name: str) -> None:

@@ -34,24 +34,9 @@ TINY = dict(backbone="resnet50", weights="none", input_size=32, batch_size=4, pr
 def _register_tiny_backbone() -> None:
     """A 2-conv backbone ("tiny_test", dim 16) for tests of the stages after extraction:
     export tracing then takes a second instead of tracing ResNet-50 per signature."""
-    import keras
+    from dfl_tf.backbones.toy import register_toy
 
-    from dfl_tf.backbones.layers import wrap
-    from dfl_tf.backbones.registry import BackboneSpec, register
-
-    def build(input_size: int, weights: str | None) -> keras.Model:
-        base = keras.Sequential([
-            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-            keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-            keras.layers.GlobalAveragePooling2D(),
-        ], name="tiny_test_base")
-        model = wrap(base, input_size, "unit", "tiny_test")
-        if weights:
-            model.load_weights(weights)
-        return model
-
-    register(BackboneSpec(name="tiny_test", builder=build, input_size=32, dim=16, default_weights="none",
-                          description="test-only"))
+    register_toy("tiny_test")
 
 
 _register_tiny_backbone()
