@@ -239,6 +239,7 @@ def extract_beam(
     """
     from dfl_tf._io import atomic_write_json
     from dfl_tf.backbones.registry import load_backbone
+    from dfl_tf.data.slides import parse_magnification
     from dfl_tf.data.sources import SlideRead, load_source
     from dfl_tf.data.views import views_to_strings
     from dfl_tf.extraction import _manifest, _part_path, _prepare_out, _settings, check_options
@@ -254,7 +255,7 @@ def extract_beam(
     view_list = check_options(views, fit, dtype, batch_size, shard_size)
     samples = load_source(source, split=split, classes=classes)
     bb = load_backbone(backbone, weights=weights, input_size=input_size, precision=precision)
-    slide_read = SlideRead(mpp=float(mpp), patch_size=int(patch_size), slide_mpp=slide_mpp)
+    slide_read = SlideRead(mpp=parse_magnification(mpp), patch_size=int(patch_size), slide_mpp=slide_mpp)
 
     out = Path(out)
     settings = _settings(bb, view_list, dtype, fit, pad_to, shard_size, samples, split, slide_read)

@@ -96,11 +96,8 @@ def backbones_cmd(as_json: bool) -> None:
 @click.pass_context
 def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, **options: Any) -> None:
     """Embed every sample of SOURCE (image folder, CSV manifest or slide coordinates CSV)."""
-    from dfl_tf.data.slides import parse_magnification
     from dfl_tf.extraction import extract
 
-    if options.get("mpp") is not None:
-        options["mpp"] = parse_magnification(options["mpp"])
     manifest = _run(extract, ctx, "extract", config, {"source": source, "out": out}, **options)
     click.echo(f"{manifest['num_records']} records, dim {manifest['dim']}, {len(manifest['shards'])} shards, "
                f"{len(manifest['skipped'])} skipped -> {out}")
@@ -230,7 +227,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
 @click.option("--out", required=True, type=click.Path(), help="Predictions CSV.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (listed in OUT.skipped.csv).")
-@click.option("--mpp", type=float, default=None, help="Slides: um/px to read at (default: as exported).")
+@click.option("--mpp", default=None, help="Slides: um/px (0.5) or 20x to read at (default: as exported).")
 @click.option("--patch-size", type=int, default=None, help="Slides: patch side (default: as exported).")
 @click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
 @click.option("--progress/--no-progress", default=True)
@@ -246,7 +243,7 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
 @click.argument("model", type=click.Path())
 @click.argument("slide", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
-@click.option("--mpp", type=float, default=None, help="um/px to tile at (default: as exported).")
+@click.option("--mpp", default=None, help="um/px (0.5) or 20x to tile at (default: as exported).")
 @click.option("--size", type=int, default=None, help="Tile side in px (default: as exported).")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True)
 @click.option("--overlap", type=float, default=0.0, show_default=True)
@@ -305,7 +302,7 @@ def _select_control(value: str) -> bool | str:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-size", type=int, default=1024, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: um/px of the x20 patch.")
+@click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
 @click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
 @click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
 @click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")

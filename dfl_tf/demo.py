@@ -117,7 +117,7 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
     summary = {
         "tiles": counts,
         "heatmap_tiles": hm["tiles"],
-        "metrics": {k: metrics.get(k) for k in ("balanced_accuracy", "cohen_kappa", "macro_f1", "weighted_f1")
+        "metrics": {k: metrics.get(k) for k in ("balanced_accuracy", "cohen_kappa", "f1_macro", "f1_weighted")
                     if k in metrics},
         "best_epoch": trained.get("best_epoch"),
         "parity": exported["parity"],

@@ -73,6 +73,8 @@ def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) 
         raise DflError("no head directories given")
     if names is not None and len(names) != len(heads):
         raise DflError(f"{len(names)} task names for {len(heads)} heads")
+    if names is not None and len(set(names)) != len(names):
+        raise DflError(f"task names must be unique (got {list(names)})")
     tasks: list[Task] = []
     for i, head_dir in enumerate(heads):
         model, info = load_head(head_dir)
@@ -82,7 +84,7 @@ def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) 
         if tasks:
             check_compatible(tasks[0].info, info, f"head {tasks[0].head_dir}", f"head {head_dir}")
             ex0, ex = tasks[0].info.get("extraction", {}).get("settings", {}), info.get("extraction", {}).get("settings", {})
-            for key in ("fit", "pad_to", "context", "precision"):
+            for key in ("fit", "pad_to", "context", "precision", "slide_read"):
                 if ex0.get(key) != ex.get(key):
                     raise DflError(f"heads {tasks[0].head_dir} and {head_dir} were trained on extractions with "
                                    f"different {key} ({ex0.get(key)} vs {ex.get(key)})")
@@ -347,7 +349,9 @@ class ExportedModel:
     def embed(self, image_bytes: Sequence[bytes], context_bytes: Sequence[bytes] | None = None) -> np.ndarray:
         inputs = {"image_bytes": tf.constant(list(image_bytes), tf.string)}
         if self.needs_context:
-            inputs["context_bytes"] = tf.constant(list(context_bytes or []), tf.string)
+            if context_bytes is None:
+                raise DflError("this model needs context_bytes (its views include a separate x5 context)")
+            inputs["context_bytes"] = tf.constant(list(context_bytes), tf.string)
         return self._call("embed", **inputs)["embedding"]
 
 

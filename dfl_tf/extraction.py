@@ -22,6 +22,7 @@ from tqdm import tqdm
 from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
+from dfl_tf.data.slides import parse_magnification
 from dfl_tf.data.sources import SampleSet, SlideRead, load_sample, load_source
 from dfl_tf.data.views import View, check_fit, compose_views, needs_context, parse_views, views_to_strings
 from dfl_tf.distribute import distributed_infer, resolve_strategy
@@ -50,7 +51,7 @@ def extract(
     overwrite: bool = False,
     split: str | None = None,
     classes: Sequence[str] | None = None,
-    mpp: float = 0.5,
+    mpp: float | str = 0.5,
     patch_size: int = 256,
     slide_mpp: float | None = None,
     workers: int | None = None,
@@ -82,6 +83,7 @@ def extract(
         raise DflError("beam options given without runner='beam' (--runner beam)")
     view_list = check_options(views, fit, dtype, batch_size, shard_size)
     samples = load_source(source, split=split, classes=classes)
+    mpp = parse_magnification(mpp)
     strategy = resolve_strategy(devices)
     with strategy_scope(strategy):
         bb = model or load_backbone(backbone, weights=weights, input_size=input_size, precision=precision)
@@ -153,9 +155,14 @@ def _context_mode(views: Sequence[View], samples: SampleSet) -> str:
     slide read per sample) or ``centre-crop`` (the image is the x5 field, x20 its centre)."""
     if not needs_context(views):
         return "none"
-    if samples.kind == "slides" or any(s.context for s in samples.samples):
+    if samples.kind == "slides":
         return "separate"
-    return "centre-crop"
+    with_context = sum(1 for s in samples.samples if s.context)
+    if 0 < with_context < len(samples.samples):
+        first = next(s for s in samples.samples if not s.context)
+        raise DflError(f"{samples.root}: {with_context} of {len(samples.samples)} rows have a context_path, "
+                       f"{first.id} has none: give every row a context image or none (x5 from the centre crop)")
+    return "separate" if with_context else "centre-crop"
 
 
 def _part_path(out: Path, index: int) -> Path:
@@ -191,12 +198,13 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[s
 
 def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     hint = "choose another --out or pass --overwrite"
-    if old["backbone"]["fingerprint"] != new["backbone"]["fingerprint"] or list(old["views"]) != new["views"]:
+    if (old["backbone"]["fingerprint"] != new["backbone"]["fingerprint"] or list(old["views"]) != new["views"]
+            or old["backbone"].get("input_size") != new["backbone"].get("input_size")):
         raise DflError(
             f"{out} already holds embeddings of backbone {old['backbone']['name']} "
-            f"({old['backbone']['fingerprint'][:12]}) with views {','.join(old['views'])}, not "
-            f"{new['backbone']['name']} ({new['backbone']['fingerprint'][:12]}) with views "
-            f"{','.join(new['views'])}; {hint}")
+            f"({old['backbone']['fingerprint'][:12]}, {old['backbone'].get('input_size')} px) with views "
+            f"{','.join(old['views'])}, not {new['backbone']['name']} ({new['backbone']['fingerprint'][:12]}, "
+            f"{new['backbone'].get('input_size')} px) with views {','.join(new['views'])}; {hint}")
     for key in ("dtype", "fit", "pad_to", "shard_size", "precision", "source", "slide_read", "classes"):
         if key in ("source",):
             differs = old.get("source", {}).get("fingerprint") != new["source"]["fingerprint"]

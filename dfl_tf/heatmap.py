@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json
-from dfl_tf.data.slides import open_slide
+from dfl_tf.data.slides import open_slide, parse_magnification
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
 from dfl_tf.prediction import predict
@@ -28,7 +28,7 @@ def heatmap(
     model: str | Path,
     slide: str | Path,
     out: str | Path,
-    mpp: float | None = None,
+    mpp: float | str | None = None,
     size: int | None = None,
     min_tissue: float = 0.5,
     overlap: float = 0.0,
@@ -41,7 +41,7 @@ def heatmap(
     """Tile ``slide`` at the exported model's mpp/patch size (unless given), predict, draw heatmaps."""
     exported = load_model(model)
     read = exported.info.get("slide_read") or {}
-    mpp = float(mpp or read.get("mpp") or 0.5)
+    mpp = parse_magnification(mpp) if mpp else float(read.get("mpp") or 0.5)
     size = int(size or read.get("patch_size") or exported.info.get("backbone", {}).get("input_size", 256))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dfl_tf._io import atomic_write_text
+from dfl_tf.data.slides import parse_magnification
 from dfl_tf.data.sources import Sample, SlideRead, load_sample, load_source
 from dfl_tf.errors import DflError
 from dfl_tf.export import ExportedModel, load_model
@@ -34,8 +37,18 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
             return position, sample, exc
 
     batch: list = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for item in pool.map(load, enumerate(samples)):
+    window = max(2 * batch_size, 4)  # samples read ahead: memory stays bounded on huge slides
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        pending: deque = deque()
+        items = iter(enumerate(samples))
+        for item in itertools.islice(items, window):
+            pending.append(pool.submit(load, item))
+        while pending:
+            item = pending.popleft().result()
+            nxt = next(items, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
             loaded = item[2]
             if batch and not isinstance(loaded, DflError):
                 first = next((b[2] for b in batch if not isinstance(b[2], DflError)), None)
@@ -47,6 +60,8 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if batch:
         yield batch
 
@@ -57,7 +72,7 @@ def predict(
     out: str | Path,
     batch_size: int = 32,
     skip_bad: bool = False,
-    mpp: float | None = None,
+    mpp: float | str | None = None,
     patch_size: int | None = None,
     slide_mpp: float | None = None,
     workers: int = 2,
@@ -68,6 +83,12 @@ def predict(
     exported = model if isinstance(model, ExportedModel) else load_model(model)
     samples = load_source(input)
     read_info = exported.info.get("slide_read") or {}
+    if exported.needs_context and samples.kind != "slides":
+        missing = next((s for s in samples.samples if not s.context), None)
+        if missing is not None:
+            raise DflError(f"{exported.path} needs a context (x5) image per sample, but {missing.id} in {input} has "
+                           "no context_path (use a CSV with a context_path column, or slide coordinates)")
+    mpp = parse_magnification(mpp) if mpp else None
     slide_read = SlideRead(mpp=mpp or read_info.get("mpp", 0.5), patch_size=patch_size or read_info.get("patch_size", 256),
                            slide_mpp=slide_mpp)
     heads = exported.info.get("heads", [])
@@ -109,6 +130,7 @@ def predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, buffer.getvalue())
     skipped_path = out.with_name(out.stem + ".skipped.csv")
+    skipped_path.unlink(missing_ok=True)  # no stale list from an earlier run
     if skipped:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["position", "id", "source", "error"], lineterminator="\n")

@@ -122,6 +122,11 @@ def test_failed_parity_leaves_no_version(trained, tmp_path):
     assert not [p for p in (tmp_path / "m").iterdir()]
 
 
+def test_duplicate_task_names_refused(trained, tmp_path):
+    with pytest.raises(DflError, match="task names must be unique"):
+        export_model([trained["root"] / "tumour", trained["root"] / "linear"], tmp_path / "m", names=["t", "t"])
+
+
 def test_incompatible_heads_refused(trained, tmp_path):
     extract(trained["images"], tmp_path / "emb2", views="x20:rgb", **TINY)
     train_head(tmp_path / "emb2", tmp_path / "other", val=tmp_path / "emb2", hidden=4, **HEAD)

@@ -208,6 +208,8 @@ def test_clear_errors(image_folder, tmp_path):
         extract(image_folder, tmp_path / "out", views="x20:rgb,x5:rgb", **TINY)
     with pytest.raises(DflError, match="already holds embeddings"):
         extract(image_folder, tmp_path / "out", **{**TINY, "backbone": "densenet121"})
+    with pytest.raises(DflError, match=r"already holds embeddings of backbone resnet50 \(\w+, 32 px\).* 40 px"):
+        extract(image_folder, tmp_path / "out", **{**TINY, "input_size": 40})  # same weights, other size
     runner = CliRunner()
     result = runner.invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "out"), "--weights", "none",
                                   "--input-size", "32", "--views", "x5:gray", "--no-progress"])
@@ -251,7 +253,7 @@ def test_slide_coordinates_source(tmp_path):
     make_pyramid_tiff(tmp_path / "s.tiff", image, mpp=0.5, levels=3, tile=128)
     make_pyramid_tiff(tmp_path / "nompp.tiff", image, mpp=None, levels=1, tile=128)
     csv_path = _slide_csv(tmp_path, ["s.tiff,100,120,a", "s.tiff,400,300,b", "s.tiff,790,590,a"])
-    m = extract(csv_path, tmp_path / "emb", views="x20:rgb,x5:rgb", patch_size=64, **TINY)
+    m = extract(csv_path, tmp_path / "emb", views="x20:rgb,x5:rgb", patch_size=64, mpp="20x", **TINY)
     emb = load_embeddings(tmp_path / "emb")
     assert m["num_records"] == 3 and m["settings"]["context"] == "separate"
     assert m["settings"]["slide_read"] == {"mpp": 0.5, "patch_size": 64, "slide_mpp": None}
@@ -274,3 +276,22 @@ def test_slide_coordinates_source(tmp_path):
     assert extract(nompp, tmp_path / "e4", patch_size=64, slide_mpp=0.5, **TINY)["num_records"] == 1
     col = _slide_csv(tmp_path, ["nompp.tiff,200,200,a,0.25"], header="slide,x,y,label,slide_mpp")
     assert extract(col, tmp_path / "e5", patch_size=64, **TINY)["num_records"] == 1
+
+
+def test_partial_context_column_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "d.csv").write_text("path,label,context_path\np0.png,a,p1.png\np1.png,b,\n")
+    with pytest.raises(DflError, match=r"1 of 2 rows have a context_path, p1\.png has none"):
+        extract(tmp_path / "d.csv", tmp_path / "emb", views="x20:rgb,x5:rgb", **TINY)
+
+
+def test_16bit_images_decode_as_in_serving(tmp_path):
+    """Pillow in extraction and tf.io.decode_image in the exported graph give the same pixels."""
+    from dfl_tf.data.sources import read_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    served = tf.io.decode_image((tmp_path / "g16.png").read_bytes(), channels=3, dtype=tf.uint8).numpy()
+    assert np.array_equal(read_image(str(tmp_path / "g16.png")), served)

@@ -68,6 +68,7 @@ def load_source(source: str | os.PathLike, split: str | None = None,
     path = Path(source)
     if not path.exists():
         raise DflError(f"source not found: {path}")
+    path = path.resolve()  # stored paths stay valid from any working directory
     if path.is_dir():
         if split:
             raise DflError(f"--split needs a CSV source with a 'split' column, not the folder {path}")
@@ -164,8 +165,8 @@ def read_image(path: str) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
+                # 16-bit gray: keep the high byte, as tf.io.decode_image(dtype=uint8) does in serving
+                arr = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
                 return np.repeat(arr[..., None], 3, axis=-1)
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:

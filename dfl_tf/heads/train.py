@@ -366,10 +366,10 @@ def train_head(
             "best_value": valcb.best,
             "threshold": threshold,
             "threshold_chosen_by": threshold_from,
-            "train": {"path": str(train), "records": data.num, "unlabeled_dropped": data.unlabeled,
+            "train": {"path": str(Path(train).resolve()), "records": data.num, "unlabeled_dropped": data.unlabeled,
                       "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
             "val": None if val is None else {
-                "path": str(val), "records": int(len(yv)), "unlabeled_dropped": val_unlabeled,
+                "path": str(Path(val).resolve()), "records": int(len(yv)), "unlabeled_dropped": val_unlabeled,
                 "counts": {c: int(n) for c, n in zip(classes, np.bincount(yv, minlength=len(classes)))}},
             "logdir": str(Path(logdir)) if logdir else "logs",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

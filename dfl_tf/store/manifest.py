@@ -35,6 +35,7 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
         "backbone fingerprint": manifest["backbone"]["fingerprint"],
         "views": list(manifest["views"]),
         "dim": int(manifest["dim"]),
+        "input size": manifest["backbone"].get("input_size"),
     }
 
 

@@ -53,6 +53,8 @@ def write_shard(path: str | Path, records: Iterable[bytes]) -> tuple[int, str]:
         for record in records:
             writer.write(record)
             count += 1
+    with open(tmp, "rb+") as fh:  # on disk before the rename, like every other output
+        os.fsync(fh.fileno())
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return count, digest
