@@ -28,7 +28,7 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
         c = {
             "backbone": dict(backbone="resnet50", sizes=[224, 256], precisions=["float32", "bfloat16"], batch=32,
                              repeats=3, matmul_n=4096, jit=True),
-            "extract": dict(backbone="resnet50", size=224, batch=32, n=64, repeats=2),
+            "extract": dict(backbone="resnet50", size=224, batch=32, n=160, repeats=3),
             "torch": dict(size=224, batch=32, repeats=3),
             "finetune": dict(backbone="resnet50", size=224, n=64, batch=16, n_large=20000, steady=True),
             "shards": dict(dims=[2048], n=20000, repeats=3),

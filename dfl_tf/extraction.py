@@ -249,11 +249,10 @@ class _ShardRunner:
         self.workers = workers or tf.data.AUTOTUNE
         self.context = needs_context(views)
         self.errors: dict[int, str] = {}
-        size = bb.input_size
-        self.infer = tf.function(lambda x: bb.model(x, training=False), jit_compile=jit, reduce_retracing=True,
-                                 input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
         if strategy is not None:  # batch split across replicas, rows kept in order (jit not applied)
-            self.infer = distributed_infer(strategy, bb.model, size)
+            self.infer = distributed_infer(strategy, bb.model, bb.input_size)
+        else:
+            self.infer = bb.compiled(jit)
 
     def _load(self, index):
         index = int(index)

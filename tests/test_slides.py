@@ -107,7 +107,7 @@ def test_read_matches_pixels_at_level0(noise_slide, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_x5_sibling_geometry(noise_slide, backend, monkeypatch):
-    monkeypatch.setattr(slides_mod, "_local", threading.local())  # fresh per-thread cache
+    slides_mod.close_pooled_readers()  # read_views must open the slide with this backend
     monkeypatch.setattr(slides_mod, "open_slide",
                         lambda p, mpp_override=None: open_slide(p, mpp_override, backend=backend))
     size = 128
@@ -122,7 +122,23 @@ def test_x5_sibling_geometry(noise_slide, backend, monkeypatch):
     x20_only, none = read_views(noise_slide, 760, 740, 0.25, size, context=False)
     assert none is None
     np.testing.assert_array_equal(x20_only, x20)
-    slides_mod.close_thread_readers()
+    slides_mod.close_pooled_readers()
+
+
+def test_read_views_reuses_pooled_readers_across_threads(ring_slide, monkeypatch):
+    """TensorFlow's threads lose threading.local state between calls; the pool must not."""
+    slides_mod.close_pooled_readers()
+    opened = []
+    monkeypatch.setattr(slides_mod, "open_slide",
+                        lambda p, mpp_override=None: opened.append(p) or open_slide(p, mpp_override))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(lambda i: read_views(ring_slide, 100 + i, 100, 0.5, 32, context=True), range(30)))
+    for _ in range(5):  # fresh threads each time: still no new opens beyond the pool's readers
+        t = threading.Thread(target=read_views, args=(ring_slide, 120, 120, 0.5, 32, False))
+        t.start()
+        t.join()
+    assert 1 <= len(opened) <= 3
+    slides_mod.close_pooled_readers()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

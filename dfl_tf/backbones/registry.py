@@ -17,6 +17,7 @@ from typing import Callable
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from dfl_tf.errors import DflError
 
@@ -71,6 +72,16 @@ class Backbone:
 
     def __call__(self, images):
         return self.model(images, training=False)
+
+    def compiled(self, jit: bool = False):
+        """``images [N, S, S, 3] float32 -> embeddings`` as a tf.function, traced once per backbone
+        and jit setting, so repeated extractions in one process (selection, the API) reuse it."""
+        cache = self.__dict__.setdefault("_compiled", {})
+        if jit not in cache:
+            size, model = self.input_size, self.model
+            cache[jit] = tf.function(lambda x: model(x, training=False), jit_compile=jit, reduce_retracing=True,
+                                     input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        return cache[jit]
 
     def describe(self) -> dict:
         return {

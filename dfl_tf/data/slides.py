@@ -16,11 +16,14 @@ Geometry conventions (shared with :mod:`dfl_tf.data.tissue`, extraction and pred
   finer than level 0, level 0 is upsampled. The level region is resized with
   Pillow's antialiased Lanczos filter.
 
-Readers are not thread-safe; :func:`get_reader` keeps one open reader per thread and
-slide, so a thread pool can read tiles in parallel.
+Readers are not thread-safe: :func:`read_views` borrows one from a process-wide pool
+(:func:`borrow_reader`) for the duration of a read, so thread pools, including tf.data's
+threads, read tiles in parallel and reuse open handles; :func:`get_reader` keeps one per
+Python thread.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -40,6 +43,8 @@ __all__ = [
     "get_reader",
     "close_thread_readers",
     "read_views",
+    "borrow_reader",
+    "close_pooled_readers",
     "parse_magnification",
     "CONTEXT_FACTOR",
 ]
@@ -296,14 +301,60 @@ def close_thread_readers() -> None:
         reader.close()
 
 
+#: Idle readers kept per slide, and slides kept open, by :func:`borrow_reader`'s pool.
+MAX_IDLE_PER_SLIDE = 8
+MAX_POOLED_SLIDES = 32
+_pool_lock = threading.Lock()
+_pool: OrderedDict = OrderedDict()  # key -> list of idle SlideReaders
+
+
+@contextlib.contextmanager
+def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = None):
+    """Lend an open reader for ``path`` to the calling thread until the ``with`` block ends.
+
+    Readers are pooled process-wide, so they are reused whatever thread calls: tf.data runs
+    Python functions on threads created by TensorFlow, where ``threading.local`` state (and so
+    :func:`get_reader`'s cache) does not survive from one call to the next.
+    """
+    key = (os.path.abspath(os.fspath(path)), None if mpp_override is None else str(mpp_override))
+    with _pool_lock:
+        idle = _pool.get(key)
+        reader = idle.pop() if idle else None
+    if reader is None:
+        reader = open_slide(path, mpp_override=mpp_override)
+    try:
+        yield reader
+    finally:
+        evicted: list[SlideReader] = []
+        with _pool_lock:
+            idle = _pool.setdefault(key, [])
+            _pool.move_to_end(key)
+            if len(idle) < MAX_IDLE_PER_SLIDE:
+                idle.append(reader)
+                reader = None
+            while len(_pool) > MAX_POOLED_SLIDES:
+                evicted += _pool.popitem(last=False)[1]
+        for old in evicted + ([reader] if reader is not None else []):
+            old.close()
+
+
+def close_pooled_readers() -> None:
+    """Close every idle reader of :func:`borrow_reader`'s pool."""
+    with _pool_lock:
+        readers = [r for idle in _pool.values() for r in idle]
+        _pool.clear()
+    for reader in readers:
+        reader.close()
+
+
 def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: int, context: bool,
                mpp_override: float | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The x20 tile and, when ``context``, its x5 sibling (same centre, 4x the mpp), both size x size."""
-    reader = get_reader(path, mpp_override)
-    width, height = reader.dimensions
-    if not (0 <= cx < width and 0 <= cy < height):
-        raise DflError(f"{path}: centre ({cx}, {cy}) lies outside the slide ({width} x {height} level-0 px)")
     mpp = parse_magnification(mpp)
-    x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
-    x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
+    with borrow_reader(path, mpp_override) as reader:
+        width, height = reader.dimensions
+        if not (0 <= cx < width and 0 <= cy < height):
+            raise DflError(f"{path}: centre ({cx}, {cy}) lies outside the slide ({width} x {height} level-0 px)")
+        x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
+        x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
     return x20, x5
