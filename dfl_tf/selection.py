@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.data.slides import parse_magnification
 from dfl_tf.errors import DflError
 from dfl_tf.splits import split_samples  # noqa: F401  (public here too)
 
@@ -402,7 +403,7 @@ def select_backbones(
     dtype: str = "float16",
     shard_size: int = 1024,
     skip_bad: bool = False,
-    mpp: float = 0.5,
+    mpp: float | str = 0.5,
     patch_size: int = 256,
     slide_mpp: float | None = None,
     workers: int | None = None,
@@ -457,7 +458,7 @@ def select_backbones(
         "head": {"epochs": int(epochs), "lr": float(lr), "batch_size": int(head_batch_size),
                  "noise": float(noise or 0.0), "loss": loss, "gamma": float(gamma), "alpha": float(alpha)},
         "extract": {"fit": fit, "pad_to": pad_to, "batch_size": int(batch_size), "precision": precision,
-                    "dtype": dtype, "shard_size": int(shard_size), "skip_bad": bool(skip_bad), "mpp": mpp,
+                    "dtype": dtype, "shard_size": int(shard_size), "skip_bad": bool(skip_bad), "mpp": parse_magnification(mpp),
                     "patch_size": int(patch_size), "slide_mpp": slide_mpp, "workers": workers,
                     **extract_options},
     }
