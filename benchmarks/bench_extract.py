@@ -58,7 +58,6 @@ def run(cfg: dict) -> Section:
         trace = max(0.0, first - steady)  # reported only: extract's warm-up run pays it
         for label, src in sources.items():
             x = pixels[label]
-            base = len(x) / median(time_runs(lambda: backbone_only(x), repeats))
             k = [0]
 
             def run_extract():
@@ -66,13 +65,18 @@ def run(cfg: dict) -> Section:
                 extract(src, tmp / f"emb_{label[:5]}_{k[0]}", model=bb, batch_size=batch, shard_size=1024,
                         progress=False, patch_size=size, mpp=0.5)
 
-            secs = time_runs(run_extract, repeats, warmup=1)
-            e2e = len(x) / median(secs)
+            backbone_only(x)  # warm-ups
+            run_extract()
+            t_base, t_e2e = [], []
+            for _ in range(repeats):  # interleaved, so a change of machine load hits both alike
+                t_base += time_runs(lambda: backbone_only(x), 1, warmup=0)
+                t_e2e += time_runs(run_extract, 1, warmup=0)
+            base, e2e = len(x) / median(t_base), len(x) / median(t_e2e)
             rows.append([label, len(x), size, fmt(base), fmt(e2e), pct(e2e / base)])
             log(f"[extract] {label}: backbone {base:.1f} img/s, extract {e2e:.1f} img/s ({e2e / base:.0%})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    body = (f"{__doc__.strip()}\n\n{name}, batch {batch}, float32, median of {repeats} runs after a warm-up; "
+    body = (f"{__doc__.strip()}\n\n{name}, batch {batch}, float32, median of {repeats} interleaved runs after a warm-up; "
             f"one-off backbone trace time per process {trace:.2f} s.\n\n"
             + table(["source", "samples", "size", "backbone-only img/s", "extract img/s", "efficiency"], rows))
     return Section(TITLE, body)
