@@ -43,13 +43,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mirrored_extraction_matches_single_device(tmp_path):
+def _run_on_two_cpus(script: str, tmp_path: Path) -> dict:
+    """Run ``script`` in a fresh interpreter (2 logical CPUs); its last stdout line is JSON."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
     env.pop("DFL_TF_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(ROOT / "tests")],
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(ROOT / "tests")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_extraction_matches_single_device(tmp_path):
+    result = _run_on_two_cpus(SCRIPT, tmp_path)
     assert result["replicas"] == 2
     assert result["auto"] is None and result["none"] is None  # no GPU: single device by default
     assert len(result["all"]) == 2
@@ -81,12 +86,7 @@ HEAD_SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_head_training(tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-    env.pop("DFL_TF_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, str(tmp_path), str(ROOT / "tests")],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_on_two_cpus(HEAD_SCRIPT, tmp_path)
     assert result["replicas"] == [1, 2]
     assert min(result["bacc"]) >= 0.9  # both learn the separable task
     assert (tmp_path / "h2" / "head.keras").exists()
