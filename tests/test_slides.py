@@ -14,13 +14,10 @@ from dfl_tf.data.slides import get_reader, open_slide, parse_magnification, read
 from dfl_tf.errors import DflError
 from slide_utils import make_pyramid_tiff, rings, smooth_noise, truncate
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides"
+DATA = Path(__file__).resolve().parent / "data"  # carried by the repository (tests/data/README.md)
 CMU = DATA / "cmu-1-small-region.svs"
-KIDNEY = DATA / "kidney-48-5.tif"
+CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 BACKENDS = ["openslide", "tifffile"]
-
-needs_cmu = pytest.mark.skipif(not CMU.exists(), reason="shared test slide missing")
-needs_kidney = pytest.mark.skipif(not KIDNEY.exists(), reason="shared test slide missing")
 
 CX, CY = 520, 400  # ring centre (a level-0 pixel corner)
 
@@ -213,7 +210,27 @@ def test_mpp_from_aperio_description(tmp_path):
 
 # --- real slides ----------------------------------------------------------------------------------
 
-@needs_cmu
+def test_test_data_is_in_the_repository():
+    import hashlib
+
+    assert CMU.is_file(), f"{CMU} missing: the suite carries its data (tests/data/README.md)"
+    assert hashlib.sha256(CMU.read_bytes()).hexdigest() == CMU_SHA256
+
+
+@pytest.fixture(scope="module")
+def plain_tiff(tmp_path_factory) -> Path:
+    """A plain TIFF like the histolab fixture kidney-48-5.tif: strips (not tiled), uncompressed RGB,
+    no physical resolution (tifffile writes unit NONE), 301 x 181 px. OpenSlide refuses it."""
+    import tifffile
+
+    path = tmp_path_factory.mktemp("plain") / "plain.tif"
+    tifffile.imwrite(path, smooth_noise(301, 181, cell=16, seed=3), photometric="rgb", metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert not page.is_tiled and page.compression == 1 and page.tags["ResolutionUnit"].value == 1
+    return path
+
+
 def test_cmu_svs_single_level_x5_by_downscaling():
     slides_mod.close_thread_readers()
     reader = get_reader(CMU)
@@ -231,23 +248,25 @@ def test_cmu_svs_single_level_x5_by_downscaling():
     slides_mod.close_thread_readers()
 
 
-@needs_kidney
-def test_kidney_plain_tiff_falls_back_to_tifffile():
+def test_plain_tiff_falls_back_to_tifffile(plain_tiff):
     import openslide
 
     with pytest.raises(openslide.OpenSlideUnsupportedFormatError):
-        openslide.OpenSlide(str(KIDNEY))
-    with pytest.raises(DflError, match=r"kidney-48-5\.tif.*--slide-mpp"):
-        open_slide(KIDNEY)
-    with open_slide(KIDNEY, mpp_override=0.5) as reader:
+        openslide.OpenSlide(str(plain_tiff))
+    with pytest.raises(DflError, match=r"plain\.tif.*--slide-mpp"):
+        open_slide(plain_tiff)
+    with open_slide(plain_tiff, mpp_override=0.5) as reader:
         assert reader.backend == "tifffile"
-        assert reader.dimensions == (1493, 901) and reader.level_count == 1
-        tile = reader.read_region_at_mpp(746, 450, 0.5, 64)
+        assert reader.dimensions == (301, 181) and reader.level_count == 1
+        tile = reader.read_region_at_mpp(150, 90, 0.5, 64)
         assert tile.shape == (64, 64, 3)
+        np.testing.assert_array_equal(tile, smooth_noise(301, 181, cell=16, seed=3)[58:122, 118:182])
         x5 = reader.read_region_at_mpp(0, 0, 2.0, 64)
         assert (x5[:31, :31] == 255).all()
-        thumb, ds = reader.thumbnail(500)
-        assert max(thumb.shape[:2]) <= 500 and ds == pytest.approx(1493 / thumb.shape[1])
+        thumb, ds = reader.thumbnail(100)
+        assert max(thumb.shape[:2]) <= 100 and ds == pytest.approx(301 / thumb.shape[1])
+    with open_slide(plain_tiff, mpp_override="20x") as reader:  # an objective power works too
+        assert reader.mpp == pytest.approx(0.5)
 
 
 # --- errors ---------------------------------------------------------------------------------------
