@@ -82,7 +82,8 @@ def backbones_cmd(as_json: bool) -> None:
 @click.option("--split", default=None, help="Only CSV rows whose 'split' column equals this.")
 @click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
 @click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
-@click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
+@click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
+              "without metadata.")
 @click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
 @click.option("--jit", is_flag=True, help="Compile the backbone with XLA.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
@@ -187,7 +188,8 @@ def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | 
 @click.option("--size", type=int, default=256, show_default=True, help="Tile side in px at --mpp.")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True, help="Minimum tissue fraction per tile.")
 @click.option("--overlap", type=float, default=0.0, show_default=True, help="Fraction of overlap between tiles.")
-@click.option("--slide-mpp", type=float, default=None, help="Level-0 um/px for slides without metadata.")
+@click.option("--slide-mpp", default=None, help="Level-0 um/px (0.5) or objective power (20x) for slides without "
+              "metadata.")
 @click.option("--thumbnails/--no-thumbnails", default=True, help="Write a PNG per slide with mask and grid.")
 def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) -> None:
     """Detect tissue on SLIDES and write a grid of tile centres (a slide coordinates source)."""
@@ -229,7 +231,8 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (listed in OUT.skipped.csv).")
 @click.option("--mpp", default=None, help="Slides: um/px (0.5) or 20x to read at (default: as exported).")
 @click.option("--patch-size", type=int, default=None, help="Slides: patch side (default: as exported).")
-@click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
+@click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
+              "without metadata.")
 @click.option("--progress/--no-progress", default=True)
 def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
     """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
@@ -247,7 +250,8 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
 @click.option("--size", type=int, default=None, help="Tile side in px (default: as exported).")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True)
 @click.option("--overlap", type=float, default=0.0, show_default=True)
-@click.option("--slide-mpp", type=float, default=None, help="Level-0 um/px for slides without metadata.")
+@click.option("--slide-mpp", default=None, help="Level-0 um/px (0.5) or objective power (20x) for slides without "
+              "metadata.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="GeoJSON: min probability.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--progress/--no-progress", default=True)
@@ -304,7 +308,8 @@ def _select_control(value: str) -> bool | str:
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples.")
 @click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
 @click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
-@click.option("--slide-mpp", type=float, default=None, help="Slides: level-0 um/px for slides without metadata.")
+@click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
+              "without metadata.")
 @click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")

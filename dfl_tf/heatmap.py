@@ -32,7 +32,7 @@ def heatmap(
     size: int | None = None,
     min_tissue: float = 0.5,
     overlap: float = 0.0,
-    slide_mpp: float | None = None,
+    slide_mpp: float | str | None = None,
     threshold: float = 0.5,
     batch_size: int = 32,
     thumbnail_side: int = 2048,

@@ -74,7 +74,7 @@ def predict(
     skip_bad: bool = False,
     mpp: float | str | None = None,
     patch_size: int | None = None,
-    slide_mpp: float | None = None,
+    slide_mpp: float | str | None = None,
     workers: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:

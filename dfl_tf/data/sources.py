@@ -7,7 +7,7 @@
   are level-0 pixel centres; ``mpp`` and ``size`` are the um/px and side in px to read the x20
   patch at (``dfl tile`` writes the values it tiled with; defaults ``--mpp``/``--patch-size``);
   ``slide_mpp`` is the slide's own level-0 um/px, an override for slides without resolution
-  metadata (``--slide-mpp`` for all rows).
+  metadata (``--slide-mpp`` for all rows). Both take um/px (``0.5``) or an objective power (``20x``).
 
 Labels become class indices in ``classes`` order; an empty label is -1 (unlabeled).
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from dfl_tf.errors import DflError
 
@@ -127,6 +126,8 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
         if "split" not in fields:
             raise DflError(f"{path}: --split {split} given but the CSV has no 'split' column")
     base = path.parent
+    from dfl_tf.data.slides import parse_magnification
+
     labels = {r.get("label", "") for r in rows} - {""}
     class_list = _resolve_classes(labels, classes, path)
     index = {c: i for i, c in enumerate(class_list)}
@@ -146,11 +147,14 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
         else:
             try:
                 x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
-                mpp = float(row["mpp"]) if row.get("mpp") else None
-                slide_mpp = float(row["slide_mpp"]) if row.get("slide_mpp") else None
                 size = int(row["size"]) if row.get("size") else None
             except ValueError as exc:
-                raise DflError(f"{path}:{line}: x, y, mpp, size and slide_mpp must be numbers ({exc})") from exc
+                raise DflError(f"{path}:{line}: x, y and size must be numbers ({exc})") from exc
+            try:  # um/px (0.5) or an objective power (20x), as everywhere
+                mpp = parse_magnification(row["mpp"]) if row.get("mpp") else None
+                slide_mpp = parse_magnification(row["slide_mpp"]) if row.get("slide_mpp") else None
+            except DflError as exc:
+                raise DflError(f"{path}:{line}: mpp / slide_mpp: {exc}") from None
             slide = str(base / row["slide"])
             samples.append(Sample(id=row.get("id") or f"{Path(row['slide']).name}@{x},{y}", source=slide,
                                   label=label, group=group or Path(row["slide"]).stem, slide=slide,
@@ -160,19 +164,12 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file to uint8 RGB [h, w, 3]; DflError naming the file on failure."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit gray: keep the high byte, as tf.io.decode_image(dtype=uint8) does in serving
-                arr = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=-1)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DflError(f"image not found: {path}") from None
-    except Exception as exc:  # PIL raises many types for corrupt/truncated data
-        raise DflError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    """Decode an image file to uint8 RGB [h, w, 3] with the shared decoder (see
+    :mod:`dfl_tf.data.decode`: the same pixels as the serving signatures); DflError naming the
+    file on failure."""
+    from dfl_tf.data.decode import read_image as _read
+
+    return _read(path)
 
 
 @dataclass(frozen=True)
@@ -182,6 +179,14 @@ class SlideRead:
     mpp: float = 0.5
     patch_size: int = 256
     slide_mpp: float | None = None  # override for slides without mpp metadata
+
+    def __post_init__(self) -> None:
+        """Magnifications may be given as um/px or an objective power (``"20x"``)."""
+        from dfl_tf.data.slides import parse_magnification
+
+        object.__setattr__(self, "mpp", parse_magnification(self.mpp))
+        if self.slide_mpp is not None:
+            object.__setattr__(self, "slide_mpp", parse_magnification(self.slide_mpp))
 
 
 def load_sample(sample: Sample, context: bool, slide_read: SlideRead | None = None
