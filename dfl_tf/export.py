@@ -2,9 +2,10 @@
 
 Layout: ``saved_models/NAME/VERSION/`` (the version increments by itself) with signatures
 
-* ``serving_default``: ``image_bytes`` (string [N], encoded JPEG/PNG/GIF/BMP/WebP; the formats
-  ``tf.io.decode_image`` reads) and, when the views include x5 from a separate context image,
-  ``context_bytes``; returns per task ``<task>_probabilities``, ``<task>_class_id``,
+* ``serving_default``: ``image_bytes`` (string [N], encoded JPEG/PNG/GIF/BMP/WebP) and, when
+  the views include x5 from a separate context image, ``context_bytes``; decoded by
+  :func:`dfl_tf.data.decode.decode_tensor`, the decoder extraction used (JPEG with the accurate
+  integer IDCT); returns per task ``<task>_probabilities``, ``<task>_class_id``,
   ``<task>_class_name``.
 * ``serve_pixels``: ``images`` uint8 [N, H, W, 3] (and ``context`` uint8 [N, h, w, 3]); same outputs.
 * ``embed``: like ``serving_default`` but returns the concatenated ``embedding`` [N, dim];
@@ -31,12 +32,12 @@ import tensorflow as tf
 from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
+from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
 from dfl_tf.store.manifest import check_compatible
 
 EXPORT_JSON = "export.json"
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
 
 @dataclass
@@ -201,9 +202,7 @@ class ServingGraph:
 
 
 def _decode(data: tf.Tensor) -> tf.Tensor:
-    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+    return decode_tensor(data)  # the decoder extraction used (dfl_tf.data.decode)
 
 
 def _assert_decodable(data: tf.Tensor, name: str) -> tf.Operation:
@@ -211,7 +210,7 @@ def _assert_decodable(data: tf.Tensor, name: str) -> tf.Operation:
     padded = tf.strings.join([data, tf.constant(b"\0" * 12)])  # substr fails past the end
     head = tf.strings.substr(padded, 0, 4)
     ok = tf.zeros_like(data, dtype=tf.bool)
-    for magic in _MAGIC:
+    for magic in TF_MAGIC:
         ok = ok | tf.equal(tf.strings.substr(head, 0, len(magic)), magic)
     ok = ok | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
     bad = tf.reshape(tf.where(tf.logical_not(ok)), [-1])
