@@ -1,12 +1,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch is only for the parity tests ([dev]/[torch] extras): take the CPU-only wheel (about 0.2 GB)
+# from PyTorch's CPU index, not PyPI's Linux default (the CUDA build, several GB). If that index
+# cannot be reached, the plain pin from setup.cfg is installed by the next step.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell sed -n 's/^ *\(torch==[0-9.]*\).*/\1/p' setup.cfg | head -n 1)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" --index-url $(TORCH_CPU_INDEX) --no-deps --retries 0 --timeout 30 \
+	  || echo "note: $(TORCH_CPU_INDEX) not reachable; installing $(TORCH_PIN) from the default index"
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -20,6 +27,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+docs: setup  # regenerate docs/cli.md from the click commands (tests/test_docs.py checks it is current)
+	$(PY) tools/gen_cli_reference.py
 
 clean:
 	rm -rf $(VENV) demo_out
