@@ -49,3 +49,21 @@ def wrap(base: keras.Model, input_size: int, mode: str, name: str) -> keras.Mode
     x = base(x, training=False)
     x = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
     return keras.Model(inputs, x, name=name)
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
+class Normalize(keras.layers.Layer):
+    """Float RGB [0, 255] -> ``(x / 255 - mean) / std`` with a model's own per-channel mean/std."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def call(self, x):
+        x = ops.cast(x, "float32")  # normalise in float32, then drop to the compute dtype
+        mean = ops.convert_to_tensor(self.mean, dtype="float32")
+        std = ops.convert_to_tensor(self.std, dtype="float32")
+        return ops.cast((x / 255.0 - mean) / std, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": list(self.mean), "std": list(self.std)}

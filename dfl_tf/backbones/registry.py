@@ -36,6 +36,7 @@ class WeightSource:
     note: str = ""
     # Returns a local path when the weights are available without the network, else None.
     offline_path: Callable[[], str | None] | None = None
+    gated: bool = False  # the download needs an accepted licence (and a token)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class BackboneSpec:
     weights: dict[str, WeightSource] = field(default_factory=dict)
     default_weights: str = "imagenet"
     description: str = ""
+    embedding: str = "global average pool of the last feature map"
+    preprocessing: str = ""
+    params: int | None = None
 
     def weight_source(self, key: str) -> WeightSource | None:
         return self.weights.get(key)
@@ -130,7 +134,7 @@ def _ensure_loaded() -> None:
     # Importing the family modules registers their specs.
     import importlib
 
-    for module in ("keras_apps", "resnet_tv", "efficientnet_lite"):
+    for module in ("keras_apps", "resnet_tv", "efficientnet_lite", "vit_zoo"):
         try:
             importlib.import_module(f"dfl_tf.backbones.{module}")
         except ModuleNotFoundError as exc:  # a family not written yet
@@ -256,6 +260,10 @@ def describe_backbones() -> list[dict]:
             "sources": {k: s.url for k, s in spec.weights.items()},
             "licences": {k: s.license for k, s in spec.weights.items()},
             "offline": offline_status(spec),
+            "gated": {k: s.gated for k, s in spec.weights.items()},
+            "params": spec.params,
+            "embedding": spec.embedding,
+            "preprocessing": spec.preprocessing,
             "description": spec.description,
         })
     return rows

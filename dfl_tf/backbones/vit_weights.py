@@ -1,0 +1,197 @@
+"""ViT checkpoints -> the Keras ViT of :mod:`dfl_tf.backbones.vit`, without torch.
+
+Three key layouts are recognised from the keys themselves and renamed to one canonical
+(timm-style) layout before assignment:
+
+* **timm** (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``ls1.gamma``, ``reg_token``,
+  ``mlp.fc1``/``fc2``; SwiGLU packed in ``fc1`` or unpacked as ``fc1_g``/``fc1_x``);
+* **facebookresearch hub** (DINO, DINOv2: as timm, plus ``register_tokens``, SwiGLU as
+  ``mlp.w12``/``w3`` or ``w1``/``w2``/``w3``, chunked ``blocks.C.N``, ``mask_token``);
+* **transformers** (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel`` as saved by
+  ``save_pretrained``: ``embeddings.*``, ``encoder.layer.N.attention.attention.query`` ...,
+  separate q/k/v concatenated here; ``vit.``/``dinov2.`` wrapper prefixes stripped).
+
+Files: ``.safetensors`` (validated header, :mod:`safetensors_io`), torch checkpoints
+(:func:`torch_import.load_checkpoint`), or Keras ``.weights.h5``. A checkpoint whose keys or
+shapes do not fit is refused with one error naming the first mismatches.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dfl_tf.backbones.vit import ViTConfig
+from dfl_tf.errors import DflError
+
+# keys of a backbone file that are not part of the feature extractor
+_IGNORED = re.compile(r"^(mask_token|head\b.*|pooler\..*|classifier\..*|embeddings\.mask_token)$")
+_HF_RULES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.register_tokens$", "reg_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^encoder\.layer\.(\d+)\.(?:layernorm_before|norm1)\.(weight|bias)$", r"blocks.\1.norm1.\2"),
+    (r"^encoder\.layer\.(\d+)\.(?:layernorm_after|norm2)\.(weight|bias)$", r"blocks.\1.norm2.\2"),
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", r"blocks.\1.attn.\2.\3"),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+    (r"^encoder\.layer\.(\d+)\.layer_scale1\.lambda1$", r"blocks.\1.ls1.gamma"),
+    (r"^encoder\.layer\.(\d+)\.layer_scale2\.lambda1$", r"blocks.\1.ls2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
+    (r"^layernorm\.(weight|bias)$", r"norm.\1"),
+]
+_HUB_RULES = [
+    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),  # chunked DINOv2 blocks keep the global index
+    (r"^register_tokens$", "reg_token"),
+    (r"^blocks\.(\d+)\.mlp\.w12\.", r"blocks.\1.mlp.fc1."),
+    (r"^blocks\.(\d+)\.mlp\.w3\.", r"blocks.\1.mlp.fc2."),
+    (r"^blocks\.(\d+)\.mlp\.(?:w1|fc1_g)\.", r"blocks.\1.mlp.gate."),
+    (r"^blocks\.(\d+)\.mlp\.(?:w2|fc1_x)\.", r"blocks.\1.mlp.value."),
+]
+
+
+def detect_layout(keys) -> tuple[str, str]:
+    """``("transformers" | "timm", prefix)`` from the keys; prefix is a wrapper such as ``vit.``."""
+    for key in keys:
+        for anchor, layout in (("embeddings.patch_embeddings.projection.weight", "transformers"),
+                               ("patch_embed.proj.weight", "timm")):
+            if key.endswith(anchor):
+                return layout, key[: -len(anchor)]
+    shown = ", ".join(sorted(keys)[:4])
+    raise DflError(f"no ViT patch embedding in the checkpoint (keys look like: {shown})")
+
+
+def canonical_state(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Rename a timm / hub / transformers state dict to timm names; fuse q/k/v and pack SwiGLU.
+
+    Returns the canonical dict, ``canonical key -> source key(s)`` for messages, and the layout.
+    """
+    layout, prefix = detect_layout(state)
+    rules = _HF_RULES if layout == "transformers" else _HUB_RULES
+    out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue  # outside the backbone (a classifier of a wrapper model)
+        name = key[len(prefix):]
+        if _IGNORED.match(name):
+            continue
+        new = name
+        for pattern, repl in rules:
+            new = re.sub(pattern, repl, new)
+        out[new], origin[new] = value, key
+    for kind, parts, fused in (("attn", ("query", "key", "value"), "qkv"), ("mlp", ("gate", "value"), "fc1")):
+        for key in [k for k in out if re.fullmatch(rf"blocks\.\d+\.{kind}\.{parts[0]}\.(weight|bias)", k)]:
+            stem, leaf = key.rsplit(f".{parts[0]}.", 1)
+            names = [f"{stem}.{p}.{leaf}" for p in parts]
+            if all(n in out for n in names):
+                origin[f"{stem}.{fused}.{leaf}"] = "+".join(origin.pop(n) for n in names)
+                out[f"{stem}.{fused}.{leaf}"] = np.concatenate([out.pop(n) for n in names], axis=0)
+    return out, origin, layout
+
+
+def _targets(model, config: ViTConfig) -> dict:
+    """canonical key -> (Keras variable, torch value -> Keras value)."""
+    same = np.asarray
+    linear = np.transpose
+    embed = model.get_layer("embed")
+    targets = {
+        "patch_embed.proj.weight": (embed.proj_kernel, lambda w: np.transpose(w, (2, 3, 1, 0))),
+        "patch_embed.proj.bias": (embed.proj_bias, same),
+        "cls_token": (embed.cls_token, same),
+        "pos_embed": (embed.pos_embed, same),
+    }
+    if config.registers:
+        targets["reg_token"] = (embed.reg_token, same)
+    for i in range(config.depth):
+        block = model.get_layer(f"blocks_{i}")
+        for norm in ("norm1", "norm2"):
+            layer = getattr(block, norm)
+            targets[f"blocks.{i}.{norm}.weight"] = (layer.gamma, same)
+            targets[f"blocks.{i}.{norm}.bias"] = (layer.beta, same)
+        for key, layer in (("attn.qkv", block.qkv), ("attn.proj", block.proj), ("mlp.fc1", block.fc1),
+                           ("mlp.fc2", block.fc2)):
+            targets[f"blocks.{i}.{key}.weight"] = (layer.kernel, linear)
+            targets[f"blocks.{i}.{key}.bias"] = (layer.bias, same)
+        if config.layer_scale:
+            targets[f"blocks.{i}.ls1.gamma"] = (block.ls1, same)
+            targets[f"blocks.{i}.ls2.gamma"] = (block.ls2, same)
+    norm = model.get_layer("norm")
+    targets["norm.weight"] = (norm.gamma, same)
+    targets["norm.bias"] = (norm.beta, same)
+    return targets
+
+
+def _torch_shape(key: str, shape: tuple) -> tuple:
+    if key == "patch_embed.proj.weight":
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape[::-1] if len(shape) == 2 else shape
+
+
+def assign_vit(model, config: ViTConfig, state: dict[str, np.ndarray], source: str, arch: str) -> str:
+    """Copy a ViT state dict (any layout) into ``model``; returns the layout name.
+
+    Nothing is assigned unless every key and shape fits; the error names the first mismatches
+    (canonical names are timm's; the source key follows in brackets).
+    """
+    canon, origin, layout = canonical_state(state)
+    targets = _targets(model, config)
+    problems = [f"missing {k}" for k in targets if k not in canon]
+    for key, value in canon.items():
+        if key not in targets:
+            problems.append(f"unexpected {origin[key]}")
+            continue
+        want = _torch_shape(key, tuple(targets[key][0].shape))
+        if tuple(value.shape) != want:
+            problems.append(f"{origin[key]} has shape {tuple(value.shape)}, expected {want}")
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DflError(f"{source} ({layout} layout) does not fit {arch}: {len(problems)} mismatches: {shown}{more}")
+    for key in list(canon):
+        variable, convert = targets[key]
+        variable.assign(np.ascontiguousarray(convert(canon.pop(key)), dtype=np.float32))
+    return layout
+
+
+def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ViT state dict from ``.safetensors`` or a torch checkpoint (nesting/prefixes unwrapped)."""
+    from dfl_tf.backbones import safetensors_io, torch_import
+
+    if safetensors_io.is_safetensors(path):
+        return safetensors_io.load_safetensors(path)
+    obj = torch_import.load_checkpoint(path)
+    # DINO-style files nest {"teacher": {"backbone.<key>": ...}}; transformers keys keep "encoder."
+    for _ in range(5):
+        if isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
+            inner = next((obj[k] for k in ("state_dict", "model", "teacher", "module") if isinstance(obj.get(k), dict)),
+                         None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, dict):
+        raise DflError(f"{Path(path).name}: no tensors found in the checkpoint")
+    state = {}
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            key = str(key)
+            for prefix in ("module.", "backbone."):
+                key = key[len(prefix):] if key.startswith(prefix) else key
+            state[key] = value
+    return state
+
+
+def load_vit_file(model, config: ViTConfig, path: str | os.PathLike, arch: str) -> None:
+    """Load a local file into a built ViT: Keras ``.weights.h5`` directly, else convert on the fly."""
+    from dfl_tf.backbones import torch_import
+
+    if torch_import.is_keras_weights(path):
+        torch_import.load_weights_file(model, [], str(path), arch, arch)
+        return
+    assign_vit(model, config, read_state(path), Path(path).name, arch)

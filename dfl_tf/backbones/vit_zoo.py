@@ -1,0 +1,299 @@
+"""Registry entries for the ViTs (DINO, DINOv2, ImageNet ViT-B/16, pathology foundation models),
+ConvNeXt-B and Lunit's pathology ResNet-50s.
+
+Every constant (architecture, position-grid, interpolation, mean/std, pooling) comes from the
+authors' code or model card named in the entry's ``ref``. Weights: direct URLs (DINO, DINOv2,
+Lunit) through the hash-checking cache of :mod:`weights`; Hugging Face repositories through
+``huggingface_hub`` (``pip install 'dfl_tf[hub]'``; gated repositories read ``HF_TOKEN``).
+``.safetensors`` load directly each time; torch pickles are converted once to ``.weights.h5``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from dfl_tf.backbones import weights as weight_cache
+from dfl_tf.backbones.layers import Normalize
+from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, register
+from dfl_tf.backbones.vit import ViTConfig, build_vit
+from dfl_tf.errors import DflError
+
+LUNIT_MEAN, LUNIT_STD = (0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464)
+HOPT_MEAN, HOPT_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+HIBOU_MEAN, HIBOU_STD = (0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class HubSource(WeightSource):
+    """Weights in a Hugging Face repository (``repo``/``filename``), fetched with huggingface_hub."""
+
+    repo: str = ""
+
+
+def _hub(key: str, repo: str, filename: str, license: str, gated: bool = False, note: str = "") -> HubSource:
+    return HubSource(key, url=f"https://huggingface.co/{repo}/resolve/main/{filename}", license=license,
+                     filename=filename, note=note, gated=gated, repo=repo)
+
+
+def _hub_cached(source: HubSource) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    path = try_to_load_from_cache(source.repo, source.filename)
+    return path if isinstance(path, str) else None
+
+
+def hub_download(source: HubSource) -> Path:
+    """The local file of ``source``: the Hugging Face cache, else a download (token from ``HF_TOKEN``)."""
+    where = (f"get {source.filename} from https://huggingface.co/{source.repo}"
+             f"{' (accept its licence there, then set HF_TOKEN)' if source.gated else ''}; licence: "
+             f"{source.license}; then pass it with --weights PATH")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DflError(f"huggingface_hub is not installed (pip install 'dfl_tf[hub]'), or {where}") from None
+    try:
+        return Path(hf_hub_download(source.repo, source.filename, token=os.environ.get("HF_TOKEN") or None))
+    except Exception as exc:  # noqa: BLE001 - offline, 401/403 (gated), 404: one line either way
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise DflError(f"cannot download {source.repo}/{source.filename} ({type(exc).__name__}: {reason}); "
+                       f"{where}") from None
+
+
+def _url(key: str, spec_name: str, url: str, license: str, note: str = "") -> WeightSource:
+    filename = url.rsplit("/", 1)[-1]
+    proto = WeightSource(key, url=url, license=license, filename=filename, note=note)
+
+    def local() -> str | None:
+        path = weight_cache.download_path(proto)
+        return str(path) if path.exists() else None
+
+    return WeightSource(key, url=url, license=license, filename=filename, note=note,
+                        offline_path=weight_cache.offline_checker(spec_name, key, local))
+
+
+def _raw_file(source: WeightSource) -> Path:
+    if isinstance(source, HubSource):
+        return hub_download(source)
+    return weight_cache.fetch(source)
+
+
+def vit_builder(spec_name: str, config: ViTConfig):
+    """``builder(input_size, weights)``: random init, a named source, or a local file."""
+
+    def build(input_size: int, weights: str | None) -> keras.Model:
+        from dfl_tf.backbones import safetensors_io
+        from dfl_tf.backbones.vit_weights import load_vit_file
+
+        model = build_vit(config, input_size, name=spec_name)
+        if weights is None:
+            return model
+        source = get_spec(spec_name).weight_source(weights)
+        if source is None:
+            load_vit_file(model, config, weights, spec_name)
+            return model
+        converted = weight_cache.converted_path(spec_name, weights)
+        if converted.exists():
+            load_vit_file(model, config, converted, spec_name)
+            return model
+        raw = _raw_file(source)
+        load_vit_file(model, config, raw, spec_name)
+        if not safetensors_io.is_safetensors(raw):  # cache the slow pickle conversion once
+            converted.parent.mkdir(parents=True, exist_ok=True)
+            tmp = converted.with_name(f".{converted.name[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5")
+            try:
+                model.save_weights(tmp)
+                os.replace(tmp, converted)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        return model
+
+    return build
+
+
+def _offline_hub(spec_name: str, key: str, source: HubSource):
+    return weight_cache.offline_checker(spec_name, key, lambda: _hub_cached(source))
+
+
+def _preprocessing(mean: tuple, std: tuple) -> str:
+    fmt = lambda v: "(" + ", ".join(f"{x:g}" for x in v) + ")"  # noqa: E731
+    return f"x/255, mean {fmt(mean)}, std {fmt(std)}"
+
+
+_EMBEDDING = {"cls": "class token after the final LayerNorm",
+              "cls_mean": "class token ++ mean of patch tokens (after the final LayerNorm)",
+              "mean": "mean of patch tokens after the final LayerNorm"}
+
+
+def register_vit(name: str, config: ViTConfig, sources: dict[str, WeightSource], ref: str,
+                 description: str) -> BackboneSpec:
+    """Register one ViT; hub sources get their offline check bound to this name."""
+    bound = {}
+    for key, source in sources.items():
+        if isinstance(source, HubSource):
+            source = HubSource(source.name, url=source.url, license=source.license, filename=source.filename,
+                               note=source.note, gated=source.gated, repo=source.repo,
+                               offline_path=_offline_hub(name, key, source))
+        bound[key] = source
+    interp = ("bicubic" if config.interpolation == "bicubic" else "bicubic antialias")
+    interp += f", scale_factor offset {config.interp_offset:g}" if config.interp_offset else ", size="
+    return register(BackboneSpec(
+        name=name, builder=vit_builder(name, config), input_size=224, dim=config.out_dim,
+        weights=bound, default_weights=next(iter(bound), "none"), params=config.params(),
+        embedding=_EMBEDDING[config.pool], preprocessing=_preprocessing(config.mean, config.std),
+        description=f"{description}; pos-embed {config.grid}x{config.grid} resampled {interp}. Source: {ref}",
+    ))
+
+
+def _vit(patch, dim, depth, heads, grid, mlp_hidden=None, **kw) -> ViTConfig:
+    return ViTConfig(patch=patch, dim=dim, depth=depth, heads=heads, grid=grid,
+                     mlp_hidden=mlp_hidden or 4 * dim, **kw)
+
+
+# ---------------------------------------------------------------- ImageNet / self-supervised ViTs
+
+_DINO = "facebookresearch/dino vision_transformer.py (LayerNorm 1e-6, +0.1 offset bicubic, cls token)"
+_DINO_LIC = "Apache-2.0 (facebookresearch/dino); self-supervised on ImageNet-1k"
+for _p in (16, 8):
+    register_vit(f"dino_vits{_p}", _vit(_p, 384, 12, 6, 224 // _p, interp_offset=0.1),
+                 {"dino": _url("dino", f"dino_vits{_p}",
+                               f"https://dl.fbaipublicfiles.com/dino/dino_deitsmall{_p}_pretrain/"
+                               f"dino_deitsmall{_p}_pretrain.pth", _DINO_LIC, "no published checksum")},
+                 _DINO, f"DINO ViT-S/{_p}")
+
+register_vit("vit_b16_imagenet", _vit(16, 768, 12, 12, 14, eps=1e-12, mean=HALF, std=HALF),
+             {"imagenet": _hub("imagenet", "google/vit-base-patch16-224", "model.safetensors",
+                               "Apache-2.0; ImageNet-21k pre-training, ImageNet-1k fine-tuning (research terms)")},
+             "google/vit-base-patch16-224 config.json and preprocessor_config.json (transformers ViTModel)",
+             "ViT-B/16 224 (the paper's ViT-patch16-224), transformers layout")
+
+_DINOV2 = ("facebookresearch/dinov2 hub/backbones.py + models/vision_transformer.py (img_size 518, "
+           "LayerScale, x_norm_clstoken; _reg: 4 registers, antialias, no offset)")
+_DINOV2_LIC = "Apache-2.0 (facebookresearch/dinov2)"
+for _arch, (_dim, _depth, _heads, _mlp) in {"s": (384, 12, 6, None), "b": (768, 12, 12, None),
+                                            "l": (1024, 24, 16, None), "g": (1536, 40, 24, "swiglu")}.items():
+    for _reg in (False, True):
+        _name = f"dinov2_vit{_arch}14" + ("_reg" if _reg else "")
+        _file = f"dinov2_vit{_arch}14" + ("_reg4" if _reg else "") + "_pretrain.pth"
+        _cfg = _vit(14, _dim, _depth, _heads, 37, mlp_hidden=4096 if _mlp else None, mlp=_mlp or "gelu",
+                    layer_scale=True, registers=4 if _reg else 0,
+                    interpolation="bicubic_aa" if _reg else "bicubic", interp_offset=0.0 if _reg else 0.1)
+        register_vit(_name, _cfg,
+                     {"lvd142m": _url("lvd142m", _name, f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{_arch}14/"
+                                      f"{_file}", _DINOV2_LIC, "no published checksum")},
+                     _DINOV2, f"DINOv2 ViT-{_arch.upper()}/14" + (" with registers" if _reg else ""))
+
+# ---------------------------------------------------------------- pathology foundation models
+
+_NC_ND = "CC-BY-NC-ND-4.0: non-commercial, no derivatives; gated (accept on the model page)"
+_OWKIN = "Owkin non-commercial licence (owkin/phikon model card)"
+register_vit("phikon", _vit(16, 768, 12, 12, 14, eps=1e-12),
+             {"phikon": _hub("phikon", "owkin/phikon", "model.safetensors", _OWKIN)},
+             "owkin/phikon model card (ViTModel, last_hidden_state[:, 0]) and preprocessor_config.json",
+             "Owkin Phikon ViT-B/16 (iBOT on TCGA), transformers ViTModel layout")
+register_vit("phikon_v2", _vit(16, 1024, 24, 16, 14, layer_scale=True),
+             {"phikon_v2": _hub("phikon_v2", "owkin/phikon-v2", "model.safetensors", _OWKIN)},
+             "owkin/phikon-v2 model card (Dinov2Model, last_hidden_state[:, 0]) and config.json",
+             "Owkin Phikon-v2 ViT-L/16 (DINOv2 on PANCAN-XL), transformers Dinov2 layout")
+register_vit("hibou_b", _vit(14, 768, 12, 12, 16, layer_scale=True, registers=4, interp_offset=0.1,
+                             mean=HIBOU_MEAN, std=HIBOU_STD),
+             {"hibou": _hub("hibou", "histai/hibou-b", "model.safetensors", "Apache-2.0 (histai/hibou-b)")},
+             "histai/hibou-b config.json + preprocessor_config.json (custom Dinov2 with 4 registers, "
+             "pooler_output = normed class token; transformers-4.x style +0.1 offset interpolation)",
+             "HistAI Hibou-B ViT-B/14 with registers")
+register_vit("uni", _vit(16, 1024, 24, 16, 14, layer_scale=True, interpolation="bicubic_aa"),
+             {"uni": _hub("uni", "MahmoodLab/UNI", "pytorch_model.bin", _NC_ND, gated=True)},
+             "MahmoodLab/UNI model card: timm vit_large_patch16_224, init_values 1e-5, num_classes 0, "
+             "dynamic_img_size (timm resample_abs_pos_embed)", "Mahmood Lab UNI ViT-L/16, timm layout")
+register_vit("uni2_h", _vit(14, 1536, 24, 24, 16, mlp_hidden=4096, mlp="swiglu", layer_scale=True, registers=8,
+                            pos_prefix=0, interpolation="bicubic_aa"),
+             {"uni2_h": _hub("uni2_h", "MahmoodLab/UNI2-h", "pytorch_model.bin", _NC_ND, gated=True)},
+             "MahmoodLab/UNI2-h model card timm_kwargs (patch 14, depth 24, 24 heads, 1536, mlp_ratio 2.66667*2 "
+             "SwiGLUPacked, reg_tokens 8, no_embed_class)", "Mahmood Lab UNI2-h ViT-H/14, SwiGLU, 8 registers")
+register_vit("virchow2", _vit(14, 1280, 32, 16, 16, mlp_hidden=3416, mlp="swiglu", layer_scale=True, registers=4,
+                              pos_prefix=5, interpolation="bicubic_aa", pool="cls_mean"),
+             {"virchow2": _hub("virchow2", "paige-ai/Virchow2", "model.safetensors", _NC_ND, gated=True)},
+             "paige-ai/Virchow2 model card + config.json (vit_huge_patch14_224, mlp_ratio 5.3375 SwiGLUPacked, "
+             "reg_tokens 4; embedding = cat(output[:, 0], output[:, 5:].mean(1)))",
+             "Paige Virchow2 ViT-H/14, SwiGLU, 4 registers, 2560-d")
+register_vit("h_optimus_0", _vit(14, 1536, 40, 24, 16, mlp_hidden=4096, mlp="swiglu", layer_scale=True,
+                                 registers=4, pos_prefix=0, interpolation="bicubic_aa", mean=HOPT_MEAN, std=HOPT_STD),
+             {"h_optimus_0": _hub("h_optimus_0", "bioptimus/H-optimus-0", "pytorch_model.bin",
+                                  "Apache-2.0; gated (accept on the model page)", gated=True)},
+             "bioptimus/H-optimus-0 model card + config.json (vit_giant_patch14_reg4_dinov2, img_size 224, "
+             "init_values 1e-5, its own mean/std)", "Bioptimus H-optimus-0 ViT-g/14, SwiGLU, 4 registers")
+register_vit("prov_gigapath", _vit(16, 1536, 40, 24, 14, mlp_hidden=4096, mlp="swiglu", layer_scale=True,
+                                   interpolation="bicubic_aa"),
+             {"gigapath": _hub("gigapath", "prov-gigapath/prov-gigapath", "pytorch_model.bin",
+                               "Apache-2.0; gated (accept on the model page)", gated=True)},
+             "prov-gigapath/prov-gigapath config.json (vit_giant_patch14_dinov2 with patch 16, img_size 224, "
+             "init_values 1e-5, mlp_ratio 5.33334)", "Prov-GigaPath tile encoder ViT-g/16, SwiGLU")
+
+_LUNIT = "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/pretrained-weights/"
+_LUNIT_LIC = "Lunit Public License: non-commercial research use only (lunit-io/benchmark-ssl-pathology)"
+_LUNIT_REF = ("lunit-io/benchmark-ssl-pathology README (timm VisionTransformer img 224, num_classes 0); "
+              "mean/std from kaiko-ai/eva backbones/pathology/lunit.py")
+for _p in (16, 8):
+    register_vit(f"lunit_vits{_p}", _vit(_p, 384, 12, 6, 224 // _p, interpolation="bicubic_aa",
+                                         mean=LUNIT_MEAN, std=LUNIT_STD),
+                 {"lunit": _url("lunit", f"lunit_vits{_p}", f"{_LUNIT}dino_vit_small_patch{_p}_ep200.torch",
+                                _LUNIT_LIC, "no published checksum")},
+                 _LUNIT_REF, f"Lunit DINO ViT-S/{_p} (TCGA), timm layout")
+
+
+# ---------------------------------------------------------------- CNNs of the same comparison
+
+
+def _lunit_resnet(input_size: int, name: str = "lunit_resnet50"):
+    """torchvision ResNet-50 trunk behind Lunit's mean/std (the layout of :mod:`resnet_tv`)."""
+    from dfl_tf.backbones import resnet_tv
+
+    wrapped, layout = resnet_tv.build_model(input_size, name=name)
+    inputs = keras.Input((input_size, input_size, 3), name="images")
+    x = Normalize(LUNIT_MEAN, LUNIT_STD, name="preprocess")(inputs)
+    x = wrapped.get_layer(resnet_tv.BASE_NAME)(x, training=False)
+    x = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
+    return keras.Model(inputs, x, name=name), layout
+
+
+def _register_cnns() -> None:
+    from dfl_tf.backbones import resnet_tv
+
+    for method, file in (("bt", "bt_rn50_ep200.torch"), ("swav", "swav_rn50_ep200.torch"),
+                         ("mocov2", "mocov2_rn50_ep200.torch")):
+        name = f"lunit_resnet50_{method}"
+        register(BackboneSpec(
+            name=name, builder=resnet_tv.make_builder(name, build=_lunit_resnet), input_size=224, dim=2048,
+            weights={method: _url(method, name, _LUNIT + file, _LUNIT_LIC, "no published checksum")},
+            default_weights=method, params=23_508_032, preprocessing=_preprocessing(LUNIT_MEAN, LUNIT_STD),
+            description=f"Lunit ResNet-50 ({method}, TCGA), torchvision layout. Source: {_LUNIT_REF}",
+        ))
+    register(BackboneSpec(
+        name="convnext_base",
+        builder=lambda size, weights: _keras_convnext_base(size, weights),
+        input_size=224, dim=1024, params=87_566_464, preprocessing="built into the Keras model ([0, 255] in)",
+        weights={"imagenet": WeightSource("imagenet", url="https://storage.googleapis.com/tensorflow/"
+                                          "keras-applications/convnext/convnext_base_notop.h5",
+                                          filename="convnext_base_notop.h5",
+                                          license="Keras Applications weights (Apache-2.0 code); ImageNet-1k "
+                                                  "(research terms)",
+                                          note="Keras download, hash checked by keras.utils.get_file")},
+        description="ConvNeXt-Base (Keras Applications ConvNeXtBase; the paper's ConvNeXt-B)",
+    ))
+
+
+def _keras_convnext_base(input_size: int, weights: str | None) -> keras.Model:
+    from dfl_tf.backbones.layers import wrap
+
+    base = keras.applications.ConvNeXtBase(include_top=False, weights=weights, pooling="avg",
+                                           input_shape=(input_size, input_size, 3))
+    return wrap(base, input_size, "none", "convnext_base")
+
+
+_register_cnns()
