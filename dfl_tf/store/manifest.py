@@ -21,10 +21,17 @@ def load_manifest(emb_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DflError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DflError(f"{path}: not a manifest (a JSON object is expected)")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise DflError(f"{path}: missing fields {missing}")
-    if manifest["format_version"] > FORMAT_VERSION:
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(
+            isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("sha256"), str)
+            and Path(sh["file"]).name == sh["file"] and sh["file"] not in ("", ".", "..") for sh in shards):
+        raise DflError(f"{path}: 'shards' must list {{file, records, sha256}} with plain file names")
+    if not isinstance(manifest["format_version"], int) or manifest["format_version"] > FORMAT_VERSION:
         raise DflError(f"{path}: format version {manifest['format_version']} is newer than this dfl_tf reads")
     return manifest
 
@@ -40,12 +47,8 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_compatible(a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str) -> None:
-    """Raise a clear DflError when two artefacts disagree on backbone fingerprint, views or dim."""
-    pa, pb = provenance(a), provenance(b)
-    for key in pa:
-        if pa[key] != pb[key]:
-            va, vb = pa[key], pb[key]
-            if key == "backbone fingerprint":
-                va = f"{a['backbone'].get('name')} {str(va)[:12]}"
-                vb = f"{b['backbone'].get('name')} {str(vb)[:12]}"
-            raise DflError(f"{what_a} and {what_b} disagree on {key}: {va} vs {vb}")
+    """Raise a clear DflError when two artefacts disagree on backbone fingerprint, views, dim or read
+    geometry: the one shared check, :func:`dfl_tf.compat.check_compatible`."""
+    from dfl_tf.compat import check_compatible as _check
+
+    _check(a, b, what_a, what_b)

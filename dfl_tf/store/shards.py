@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import sha256_file
+from dfl_tf.store.integrity import check_shards, shard_problems
 from dfl_tf.store.manifest import load_manifest
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -72,8 +73,12 @@ _SCHEMA = {
 }
 
 
-def shard_paths(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+def shard_paths(emb_dir: str | Path, manifest: dict[str, Any] | None = None, verify: bool = True) -> list[str]:
+    """The shard files of ``emb_dir``, checked against the manifest's sha256 first (cached; see
+    :mod:`dfl_tf.store.integrity`) unless ``verify`` is false."""
     manifest = manifest or load_manifest(emb_dir)
+    if verify:
+        check_shards(emb_dir, manifest)
     return [str(Path(emb_dir) / s["file"]) for s in manifest["shards"]]
 
 
@@ -147,14 +152,9 @@ def load_embeddings(emb_dir: str | Path, batch_size: int = 4096) -> EmbeddingSet
 
 
 def verify_shards(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
-    """Shards whose sha256 disagrees with the manifest (empty list when all are intact)."""
+    """Shards missing or whose sha256 disagrees with the manifest (empty list when all are intact)."""
     manifest = manifest or load_manifest(emb_dir)
-    bad = []
-    for shard in manifest["shards"]:
-        path = Path(emb_dir) / shard["file"]
-        if not path.exists() or sha256_file(path) != shard["sha256"]:
-            bad.append(shard["file"])
-    return bad
+    return [file for file, _reason in shard_problems(emb_dir, manifest)]
 
 
 def count_by_class(labels: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
