@@ -212,8 +212,9 @@ def predict_probs(model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
 
 
 def check_head_embeddings(info: dict[str, Any], manifest: dict[str, Any], head_name: str, emb_name: str) -> None:
-    """Refuse embeddings that a head was not trained for (backbone fingerprint, views, dim, classes)."""
-    from dfl_tf.store.manifest import check_compatible
+    """Refuse embeddings that a head was not trained for (backbone fingerprint, views, dim, read
+    geometry: :func:`dfl_tf.compat.check_compatible`; classes)."""
+    from dfl_tf.compat import check_compatible
 
     check_compatible(info, manifest, head_name, emb_name)
     if list(info["classes"]) != list(manifest["classes"]):

@@ -35,7 +35,7 @@ from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
-from dfl_tf.store.manifest import check_compatible
+from dfl_tf.compat import check_compatible, geometry_of, view_fit
 
 EXPORT_JSON = "export.json"
 
@@ -82,13 +82,8 @@ def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) 
         name = names[i] if names else _task_name(head_dir, {t.name for t in tasks})
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise DflError(f"task name '{name}' must be letters, digits and underscores")
-        if tasks:
+        if tasks:  # one shared check: backbone, views, dim, input size and the whole read geometry
             check_compatible(tasks[0].info, info, f"head {tasks[0].head_dir}", f"head {head_dir}")
-            ex0, ex = tasks[0].info.get("extraction", {}).get("settings", {}), info.get("extraction", {}).get("settings", {})
-            for key in ("fit", "pad_to", "context", "precision", "slide_read"):
-                if ex0.get(key) != ex.get(key):
-                    raise DflError(f"heads {tasks[0].head_dir} and {head_dir} were trained on extractions with "
-                                   f"different {key} ({ex0.get(key)} vs {ex.get(key)})")
         tasks.append(Task(name, str(head_dir), model, info))
     return tasks
 
@@ -119,8 +114,14 @@ class ServingGraph:
         self.backbone, self.tasks = backbone, list(tasks)
         self.views = parse_views(info["views"])
         self.size = backbone.input_size
-        self.fit, self.pad_to = settings.get("fit", "scale"), settings.get("pad_to")
-        self.separate_context = settings.get("context") == "separate"
+        self.geometry = geometry_of(info)
+        self.fitting = view_fit(info, self.size)  # fit, pad_to, x5_pad_to, min_side as extracted
+        self.fit, self.pad_to = self.fitting["fit"], self.fitting["pad_to"]
+        self.separate_context = (self.geometry or settings).get("context") == "separate"
+
+    def compose(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
+        """The views of decoded pixels, fitted exactly as at extraction."""
+        return compose_views(images, context, self.views, self.size, **self.fitting)
 
     # -- pieces -------------------------------------------------------------------------
     def embed_views(self, stacked: tf.Tensor) -> tf.Tensor:
@@ -130,7 +131,7 @@ class ServingGraph:
         return tf.reshape(emb, [-1, n_views * self.backbone.dim])
 
     def views_from_pixels(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
-        return compose_views(images, context, self.views, self.size, self.fit, self.pad_to)
+        return self.compose(images, context)
 
     def views_from_bytes(self, image_bytes: tf.Tensor, context_bytes: tf.Tensor | None) -> tf.Tensor:
         checks = [_assert_decodable(image_bytes, "image_bytes")]
@@ -139,10 +140,8 @@ class ServingGraph:
         signature = tf.TensorSpec([len(self.views), self.size, self.size, 3], tf.float32)
         with tf.control_dependencies(checks):
             if context_bytes is None:
-                return tf.map_fn(lambda b: compose_views(_decode(b), None, self.views, self.size, self.fit, self.pad_to),
-                                 image_bytes, fn_output_signature=signature)
-            return tf.map_fn(lambda bc: compose_views(_decode(bc[0]), _decode(bc[1]), self.views, self.size,
-                                                      self.fit, self.pad_to),
+                return tf.map_fn(lambda b: self.compose(_decode(b), None), image_bytes, fn_output_signature=signature)
+            return tf.map_fn(lambda bc: self.compose(_decode(bc[0]), _decode(bc[1])),
                              (image_bytes, context_bytes), fn_output_signature=signature)
 
     def heads(self, embedding: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -272,6 +271,11 @@ def export_model(
             "context": "separate" if graph.separate_context else
                        tasks[0].info.get("extraction", {}).get("settings", {}).get("context", "none"),
             "slide_read": tasks[0].info.get("extraction", {}).get("settings", {}).get("slide_read"),
+            # the read geometry of the heads' extraction: predict and heatmap default to it
+            "geometry": graph.geometry or None,
+            "mpp": (graph.geometry or {}).get("mpp"),
+            "patch_size": (graph.geometry or {}).get("patch_size"),
+            "decoder": DECODER,
             "dim": graph.backbone.dim * len(graph.views),
             "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
                        "threshold": t.threshold, "best_epoch": t.info.get("best_epoch")} for t in tasks],
@@ -323,6 +327,10 @@ class ExportedModel:
         self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.tasks = [h["task"] for h in self.info.get("heads", [])]
         self.needs_context = self.info.get("context") == "separate"
+        self.geometry: dict[str, Any] = self.info.get("geometry") or {}
+        if not self.geometry and self.info.get("slide_read"):  # exported before the geometry record
+            read = self.info["slide_read"]
+            self.geometry = {"source_kind": "slides", "mpp": read.get("mpp"), "patch_size": read.get("patch_size")}
 
     def _call(self, signature: str, **inputs) -> dict[str, np.ndarray]:
         fn = self.module.signatures[signature]

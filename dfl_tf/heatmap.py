@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json
+from dfl_tf.compat import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
+from dfl_tf.errors import DflError
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
 from dfl_tf.prediction import predict
@@ -38,16 +40,21 @@ def heatmap(
     thumbnail_side: int = 2048,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tile ``slide`` at the exported model's mpp/patch size (unless given), predict, draw heatmaps."""
+    """Tile ``slide`` at the mpp and patch size the model's heads were trained at (the geometry
+    recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps."""
     exported = load_model(model)
-    read = exported.info.get("slide_read") or {}
-    mpp = parse_magnification(mpp) if mpp else float(read.get("mpp") or 0.5)
-    size = int(size or read.get("patch_size") or exported.info.get("backbone", {}).get("input_size", 256))
+    mpp, size = trained_read(exported.geometry, parse_magnification(mpp) if mpp else None, size,
+                             f"model {exported.path}")
+    if mpp is None or size is None:
+        raise DflError(f"model {exported.path} was trained on images (no recorded mpp and patch size): pass "
+                       f"--mpp and --size")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tiles = tile([str(slide)], out / "tiles.csv", mpp=mpp, size=size, min_tissue=min_tissue, overlap=overlap,
                  slide_mpp=slide_mpp, thumbnail_side=thumbnail_side)
     summary: dict[str, Any] = {"slide": str(slide), "tiles": tiles["tiles"], "mpp": mpp, "size": size,
+                               "trained_geometry": {k: exported.geometry.get(k) for k in ("mpp", "patch_size",
+                                                    "input_size", "fit", "context")},
                                "outputs": [str(out / "tiles.csv")]}
     if tiles["tiles"] == 0:
         summary["note"] = "no tissue tiles found; nothing predicted"

@@ -1,4 +1,5 @@
-"""Export parity: the exported graph against the stored embeddings and the Python pipeline."""
+"""Export parity: the exported graph (pixel and bytes signatures) against the stored embeddings
+and the Python pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
+from dfl_tf.compat import check_compatible
+from dfl_tf.data.decode import tf_decodable
 from dfl_tf.data.sources import SlideRead, load_sample, load_source
-from dfl_tf.data.views import compose_views
 from dfl_tf.errors import DflError
-from dfl_tf.store.manifest import check_compatible, load_manifest
+from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import record_dataset
 
 # Stored embeddings are rounded to their storage dtype: relative-to-max tolerance per dtype.
@@ -26,12 +28,33 @@ def _samples_by_id(manifest: dict[str, Any]) -> dict[str, Any]:
     return {s.id: s for s in samples.samples}
 
 
+def _slide_read(manifest: dict[str, Any]) -> SlideRead:
+    read = manifest.get("settings", {}).get("slide_read") or {}
+    return SlideRead(mpp=read.get("mpp", 0.5), patch_size=read.get("patch_size", 256),
+                     slide_mpp=read.get("slide_mpp"))
+
+
+def _file_bytes(sample: Any, context: bool) -> tuple[bytes, bytes | None] | None:
+    """The encoded file (and context file) of an image sample when the bytes signatures read its
+    format; None for slide samples and formats only Pillow reads (e.g. TIFF)."""
+    if sample.slide is not None:
+        return None
+    data = Path(sample.source).read_bytes()
+    ctx = Path(sample.context).read_bytes() if context else None
+    if not tf_decodable(data) or (ctx is not None and not tf_decodable(ctx)):
+        return None
+    return data, ctx
+
+
 def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Path | None, n: int,
                  tolerance: float) -> dict[str, Any]:
-    """Run ``n`` stored samples through the exported ``serve_pixels`` and compare.
+    """Run ``n`` stored samples through the exported signatures and compare.
 
-    Checks (1) exported embedding vs stored embedding (within storage rounding) and (2) exported
-    probabilities vs the Python backbone + head on the same pixels (max abs diff <= tolerance).
+    For each sample, (1) the pixel signatures (``serve_pixels``, ``embed_pixels``) on the pixels
+    extraction decoded and (2) the bytes signatures (``serving_default``, ``embed``) on the sample's
+    own file (image sources in a format they read): their embeddings against the stored ones
+    (within storage rounding), their probabilities against the Python backbone + heads on the same
+    pixels (max abs diff <= ``tolerance``).
     """
     if n <= 0:
         return {"passed": True, "skipped": True, "reason": "parity_samples=0"}
@@ -44,13 +67,11 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
     ids = [i.decode() for i in batch["id"].numpy()]
     stored = batch["embedding"].numpy()
     by_id = _samples_by_id(manifest)
-    read = manifest.get("settings", {}).get("slide_read") or {}
-    slide_read = SlideRead(mpp=read.get("mpp", 0.5), patch_size=read.get("patch_size", 256),
-                           slide_mpp=read.get("slide_mpp"))
-    loaded = tf.saved_model.load(str(path))
-    serve, embed = loaded.signatures["serve_pixels"], loaded.signatures["embed_pixels"]
-    exported_emb, python_emb, exported_probs, python_probs = [], [], [], []
-    for sample_id in ids:
+    slide_read = _slide_read(manifest)
+    sigs = tf.saved_model.load(str(path)).signatures
+    pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
+    bytes_rows, bytes_emb, bytes_probs = [], [], []
+    for row, sample_id in enumerate(ids):
         if sample_id not in by_id:
             raise DflError(f"parity check: sample {sample_id} of {emb_dir} is no longer in its source")
         sample = by_id[sample_id]
@@ -59,35 +80,59 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
         inputs = {"images": tf.constant(image[None])}
         if context is not None:
             inputs["context"] = tf.constant(context[None])
-        out = serve(**inputs)
-        exported_emb.append(embed(**inputs)["embedding"].numpy()[0])
-        views = compose_views(tf.constant(image[None]), None if context is None else tf.constant(context[None]),
-                              graph.views, graph.size, graph.fit, graph.pad_to)
-        emb = graph.embed_views(views).numpy()
+        out = sigs["serve_pixels"](**inputs)
+        pixel_emb.append(sigs["embed_pixels"](**inputs)["embedding"].numpy()[0])
+        pixel_probs.append(_probs(out, tasks))
+        emb = graph.embed_views(graph.compose(tf.constant(image[None]),
+                                              None if context is None else tf.constant(context[None]))).numpy()
         python_emb.append(emb[0])
-        exported_probs.append(np.concatenate([out[f"{t.name}_probabilities"].numpy()[0] for t in tasks]))
         python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
-    exported_emb, python_emb = np.stack(exported_emb), np.stack(python_emb)
+        encoded = _file_bytes(sample, graph.separate_context)
+        if encoded is not None:
+            inputs = {"image_bytes": tf.constant([encoded[0]])}
+            if graph.separate_context:
+                inputs["context_bytes"] = tf.constant([encoded[1]])
+            bytes_rows.append(row)
+            bytes_emb.append(sigs["embed"](**inputs)["embedding"].numpy()[0])
+            bytes_probs.append(_probs(sigs["serving_default"](**inputs), tasks))
     scale = float(np.abs(stored).max()) or 1.0
-    emb_rel = float(np.abs(exported_emb - stored).max() / scale)
-    emb_py = float(np.abs(exported_emb - python_emb).max() / scale)
-    prob_diff = float(np.abs(np.stack(exported_probs) - np.stack(python_probs)).max())
+    python_probs = np.stack(python_probs)
     emb_rtol = EMBEDDING_RTOL[manifest["dtype"]]
-    result = {
+    result: dict[str, Any] = {
         "samples": len(ids),
         "data": str(emb_dir),
-        "max_abs_diff_probabilities": prob_diff,
+        "max_abs_diff_probabilities": float(np.abs(np.stack(pixel_probs) - python_probs).max()),
         "probability_tolerance": tolerance,
-        "max_rel_diff_embedding_vs_stored": emb_rel,
-        "max_rel_diff_embedding_vs_python": emb_py,
+        "max_rel_diff_embedding_vs_stored": float(np.abs(np.stack(pixel_emb) - stored).max() / scale),
+        "max_rel_diff_embedding_vs_python": float(np.abs(np.stack(pixel_emb) - np.stack(python_emb)).max() / scale),
         "embedding_tolerance": emb_rtol,
         "stored_dtype": manifest["dtype"],
+        "bytes_samples": len(bytes_rows),
     }
-    if prob_diff > tolerance:
-        result.update(passed=False, reason=f"probabilities differ by {prob_diff:.2e} > {tolerance:g}")
-    elif emb_rel > emb_rtol:
-        result.update(passed=False, reason=f"embeddings differ from the stored ones by {emb_rel:.2e} (relative) "
-                                           f"> {emb_rtol:g}")
+    if bytes_rows:
+        result["bytes_max_rel_diff_embedding_vs_stored"] = float(
+            np.abs(np.stack(bytes_emb) - stored[bytes_rows]).max() / scale)
+        result["bytes_max_abs_diff_probabilities"] = float(
+            np.abs(np.stack(bytes_probs) - python_probs[bytes_rows]).max())
     else:
+        result["bytes_note"] = ("slide samples: no files for the bytes signatures" if manifest.get("source", {})
+                                .get("kind") == "slides" else "no sample in a format the bytes signatures read")
+    checks = [
+        ("probabilities (serve_pixels vs Python)", result["max_abs_diff_probabilities"], tolerance),
+        ("probabilities (serving_default on the files vs Python)", result.get("bytes_max_abs_diff_probabilities"),
+         tolerance),
+        ("embeddings (embed_pixels vs stored, relative)", result["max_rel_diff_embedding_vs_stored"], emb_rtol),
+        ("embeddings (embed on the files vs stored, relative)", result.get("bytes_max_rel_diff_embedding_vs_stored"),
+         emb_rtol),
+    ]
+    failed = next(((what, v, tol) for what, v, tol in checks if v is not None and not v <= tol), None)
+    if failed is None:
         result.update(passed=True)
+    else:
+        what, value, tol = failed
+        result.update(passed=False, reason=f"{what} differ by {value:.2e} > {tol:g}")
     return result
+
+
+def _probs(outputs: dict[str, Any], tasks: Sequence) -> np.ndarray:
+    return np.concatenate([outputs[f"{t.name}_probabilities"].numpy()[0] for t in tasks])

@@ -1,8 +1,10 @@
 """Prediction with an exported model on image folders, CSV manifests or slide coordinates.
 
-Samples are read in Python (any format Pillow reads, slides through OpenSlide) with the same
-loaders as extraction, grouped into batches of equal shape and sent through the exported
-``serve_pixels`` signature, so the served graph itself computes every prediction.
+Samples are read in Python with the loaders and the decoder extraction used
+(:mod:`dfl_tf.data.decode`; slides through OpenSlide at the mpp and patch size recorded at
+extraction, which :func:`check_source` enforces), grouped into batches of equal shape and sent
+through the exported ``serve_pixels`` signature, so the served graph itself computes every
+prediction.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from tqdm import tqdm
 
 from dfl_tf._io import atomic_write_text
 from dfl_tf.data.slides import parse_magnification
-from dfl_tf.data.sources import Sample, SlideRead, load_sample, load_source
+from dfl_tf.compat import trained_read
+from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
+from dfl_tf.data.views import check_x5_field
 from dfl_tf.errors import DflError
 from dfl_tf.export import ExportedModel, load_model
 
@@ -29,10 +33,16 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
     """Yield lists of (position, sample, (image, context) or DflError), equal shapes per batch."""
     context = model.needs_context
 
+    geo = model.geometry
+    min_side = geo.get("x5_source") == "image" and not geo.get("x5_from_image")
+
     def load(item):
         position, sample = item
         try:
-            return position, sample, load_sample(sample, context, slide_read)
+            loaded = load_sample(sample, context, slide_read)
+            if min_side:  # the centre-crop rule's size check, as at extraction
+                check_x5_field(loaded[0].shape, geo["input_size"], geo["fit"], geo.get("pad_to"), sample.source)
+            return position, sample, loaded
         except DflError as exc:
             return position, sample, exc
 
@@ -66,6 +76,39 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
         yield batch
 
 
+def check_source(exported: ExportedModel, samples: SampleSet, input: str | Path, mpp: float | None,
+                 patch_size: int | None, slide_mpp: float | str | None) -> SlideRead:
+    """Model vs source: refuse a source the heads were not trained for (x5 rule, mpp, patch size);
+    returns how to read slides (defaults: the geometry recorded at extraction)."""
+    geo, what = exported.geometry, f"model {exported.path}"
+    if exported.needs_context and samples.kind != "slides":
+        missing = next((s for s in samples.samples if not s.context), None)
+        if missing is not None:
+            raise DflError(f"{exported.path} needs a context (x5) image per sample, but {missing.id} in {input} has "
+                           "no context_path (use a CSV with a context_path column, or slide coordinates)")
+    if geo.get("x5_source") == "image" and samples.kind == "slides":
+        raise DflError(f"{what} takes its x5 view from the image itself (trained on images without context), "
+                       f"but {input} is a slide source: its x5 view would not match; predict on image patches")
+    if geo.get("x5_source") == "image" and any(s.context for s in samples.samples):
+        raise DflError(f"{what} takes its x5 view from the image itself, but {input} has a context_path column "
+                       f"(the context images would be ignored); drop the column or use a model trained with it")
+    if samples.kind != "slides":
+        return SlideRead(slide_mpp=slide_mpp)
+    mpp, patch_size = trained_read(geo, mpp, patch_size, what)
+    if geo.get("source_kind") not in (None, "slides") and (mpp is None or patch_size is None):
+        missing = next((s for s in samples.samples if (s.mpp is None and mpp is None)
+                        or (s.patch_size is None and patch_size is None)), None)
+        if missing is not None:
+            raise DflError(f"{what} was trained on images (no recorded mpp and patch size); pass --mpp and "
+                           f"--patch-size for {input}")
+    read = SlideRead(mpp=mpp or 0.5, patch_size=patch_size or 256, slide_mpp=slide_mpp)
+    for sample in samples.samples:  # per-row mpp/size columns must be ones the model was trained at
+        if sample.mpp is not None or sample.patch_size is not None:
+            trained_read(geo, sample.mpp or read.mpp, sample.patch_size or read.patch_size,
+                         f"{what} (row {sample.id} of {input})")
+    return read
+
+
 def predict(
     model: str | Path | ExportedModel,
     input: str | Path,
@@ -82,15 +125,8 @@ def predict(
     task the probability of each class and the predicted class. Returns a summary."""
     exported = model if isinstance(model, ExportedModel) else load_model(model)
     samples = load_source(input)
-    read_info = exported.info.get("slide_read") or {}
-    if exported.needs_context and samples.kind != "slides":
-        missing = next((s for s in samples.samples if not s.context), None)
-        if missing is not None:
-            raise DflError(f"{exported.path} needs a context (x5) image per sample, but {missing.id} in {input} has "
-                           "no context_path (use a CSV with a context_path column, or slide coordinates)")
-    mpp = parse_magnification(mpp) if mpp else None
-    slide_read = SlideRead(mpp=mpp or read_info.get("mpp", 0.5), patch_size=patch_size or read_info.get("patch_size", 256),
-                           slide_mpp=slide_mpp)
+    slide_read = check_source(exported, samples, input, parse_magnification(mpp) if mpp else None, patch_size,
+                              slide_mpp)
     heads = exported.info.get("heads", [])
     if not heads:
         raise DflError(f"{exported.path}: no export.json with heads; export it with dfl export")

@@ -24,6 +24,7 @@ Python thread.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -55,6 +56,11 @@ CONTEXT_FACTOR = 4.0
 _LEVEL_TOLERANCE = 0.01
 #: Objective power -> mpp: 20x is 0.5 um/px.
 _MPP_AT_1X = 10.0
+#: Plausible level-0 um/px from metadata; outside it (e.g. a 600 dpi TIFF read as 42 um/px) needs --slide-mpp.
+MPP_RANGE = (0.05, 20.0)
+_log = logging.getLogger("dfl_tf.slides")
+_upsample_warned: set[tuple[str, float]] = set()
+_warn_lock = threading.Lock()
 
 
 def parse_magnification(value: Any) -> float:
@@ -146,6 +152,8 @@ class SlideReader:
         if size < 1:
             raise DflError(f"{self.path}: tile size must be positive, got {size}")
         target_mpp = parse_magnification(target_mpp)
+        if target_mpp < self.mpp * (1.0 - _LEVEL_TOLERANCE):
+            self._warn_upsampling(target_mpp)
         level = self.best_level(target_mpp)
         ds = self.level_downsamples[level]
         side0 = size * target_mpp / self.mpp            # field of view in level-0 pixels
@@ -166,6 +174,16 @@ class SlideReader:
         box = (left - bx0, top - by0, left - bx0 + side, top - by0 + side)
         image = Image.fromarray(region).resize((size, size), Image.Resampling.LANCZOS, box=box)
         return np.array(image)  # a writable copy
+
+    def _warn_upsampling(self, target_mpp: float) -> None:
+        """Log once per slide and mpp that tiles are upsampled from level 0."""
+        key = (self.path, round(target_mpp, 6))
+        with _warn_lock:
+            if key in _upsample_warned:
+                return
+            _upsample_warned.add(key)
+        _log.warning("%s: reading at %g um/px, finer than level 0 (%g um/px): tiles are upsampled %.2fx",
+                     self.path, target_mpp, self.mpp, self.mpp / target_mpp)
 
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
@@ -260,6 +278,11 @@ def open_slide(path: str | os.PathLike, mpp_override: float | str | None = None,
                 raise DflError(
                     f"{path}: slide has no microns-per-pixel metadata; pass --slide-mpp "
                     f"(its level-0 um/px) or a `slide_mpp` column")
+            if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+                raise DflError(
+                    f"{path}: its metadata gives {mpp:g} um/px, outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px "
+                    f"(e.g. a scanner's dpi taken for the slide's resolution); pass --slide-mpp (its level-0 "
+                    f"um/px) or a `slide_mpp` column")
         return SlideReader(path, impl, mpp, source)
     except Exception:
         impl.close()

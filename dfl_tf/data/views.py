@@ -14,6 +14,16 @@ Field rule for image sources:
 Each field is then fitted to the backbone input (``fit``): ``scale`` resizes (bilinear,
 antialiased), ``pad`` pads with white (centre crop when larger), ``pad-scale`` pads to a
 square of side ``pad_to`` (default: the larger side) and then resizes.
+
+Views never collapse silently:
+  * ``pad`` keeps the pixel scale, so an x5 field at the image's um/px (a context image, or the
+    image itself) cannot fit the input: x5 views with ``pad`` are refused on image sources
+    (slides read x5 already at the patch size, so ``pad`` works there);
+  * under ``pad-scale`` the x5 field is padded to ``x5_pad_to`` = 4 x ``pad_to`` when it is at
+    the image's um/px (context images are taken at the image's um/px), ``pad_to`` on slides;
+  * the centre-crop rule on an image smaller than 4x the input side (4x ``pad_to`` under
+    ``pad-scale``) would upsample x20; it is refused unless the user asks for it
+    (``x5_from_image``).
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ ZOOMS = ("x20", "x5")
 COLOURS = ("rgb", "gray")
 FITS = ("scale", "pad", "pad-scale")
 PAD_VALUE = 255.0
+#: The x5 field covers CONTEXT_FACTOR times the side of the x20 field.
+CONTEXT_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,42 @@ def check_fit(fit: str) -> str:
     return fit
 
 
+def x5_source(views: Sequence[View], context: str, source_kind: str) -> str | None:
+    """Where the x5 field comes from: ``slide`` (read at the patch size), ``context image``
+    (a context_path image at the image's um/px), ``image`` (the centre-crop rule) or None."""
+    if not needs_context(views):
+        return None
+    if source_kind == "slides":
+        return "slide"
+    return "context image" if context == "separate" else "image"
+
+
+def check_x5_fit(views: Sequence[View], fit: str, source: str | None, where: str = "") -> None:
+    """Refuse an x5 view that ``fit`` would collapse (see the module docstring)."""
+    if needs_context(views) and fit == "pad" and source in ("context image", "image"):
+        field = "the context image" if source == "context image" else "the whole image"
+        raise DflError(f"{where + ': ' if where else ''}--fit pad keeps the pixel scale, so the x5 view "
+                       f"({field}, 4x the x20 field) cannot fit the input: use --fit scale or pad-scale, or "
+                       f"drop the x5 views")
+
+
+def min_x5_side(size: int, fit: str, pad_to: int | None) -> int:
+    """Smallest image side for the centre-crop rule without upsampling x20 (4x the input side,
+    or 4x ``pad_to`` under ``pad-scale``)."""
+    side = pad_to if (fit == "pad-scale" and pad_to) else size
+    return CONTEXT_FACTOR * int(side)
+
+
+def check_x5_field(shape: Sequence[int], size: int, fit: str, pad_to: int | None, name: str) -> None:
+    """The centre-crop rule's check in Python: a one-line DflError naming ``name`` when the image
+    is too small (the caller skips it when the user passed ``x5_from_image``)."""
+    need = min_x5_side(size, fit, pad_to)
+    if min(int(shape[0]), int(shape[1])) < need:
+        raise DflError(f"{name}: {shape[1]}x{shape[0]} px is smaller than {need} px (4x the x20 side), so its x5 "
+                       f"view would be the image and x20 its centre quarter upsampled; add a context_path "
+                       f"column, drop the x5 views, or pass --x5-from-image to accept that rule")
+
+
 def _pad_or_crop(image: tf.Tensor, height, width) -> tf.Tensor:
     # resize_with_crop_or_pad pads with zeros: shift so the padding comes out white.
     return tf.image.resize_with_crop_or_pad(image - PAD_VALUE, height, width) + PAD_VALUE
@@ -115,23 +163,36 @@ def compose_views(
     size: int,
     fit: str = "scale",
     pad_to: int | None = None,
+    x5_pad_to: int | None = None,
+    min_side: int | None = None,
 ) -> tf.Tensor:
     """One sample's views as float32 [len(views), size, size, 3] in [0, 255].
 
     ``image`` and ``context`` are [h, w, 3] (any real or integer dtype in [0, 255]);
     ``context`` may be None (see the module docstring for the field rule). Batches
-    [N, h, w, 3] work too and give [N, len(views), size, size, 3].
+    [N, h, w, 3] work too and give [N, len(views), size, size, 3]. ``x5_pad_to``: the square
+    the x5 field is padded to under ``pad-scale`` (the geometry's ``x5_pad_to``; None: its larger
+    side). ``min_side``: the centre-crop rule fails (in the graph) on images with a smaller side.
     """
     image = tf.cast(image, tf.float32)
     if context is not None:
         x20, x5 = image, tf.cast(context, tf.float32)
     elif needs_context(views):
+        if min_side:
+            shape = tf.shape(image)
+            small = tf.minimum(shape[-3], shape[-2])
+            check = tf.debugging.assert_greater_equal(
+                small, tf.cast(min_side, small.dtype),
+                message=f"image smaller than {min_side} px: the x5 view from the image itself would upsample x20 "
+                        f"(the model was extracted without --x5-from-image)")
+            with tf.control_dependencies([check]):
+                image = tf.identity(image)
         x20, x5 = centre_quarter(image), image
     else:
         x20, x5 = image, None
     fields = {"x20": fit_field(x20, size, fit, pad_to)}
     if x5 is not None and needs_context(views):
-        fields["x5"] = fit_field(x5, size, fit, pad_to)
+        fields["x5"] = fit_field(x5, size, fit, x5_pad_to)
     out = []
     for view in views:
         field = fields[view.zoom]

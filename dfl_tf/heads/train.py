@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf.compat import check_compatible  # the one shared check (fingerprint, views, geometry)
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
@@ -34,7 +35,7 @@ from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, safe_std, standardisation
-from dfl_tf.store.manifest import check_compatible, load_manifest
+from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import DTYPES, record_dataset
 
 LOSSES = ("focal", "crossentropy")
@@ -356,7 +357,7 @@ def train_head(
             "views": list(tm["views"]),
             "backbone": dict(tm["backbone"]),
             "dim": int(tm["dim"]),
-            "extraction": {k: tm[k] for k in ("dtype", "settings") if k in tm},
+            "extraction": {k: tm[k] for k in ("dtype", "settings", "geometry") if k in tm},
             "standardisation": {"mean": data.mean.tolist(), "std": data.std.tolist()},
             "settings": settings,
             "seed": int(seed),
