@@ -117,6 +117,7 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
     summary = {
         "tiles": counts,
         "heatmap_tiles": hm["tiles"],
+        "heatmap_geometry": {"mpp": hm["mpp"], "size": hm["size"]},  # = the trained geometry (export.json)
         "metrics": {k: metrics.get(k) for k in ("balanced_accuracy", "cohen_kappa", "f1_macro", "f1_weighted")
                     if k in metrics},
         "best_epoch": trained.get("best_epoch"),
@@ -136,6 +137,10 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
 def print_summary(summary: dict[str, Any]) -> None:
     print("\n== dfl_tf demo summary ==")
     print(f"tiles: {summary['tiles']['train']} train, {summary['tiles']['val']} held-out (val)")
+    if "heatmap_geometry" in summary:
+        geo = summary["heatmap_geometry"]
+        print(f"heatmap: {summary['heatmap_tiles']} tiles of {geo['size']} px at {geo['mpp']:g} um/px "
+              f"(the geometry the head was trained at)")
     for key, value in summary["metrics"].items():
         print(f"  {key:<18} {value:.3f}" if isinstance(value, float) else f"  {key:<18} {value}")
     print("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items())
