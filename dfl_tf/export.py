@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
+from dfl_tf._lock import locks_output
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.views import compose_views, parse_views
@@ -222,6 +223,7 @@ def _next_version(root: Path) -> int:
     return max(versions, default=0) + 1
 
 
+@locks_output("export")
 def export_model(
     heads: Sequence[str | Path],
     out: str | Path,

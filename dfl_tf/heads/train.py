@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf._lock import locks_output
 from dfl_tf.compat import check_compatible  # the one shared check (fingerprint, views, geometry)
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
@@ -202,6 +203,7 @@ def _history_csv(history: dict[str, list]) -> str:
     return buf.getvalue()
 
 
+@locks_output("train", inside=False)  # HEAD_DIR is replaced whole: lock beside it
 def train_head(
     train: str | Path,
     out: str | Path,

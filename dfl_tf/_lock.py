@@ -1,0 +1,138 @@
+"""Advisory locks on output directories, so that two runs never write the same output.
+
+``extract`` locks ``OUT/.dfl.lock``, ``export`` locks ``saved_models/NAME/.dfl.lock`` (so two
+exports never take the same version), ``train`` locks ``.HEAD_DIR.lock`` beside its output
+(the head directory itself is replaced at the end). The lock is ``fcntl.flock`` on that file,
+which holds the owner's pid, host, command and start time. The kernel drops a flock when its
+process dies, however it dies, so a lock left by a killed run is stale by construction: the next
+run takes it over (and says so). A second live run gets a one-line DflError naming the holder.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from dfl_tf.errors import DflError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs unguarded
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".dfl.lock"
+log = logging.getLogger(__name__)
+
+
+def lock_path(out: str | os.PathLike, inside: bool = True) -> Path:
+    """The lock file of output ``out``: inside it, or beside it as ``.NAME.lock``."""
+    out = Path(out)
+    return out / LOCK_NAME if inside else out.parent / f".{out.name}.lock"
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> Iterator[dict[str, Any]]:
+    """Hold the lock of output ``out`` for the ``with`` block; yields what the lock file says
+    (``took_over`` holds the previous owner when a stale lock was taken over)."""
+    path = lock_path(out, inside)
+    folder = path.parent
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield {"pid": os.getpid(), "command": command}
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            held = _holder(path)
+            who = f"dfl {held.get('command', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, " \
+                  f"started {held.get('started', '?')})"
+            raise DflError(f"{Path(out)} is in use by another {who}; wait for it to finish or choose another "
+                           f"--out (lock file {path})") from None
+        except OSError as exc:  # a filesystem without flock: go on unguarded, but say so
+            os.close(fd)
+            log.warning("cannot lock %s (%s); running without a lock", path, exc.strerror)
+            yield {"pid": os.getpid(), "command": command, "unlocked": True}
+            return
+        try:  # the file may have been unlinked by its previous owner between open and flock
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    previous = _holder(path)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[:8]}
+    if previous.get("pid") and previous.get("pid") != os.getpid():
+        info["took_over"] = previous
+        log.warning("taking over the stale lock %s of pid %s (%s, no longer running)", path,
+                    previous.get("pid"), previous.get("command"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    try:
+        yield info
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if the run left it empty
+
+
+def locks_output(command: str, arg: str = "out", inside: bool = True) -> Callable:
+    """Decorator: hold :func:`output_lock` on the function's ``arg`` argument while it runs."""
+    def wrap(func: Callable) -> Callable:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            out = signature.bind_partial(*args, **kwargs).arguments.get(arg)
+            if out is None:
+                return func(*args, **kwargs)
+            with output_lock(out, command, inside):
+                return func(*args, **kwargs)
+        return locked
+    return wrap
+
+
+def wait_for_lock_file(out: str | os.PathLike, inside: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+    """Tests and tools: wait until ``out``'s lock file names a live owner; returns its content."""
+    path = lock_path(out, inside)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        held = _holder(path)
+        if held.get("pid") and _alive(held["pid"]):
+            return held
+        time.sleep(0.02)
+    raise TimeoutError(f"no live lock on {path}")
