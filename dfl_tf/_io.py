@@ -1,22 +1,44 @@
 """Small file helpers shared by every stage: atomic writes and hashing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
+
+from dfl_tf.errors import DflError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # disk full, I/O error, a signal: nothing half-written stays behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(path, exc) from exc
+        raise
+
+
+#: errno values that mean "the disk, not the data": reported as one-line DflErrors.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> DflError:
+    """A one-line error for a failed write to ``path`` (what failed, and that a rerun resumes)."""
+    code = getattr(exc, "errno", None)
+    reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else str(exc).splitlines()[0][:160]
+    return DflError(f"cannot write {path}: {reason}; nothing was left half-written: fix the disk and rerun "
+                    "the same command to resume")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

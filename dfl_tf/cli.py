@@ -14,14 +14,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class _Group(click.Group):
-    """Turns DflError into a one-line message and exit status 2."""
+    """Turns DflError into a one-line message and exit status 2; SIGINT/SIGTERM into one line and 130/143."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from dfl_tf._signals import interruptible, interrupted
+
         try:
-            return super().invoke(ctx)
+            with interruptible():  # SIGTERM cleans up like Ctrl-C
+                return super().invoke(ctx)
         except DflError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:
+            message, code = interrupted(exc)
+            click.echo(f"error: {message}", err=True)
+            sys.exit(code)
 
 
 @click.group(cls=_Group)

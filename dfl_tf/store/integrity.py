@@ -70,7 +70,7 @@ def shard_problems(emb_dir: str | Path, manifest: dict[str, Any]) -> list[tuple[
     if changed:
         try:
             atomic_write_json(emb_dir / CACHE_FILE, disk)
-        except OSError:
+        except (OSError, DflError):
             pass  # a read-only store: the in-memory cache still spares this process
     return problems
 

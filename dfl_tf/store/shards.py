@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf._io import sha256_file
+from dfl_tf._io import sha256_file, write_error
 from dfl_tf.store.integrity import check_shards, shard_problems
 from dfl_tf.store.manifest import load_manifest
 
@@ -50,14 +50,20 @@ def write_shard(path: str | Path, records: Iterable[bytes]) -> tuple[int, str]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    with tf.io.TFRecordWriter(str(tmp)) as writer:
-        for record in records:
-            writer.write(record)
-            count += 1
-    with open(tmp, "rb+") as fh:  # on disk before the rename, like every other output
-        os.fsync(fh.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    try:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for record in records:
+                writer.write(record)
+                count += 1
+        with open(tmp, "rb+") as fh:  # on disk before the rename, like every other output
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:  # ENOSPC/EIO or a signal: no partial file under any name
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, tf.errors.OpError)):
+            raise write_error(path, exc) from exc
+        raise
     return count, digest
 
 

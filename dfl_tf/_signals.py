@@ -1,0 +1,49 @@
+"""SIGTERM handled like SIGINT, so that an interrupted command cleans up before it exits.
+
+By default SIGTERM ends Python at once: no ``finally`` runs, temporary files and locks stay
+behind and the user sees nothing. Inside :func:`interruptible` SIGTERM raises
+:class:`Interrupted` (a KeyboardInterrupt) in the main thread instead, so every
+temporary-name-then-rename writer removes its temporary file, the output lock is released and
+the CLI prints one line (exit 143; 130 for SIGINT).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread when a handled signal arrives."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def interruptible(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The CLI's one-line message and exit status for an interruption."""
+    name = getattr(exc, "name", "SIGINT")
+    code = 128 + getattr(exc, "signum", signal.SIGINT)
+    return (f"interrupted by {name}; nothing was left half-written: rerun the same command "
+            "(dfl extract resumes from its completed shards)"), code

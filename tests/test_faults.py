@@ -1,0 +1,140 @@
+"""Faults mid-run: a full or failing disk while writing a shard, SIGTERM/SIGINT during
+extraction and training: one clear line, no partial file under a final name, and a rerun
+resumes (issue 16, item 5)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from conftest import TINY_FAST, write_images
+from dfl_tf import extract, load_embeddings
+from dfl_tf.cli import main
+from dfl_tf.errors import DflError
+from dfl_tf.store.shards import verify_shards
+from emb_utils import blobs, make_embedding_dir
+
+REAL_WRITER = tf.io.TFRecordWriter
+
+
+def _failing_writer(code: int, fail_on: int):
+    """A TFRecordWriter that writes a few bytes of shard number ``fail_on`` then fails with ``code``."""
+    calls = {"n": 0}
+
+    class Writer(REAL_WRITER):
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path, *args, **kwargs)
+            self.fail = calls["n"] == fail_on
+            calls["n"] += 1
+
+        def write(self, record):
+            if self.fail:  # a partial write, then the error
+                super().write(record[:10])
+                self.flush()
+                raise OSError(code, os.strerror(code))
+            super().write(record)
+
+    return Writer
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob(".*tmp*")) + ([".dfl.lock"] if (out / ".dfl.lock").exists() else [])
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_disk_error_while_writing_a_shard_then_resume(tmp_path, image_folder, monkeypatch, code):
+    out = tmp_path / "emb"
+    monkeypatch.setattr(tf.io, "TFRecordWriter", _failing_writer(code, fail_on=1))
+    with pytest.raises(DflError) as err:
+        extract(image_folder, out, shard_size=5, **TINY_FAST)
+    message = str(err.value)
+    assert "\n" not in message and "shard-00001-of-00003.tfrecord" in message
+    assert f"({errno.errorcode[code]})" in message and "rerun the same command to resume" in message
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000-of-00003.tfrecord"]
+    assert not (out / "manifest.json").exists() and _leftovers(out) == []
+    monkeypatch.setattr(tf.io, "TFRecordWriter", REAL_WRITER)
+    kept = (out / "shard-00000-of-00003.tfrecord").stat().st_mtime_ns
+    resumed = extract(image_folder, out, shard_size=5, **TINY_FAST)
+    clean = extract(image_folder, tmp_path / "clean", shard_size=5, **TINY_FAST)
+    assert (out / "shard-00000-of-00003.tfrecord").stat().st_mtime_ns == kept  # not redone
+    assert resumed["shards"] == clean["shards"] and verify_shards(out) == []
+
+
+def test_disk_full_cli_one_line_exit_2(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(tf.io, "TFRecordWriter", _failing_writer(errno.ENOSPC, fail_on=0))
+    result = CliRunner().invoke(main, ["extract", str(image_folder), "--out", str(tmp_path / "emb"),
+                                       "--backbone", "tiny_test", "--weights", "none", "--input-size", "32"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: cannot write" in result.output and "No space left on device (ENOSPC)" in result.output
+
+
+_CLI = "from dfl_tf.cli import main; main()"
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+_SLOW_CLI = """
+import time
+from dfl_tf.backbones.toy import register_toy
+from dfl_tf.data import sources
+register_toy("tiny_test")
+read = sources.read_image
+sources.read_image = lambda path: (time.sleep(0.05), read(path))[1]  # slow reads: the signal lands mid-run
+from dfl_tf.cli import main
+main()
+"""
+
+
+def test_sigterm_during_extraction_cleans_up_and_resumes(tmp_path):
+    images = write_images(tmp_path / "imgs", per_class=12, seed=3)
+    out = tmp_path / "emb"
+    flags = ["--backbone", "tiny_test", "--weights", "none", "--input-size", "32", "--batch-size", "2",
+             "--shard-size", "3"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "extract", str(images), "--out", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / ".parts" / "shard-00001.json").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "error: interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    done = {p.name for p in out.glob("shard-*.tfrecord")}
+    assert 2 <= len(done) < 8 and not (out / "manifest.json").exists() and _leftovers(out) == []
+    resumed = CliRunner().invoke(main, ["extract", str(images), "--out", str(out), *flags])
+    assert resumed.exit_code == 0, resumed.output
+    clean = extract(images, tmp_path / "clean", shard_size=3, **{**TINY_FAST, "batch_size": 2})
+    assert json.loads((out / "manifest.json").read_text())["shards"] == clean["shards"]
+    assert load_embeddings(out).ids == load_embeddings(tmp_path / "clean").ids
+
+
+def test_sigint_during_training_leaves_nothing_and_rerun_trains(tmp_path):
+    X, y = blobs(64, 8, seed=2)
+    make_embedding_dir(tmp_path / "emb", X, y, ["a", "b"], shard_size=32)
+    head = tmp_path / "heads" / "h"
+    proc = subprocess.Popen([sys.executable, "-c", _CLI, "train", str(tmp_path / "emb"), "--out", str(head),
+                             "--epochs", "100000", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(head.parent.glob(".h.tmp-*/logs")), proc)
+    time.sleep(1.0)  # well inside model.fit
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "error: interrupted by SIGINT" in stderr and "Traceback" not in stderr
+    assert not head.parent.exists()  # no head, no temporary dir, no lock (and the folder they made)
+    again = CliRunner().invoke(main, ["train", str(tmp_path / "emb"), "--out", str(head), "--epochs", "1"])
+    assert again.exit_code == 0, again.output
+    assert (head / "head.keras").exists()
