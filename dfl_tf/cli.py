@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dfl_tf.errors import DflError
+from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -51,6 +52,31 @@ def _run(func, ctx: click.Context, command: str, config: str | None, fixed: dict
     return func(**kwargs)
 
 
+def option_flags(fields: tuple[str, ...] | None = None, **help: str):
+    """Click options for the :class:`~dfl_tf.options.ExtractOptions` ``fields`` (default: all),
+    with the dataclass's defaults and help texts (``help``: per-field replacements)."""
+    import dataclasses
+
+    from dfl_tf.options import ExtractOptions
+
+    chosen = [f for f in dataclasses.fields(ExtractOptions) if fields is None or f.name in fields]
+
+    def decorate(func):
+        for f in reversed(chosen):
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            text = help.get(f.name, meta["help"])
+            if meta["flag"]:
+                func = click.option(flag, is_flag=True, help=text)(func)
+                continue
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            kind = click.Choice(list(meta["choices"])) if meta["choices"] else (meta["type"] or str)
+            func = click.option(flag, type=kind, default=default, show_default=default is not None,
+                                help=text)(func)
+        return func
+
+    return decorate
+
+
 @main.command("backbones")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def backbones_cmd(as_json: bool) -> None:
@@ -61,44 +87,31 @@ def backbones_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<18} {'input':>5} {'dim':>5}  {'weights (offline now: yes/no)':<44} licence")
+    click.echo(f"{'name':<22} {'input':>5} {'dim':>5} {'params':>7}  {'weights (offline now: yes/no)':<30} licence")
     for row in rows:
         sources = ", ".join(f"{k}({'yes' if v else 'no'})" for k, v in row["offline"].items())
-        licences = "; ".join(f"{k}: {v}" for k, v in row["licences"].items()) or "-"
-        click.echo(f"{row['name']:<18} {row['input_size']:>5} {row['dim']:>5}  {sources:<44} {licences}")
+        licences = "; ".join(f"{k}: {'[gated] ' if row['gated'].get(k) else ''}{v}"
+                             for k, v in row["licences"].items()) or "-"
+        params = f"{row['params'] / 1e6:.1f}M" if row.get("params") else "-"
+        click.echo(f"{row['name']:<22} {row['input_size']:>5} {row['dim']:>5} {params:>7}  {sources:<30} {licences}")
+        details = [f"embedding: {row['embedding']}"]
+        if row.get("preprocessing"):
+            details.append(f"preprocessing: {row['preprocessing']}")
+        details += [f"{k}: {url}" for k, url in row["sources"].items() if url]
+        click.echo("    " + "; ".join(details))
     click.echo("Any SavedModel directory also works as --backbone PATH (keras.layers.TFSMLayer).")
 
 
 @main.command("extract")
 @click.argument("source", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (shards + manifest.json).")
-@click.option("--backbone", default="resnet50", show_default=True, help="Registry name or SavedModel directory.")
-@click.option("--weights", default="default", show_default=True, help="imagenet | none | a source name | a local file.")
-@click.option("--views", default="x20:rgb", show_default=True, help="Comma-separated: x20:rgb,x20:gray,x5:rgb,x5:gray.")
-@click.option("--input-size", type=int, default=None, help="Backbone input side in px (default: the backbone's).")
-@click.option("--fit", type=click.Choice(["scale", "pad", "pad-scale"]), default="scale", show_default=True)
-@click.option("--pad-to", type=int, default=None, help="Square side to pad to before scaling (pad-scale).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "mixed_float16"]), default="float32",
-              show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage dtype of the embeddings.")
-@click.option("--shard-size", type=int, default=1024, show_default=True, help="Records per shard.")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable samples and list them in the manifest.")
+@option_flags()
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
 @click.option("--split", default=None, help="Only CSV rows whose 'split' column equals this.")
-@click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
-@click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
-@click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
-              "without metadata.")
-@click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
-@click.option("--jit", is_flag=True, help="Compile the backbone with XLA.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="beam: run as an Apache Beam pipeline (pip install 'dfl_tf[beam]'), one element per shard.")
 @click.option("--beam-option", "beam_options", multiple=True, metavar="KEY=VALUE",
               help="Beam pipeline option, repeatable: runner=DataflowRunner, project=..., direct_num_workers=2.")
-@click.option("--devices", default=None,
-              help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
@@ -114,12 +127,20 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
 @main.command("import-weights")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--arch", required=True,
-              type=click.Choice(["resnet50_tv", "dino_resnet50", "swav_resnet50", "efficientnet_lite0"]),
-              help="Architecture of the checkpoint (the ResNet-50 names share one layout).")
+              type=click.Choice(["resnet50_tv", "dino_resnet50", "swav_resnet50", "efficientnet_lite0",
+                                 "lunit_resnet50_bt", "lunit_resnet50_swav", "lunit_resnet50_mocov2",
+                                 # ViTs (vit_zoo.CONFIGS): .safetensors or torch files, timm/hub/transformers keys
+                                 "dino_vits16", "dino_vits8", "vit_b16_imagenet", "dinov2_vits14", "dinov2_vitb14",
+                                 "dinov2_vitl14", "dinov2_vitg14", "dinov2_vits14_reg", "dinov2_vitb14_reg",
+                                 "dinov2_vitl14_reg", "dinov2_vitg14_reg", "phikon", "phikon_v2", "hibou_b", "uni",
+                                 "uni2_h", "virchow2", "h_optimus_0", "prov_gigapath", "lunit_vits16",
+                                 "lunit_vits8"]),
+              help="Architecture of the checkpoint (the ResNet-50 names share one layout; ViT names read "
+                   ".safetensors too).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination, must end in .weights.h5.")
 @click.option("--input-size", type=int, default=None, help="Side of the model built for the conversion.")
 def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | None) -> None:
-    """Convert a PyTorch CHECKPOINT (torchvision, DINO, SwAV, EfficientNet-Lite0) to Keras weights.
+    """Convert a CHECKPOINT (torch or .safetensors: torchvision, DINO, SwAV, EfficientNet-Lite0, ViTs) to Keras.
 
     No torch needed. Use the result with --weights OUT.weights.h5.
     """
@@ -236,8 +257,11 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
 @click.option("--out", required=True, type=click.Path(), help="Predictions CSV.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (listed in OUT.skipped.csv).")
-@click.option("--mpp", default=None, help="Slides: um/px (0.5) or 20x to read at (default: as exported).")
-@click.option("--patch-size", type=int, default=None, help="Slides: patch side (default: as exported).")
+@click.option("--mpp", default=None,
+              help="Slides: um/px (0.5) or 20x to read at (default: the mpp the heads were trained at; another "
+              "value is refused).")
+@click.option("--patch-size", type=int, default=None,
+              help="Slides: patch side (default: the size the heads were trained at; another value is refused).")
 @click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
               "without metadata.")
 @click.option("--progress/--no-progress", default=True)
@@ -253,8 +277,11 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
 @click.argument("model", type=click.Path())
 @click.argument("slide", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
-@click.option("--mpp", default=None, help="um/px (0.5) or 20x to tile at (default: as exported).")
-@click.option("--size", type=int, default=None, help="Tile side in px (default: as exported).")
+@click.option("--mpp", default=None,
+              help="um/px (0.5) or 20x to tile at (default: the mpp the heads were trained at; needed for models "
+              "trained on image patches).")
+@click.option("--size", type=int, default=None,
+              help="Tile side in px (default: the patch size the heads were trained at).")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True)
 @click.option("--overlap", type=float, default=0.0, show_default=True)
 @click.option("--slide-mpp", default=None, help="Level-0 um/px (0.5) or objective power (20x) for slides without "
@@ -283,11 +310,9 @@ def _select_control(value: str) -> bool | str:
 @click.argument("dataset", type=click.Path())
 @click.option("--backbones", required=True, help="Comma-separated registry names or SavedModel directories.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (table.md, results.*, maps.png).")
-@click.option("--views", default="x20:rgb", show_default=True, help="Comma-separated view specs.")
 @click.option("--seeds", type=int, default=5, show_default=True, help="Linear heads per backbone (0: k-NN only).")
 @click.option("--weights", default="default", show_default=True,
               help="One source for all, or name=weights pairs: 'imagenet,efficientnet_b0=none'.")
-@click.option("--input-size", type=int, default=None, help="Backbone input side in px (default: each backbone's).")
 @click.option("--val-fraction", type=float, default=0.25, show_default=True,
               help="Validation share when the source has no 'split' column.")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Linear head epochs.")
@@ -305,19 +330,8 @@ def _select_control(value: str) -> bool | str:
 @click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
-@click.option("--fit", type=click.Choice(["scale", "pad", "pad-scale"]), default="scale", show_default=True)
-@click.option("--pad-to", type=int, default=None)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Extraction batch size.")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "mixed_float16"]), default="float32",
-              show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--shard-size", type=int, default=1024, show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable samples.")
-@click.option("--mpp", default="0.5", show_default=True, help="Slides: um/px of the x20 patch, or 20x.")
-@click.option("--patch-size", type=int, default=256, show_default=True, help="Slides: patch side in px at --mpp.")
-@click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
-              "without metadata.")
-@click.option("--workers", type=int, default=None, help="Parallel decode/read calls (default: auto).")
+@option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",
+              batch_size="Extraction batch size.")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
@@ -336,10 +350,7 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @main.command("finetune")
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (model.keras, metrics.json).")
-@click.option("--backbone", default="resnet50", show_default=True, help="Registry name or SavedModel directory.")
-@click.option("--weights", default="default", show_default=True, help="imagenet | none | a source name | a file.")
-@click.option("--input-size", type=int, default=None, help="Input side in px (default: the backbone's).")
-@click.option("--views", default="x20:rgb", show_default=True, help="One view (multi-view is not supported).")
+@option_flags(FINETUNE_FIELDS, views="One view (multi-view is not supported).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -354,8 +365,6 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Flips, 90-degree rotations, colour jitter.")
 @click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
-@click.option("--fit", type=click.Choice(["scale", "pad", "pad-scale"]), default="scale", show_default=True)
-@click.option("--pad-to", type=int, default=None)
 @click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--progress/--no-progress", default=True)

@@ -512,6 +512,9 @@ _ARCH_ALIASES = {
     "resnet50": "resnet50_tv",
     "dino_resnet50": "resnet50_tv",
     "swav_resnet50": "resnet50_tv",
+    "lunit_resnet50_bt": "resnet50_tv",
+    "lunit_resnet50_swav": "resnet50_tv",
+    "lunit_resnet50_mocov2": "resnet50_tv",
     "efficientnet_lite0": "efficientnet_lite0",
 }
 ARCHS = tuple(sorted(_ARCH_ALIASES))
@@ -596,6 +599,10 @@ def import_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathL
     """
     import keras
 
+    from dfl_tf.backbones.vit_weights import import_vit_weights, vit_archs
+
+    if arch in vit_archs():  # ViTs: safetensors or torch files, timm / hub / transformers keys
+        return import_vit_weights(checkpoint, arch, out)
     arch = canonical_arch(arch)
     out = Path(out)
     if not out.name.endswith(".weights.h5"):

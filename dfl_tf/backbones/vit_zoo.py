@@ -131,9 +131,13 @@ _EMBEDDING = {"cls": "class token after the final LayerNorm",
               "mean": "mean of patch tokens after the final LayerNorm"}
 
 
+CONFIGS: dict[str, ViTConfig] = {}  # registry name -> architecture (import-weights, tests)
+
+
 def register_vit(name: str, config: ViTConfig, sources: dict[str, WeightSource], ref: str,
                  description: str) -> BackboneSpec:
     """Register one ViT; hub sources get their offline check bound to this name."""
+    CONFIGS[name] = config
     bound = {}
     for key, source in sources.items():
         if isinstance(source, HubSource):
