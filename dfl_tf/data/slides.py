@@ -110,6 +110,7 @@ class SlideReader:
         self.level_downsamples = list(backend.level_downsamples)
         self.level_count = len(self.level_dimensions)
         self.dimensions = self.level_dimensions[0]
+        self.broken = False  # set by a failed read: the pool then closes this reader
 
     def __repr__(self) -> str:
         return (f"SlideReader({self.path!r}, backend={self.backend}, mpp={self.mpp:g}, "
@@ -188,10 +189,12 @@ class SlideReader:
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
             return backend.read(level, x, y, w, h)
-        except DflError:
-            raise
-        except Exception as exc:
-            raise DflError(f"{self.path}: cannot read slide region ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # a corrupt or truncated tile, an unreadable level, a codec error
+            detail = str(exc) if isinstance(exc, DflError) else f"{type(exc).__name__}: {exc}"
+            detail = " ".join(detail.replace(self.path, "").strip(": ").split())[:300]
+            self.broken = True  # OpenSlide handles stay in error once a read failed: never reuse this one
+            raise DflError(f"{self.path}: cannot read level {level} region ({x}, {y}) + {w} x {h} "
+                           f"({detail})") from exc
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """The whole slide with its longer side at most ``max_side``; returns (rgb, downsample).
@@ -305,7 +308,7 @@ def get_reader(path: str | os.PathLike, mpp_override: float | str | None = None)
         cache = _local.readers = OrderedDict()
     key = (os.path.abspath(os.fspath(path)), None if mpp_override is None else str(mpp_override))
     reader = cache.get(key)
-    if reader is not None and reader._backend is not None:
+    if reader is not None and reader._backend is not None and not reader.broken:
         cache.move_to_end(key)
         return reader
     reader = open_slide(path, mpp_override=mpp_override)
@@ -352,7 +355,7 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
         with _pool_lock:
             idle = _pool.setdefault(key, [])
             _pool.move_to_end(key)
-            if len(idle) < MAX_IDLE_PER_SLIDE:
+            if len(idle) < MAX_IDLE_PER_SLIDE and not reader.broken:  # a failed handle is closed
                 idle.append(reader)
                 reader = None
             while len(_pool) > MAX_POOLED_SLIDES:
@@ -378,6 +381,9 @@ def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: 
         width, height = reader.dimensions
         if not (0 <= cx < width and 0 <= cy < height):
             raise DflError(f"{path}: centre ({cx}, {cy}) lies outside the slide ({width} x {height} level-0 px)")
-        x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
-        x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
+        try:
+            x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
+            x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
+        except DflError as exc:  # name the tile as the source names it
+            raise DflError(f"{exc} for the tile centred at ({cx}, {cy})") from exc
     return x20, x5
