@@ -112,7 +112,7 @@ def backbones_cmd(as_json: bool) -> None:
               help="beam: run as an Apache Beam pipeline (pip install 'dfl_tf[beam]'), one element per shard.")
 @click.option("--beam-option", "beam_options", multiple=True, metavar="KEY=VALUE",
               help="Beam pipeline option, repeatable: runner=DataflowRunner, project=..., direct_num_workers=2.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
 def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, **options: Any) -> None:
@@ -158,23 +158,28 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units (0: linear softmax head).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout after the hidden layer.")
 @click.option("--noise", type=float, default=None, help="Feature-noise std (default 0.1; 0 disables it).")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
+              help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
 @click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
 @click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
-@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--epochs", type=int, default=50, show_default=True, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Training batch size.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of init, shuffling and noise (same seed, same weights).")
 @click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (0: off).")
 @click.option("--monitor", type=click.Choice(["val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
-              "val_cohen_kappa", "val_roc_auc", "val_pr_auc"]), default="val_balanced_accuracy", show_default=True)
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
-@click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True)
+              "val_cohen_kappa", "val_roc_auc", "val_pr_auc"]), default="val_balanced_accuracy", show_default=True,
+              help="Validation metric for early stopping and best weights (needs --val).")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: weight the loss by inverse class frequency.")
+@click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True,
+              help="Draw classes uniformly in each batch.")
 @click.option("--logdir", type=click.Path(), default=None, help="TensorBoard directory (default HEAD_DIR/logs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty head directory.")
 @click.option("--devices", default=None,
               help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--config", type=click.Path(), default=None,
               help="YAML file of these options, may hold an 'augment:' list (flags win).")
 @click.pass_context
@@ -195,7 +200,7 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
 @click.argument("head_dir", type=click.Path())
 @click.argument("emb_dir", type=click.Path())
 @click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
-@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Prediction batch size.")
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
@@ -255,7 +260,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
 @click.argument("model", type=click.Path())
 @click.argument("input", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Predictions CSV.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable samples (listed in OUT.skipped.csv).")
 @click.option("--mpp", default=None,
               help="Slides: um/px (0.5) or 20x to read at (default: the mpp the heads were trained at; another "
@@ -264,7 +269,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
               help="Slides: patch side (default: the size the heads were trained at; another value is refused).")
 @click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
               "without metadata.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
     """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
     from dfl_tf.prediction import predict
@@ -282,13 +287,13 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
               "trained on image patches).")
 @click.option("--size", type=int, default=None,
               help="Tile side in px (default: the patch size the heads were trained at).")
-@click.option("--min-tissue", type=float, default=0.5, show_default=True)
-@click.option("--overlap", type=float, default=0.0, show_default=True)
+@click.option("--min-tissue", type=float, default=0.5, show_default=True, help="Minimum tissue fraction per tile.")
+@click.option("--overlap", type=float, default=0.0, show_default=True, help="Fraction of overlap between tiles.")
 @click.option("--slide-mpp", default=None, help="Level-0 um/px (0.5) or objective power (20x) for slides without "
               "metadata.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="GeoJSON: min probability.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--progress/--no-progress", default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Tiles per model call.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     """Tile SLIDE, predict each tile with MODEL, write heatmaps, predictions and GeoJSON to OUT."""
     from dfl_tf.heatmap import heatmap
@@ -318,21 +323,22 @@ def _select_control(value: str) -> bool | str:
 @click.option("--epochs", type=int, default=30, show_default=True, help="Linear head epochs.")
 @click.option("--noise", type=float, default=0.1, show_default=True, help="Feature-noise std (0: off).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the heads.")
-@click.option("--head-batch-size", type=int, default=256, show_default=True)
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
+@click.option("--head-batch-size", type=int, default=256, show_default=True, help="Linear head batch size.")
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
+              help="Focal loss or categorical cross-entropy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First head seed.")
-@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--control", default="true", show_default=True, callback=lambda c, p, v: _select_control(v),
               help="Random-init control: true (best registry architecture), false, or an architecture name.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Extraction cache (default OUT/cache).")
-@click.option("--knn-k", type=int, default=10, show_default=True)
+@click.option("--knn-k", type=int, default=10, show_default=True, help="Neighbours of the k-NN pre-screen.")
 @click.option("--maps/--no-maps", default=True, show_default=True, help="maps.png and projector/ exports.")
 @click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
 @option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",
               batch_size="Extraction batch size.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
 def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
@@ -351,23 +357,25 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (model.keras, metrics.json).")
 @option_flags(FINETUNE_FIELDS, views="One view (multi-view is not supported).")
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Maximum epochs.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Training batch size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of init, augmentation and shuffling.")
 @click.option("--val", default=None, type=click.Path(), help="Validation source (default: a split of DATASET).")
-@click.option("--val-fraction", type=float, default=0.25, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True)
-@click.option("--gamma", type=float, default=2.0, show_default=True)
-@click.option("--alpha", type=float, default=0.25, show_default=True)
-@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--val-fraction", type=float, default=0.25, show_default=True,
+              help="Validation share when there is no --val and no 'split' column.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
+              help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
+@click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
+@click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout before the softmax layer.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Flips, 90-degree rotations, colour jitter.")
 @click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
 @click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
-@click.option("--overwrite", is_flag=True)
-@click.option("--progress/--no-progress", default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
 @click.pass_context
 def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
