@@ -167,3 +167,9 @@ def test_shipped_models_config_serves_what_the_readme_calls():
     called |= set(re.findall(r'model_spec\.name[^=]*= "([\w-]+)"', readme))
     assert called and called <= set(served), f"examples call {called}, models.config serves {set(served)}"
     assert "demo" in served  # what `make demo` exports
+
+
+def test_every_option_has_a_help_text():
+    missing = [f"dfl {name} {param.opts[0]}" for name, command in main.commands.items()
+               for param in command.params if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert not missing, f"options without help text (shown in docs/cli.md): {missing}"
