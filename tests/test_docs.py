@@ -15,7 +15,10 @@ import pytest
 from dfl_tf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIP = {".venv", ".git", "build", "dist", "demo_out", ".pytest_cache", "node_modules"}
+DOCS = sorted([*ROOT.glob("*.md"),  # README.md, docs/, saved_models/, benchmarks/, tests/data/, ...
+               *(p for top in ROOT.iterdir() if top.is_dir() and top.name not in SKIP
+                 and not top.name.endswith(".egg-info") for p in top.rglob("*.md"))])
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)[^\n]*\n(.*?)^```", re.M | re.S)
 SEPARATORS = {"&&", "||", ";", "|", ">", ">>", "<", "2>", "&"}
 
