@@ -69,3 +69,19 @@ def test_slide_mpp_flag_takes_an_objective_power(tmp_path, plain_slide):
     for command in ("extract", "select", "predict", "heatmap", "tile"):
         params = {p.name: p for p in main.commands[command].params}
         assert params["slide_mpp"].type.name == "text", command  # not FLOAT: "20x" must get through
+
+
+def test_extract_cli_slide_mpp_power_equals_microns(tmp_path, plain_slide):
+    from dfl_tf.store.shards import load_embeddings
+
+    src = tmp_path / "coords.csv"
+    src.write_text(f"slide,x,y\n{plain_slide},64,64\n{plain_slide},160,100\n")
+    common = ["--backbone", "tiny_test", "--weights", "none", "--input-size", "32", "--patch-size", "32",
+              "--no-progress"]
+    for name, value in (("power", "20x"), ("microns", "0.5")):
+        result = CliRunner().invoke(main, ["extract", str(src), "--out", str(tmp_path / name), "--mpp", "1",
+                                           "--slide-mpp", value, *common])
+        assert result.exit_code == 0, result.output
+    power, microns = load_embeddings(tmp_path / "power"), load_embeddings(tmp_path / "microns")
+    assert power.X.shape == (2, 16)
+    np.testing.assert_array_equal(power.X, microns.X)
