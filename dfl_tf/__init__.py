@@ -27,6 +27,7 @@ def __getattr__(name: str):
         "demo": "dfl_tf.demo",
         "select_backbones": "dfl_tf.selection",
         "finetune": "dfl_tf.finetuning",
+        "ExtractOptions": "dfl_tf.options",
     }
     if name in api:
         return getattr(importlib.import_module(api[name]), name)
@@ -34,4 +35,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "export_model", "load_model",
-           "predict", "heatmap", "tile", "__version__", "select_backbones", "finetune"]
+           "predict", "heatmap", "tile", "__version__", "select_backbones", "finetune",
+           "ExtractOptions"]

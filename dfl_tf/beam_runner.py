@@ -3,7 +3,7 @@
 One Beam element per pending shard: ``Create(shard indices) -> Reshuffle -> ParDo(_ExtractShard)``.
 Each worker rebuilds the frozen backbone once in ``DoFn.setup`` from the same settings as the
 driver (and checks its fingerprint), re-reads the source (and checks its fingerprint), runs the
-local extraction code (:class:`dfl_tf.extraction._ShardRunner`) on the shard's sample range and
+local extraction code (:class:`dfl_tf.extract_core.ShardRunner`) on the shard's sample range and
 writes the shard file and its ``.parts/`` sidecar through a temporary name and a rename. The
 driver then writes ``manifest.json`` from the sidecars exactly as a local run does. A shard is
 therefore byte-for-byte the shard a local run writes, a run resumes where any earlier run (local
@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dfl_tf.errors import DflError
+from dfl_tf.options import ExtractOptions, takes_options
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
 
 
 def _quiet_import():
@@ -162,129 +161,75 @@ class _ExtractShard(beam.DoFn if beam is not None else object):
         self.runner = None
 
     def setup(self) -> None:
-        from dfl_tf.backbones.registry import load_backbone
-        from dfl_tf.data.sources import SlideRead, load_source
-        from dfl_tf.data.views import parse_views
+        from dfl_tf.data.sources import load_source
         from dfl_tf.distribute import resolve_strategy
         from dfl_tf.distribute import scope as strategy_scope
-        from dfl_tf.extraction import _ShardRunner
+        from dfl_tf.extract_core import ShardRunner, build_backbone
+        from dfl_tf.options import ExtractOptions
 
         job = self.job
+        options = ExtractOptions(**job["options"])
         samples = load_source(job["source"], split=job["split"], classes=job["classes"])
-        strategy = resolve_strategy(job["devices"])
+        strategy = resolve_strategy(options.devices)
         with strategy_scope(strategy):  # load_backbone seeds and isolates its own build
-            bb = load_backbone(job["backbone"], weights=job["weights"], input_size=job["input_size"],
-                               precision=job["precision"])
+            bb = build_backbone(options)
         if bb.fingerprint != job["fingerprint"]:
             raise DflError(f"worker built backbone {bb.name} with fingerprint {bb.fingerprint[:12]}, "
                            f"not the driver's {job['fingerprint'][:12]} (weights file differs on the worker?)")
         if samples.fingerprint() != job["source_fingerprint"]:
             raise DflError(f"worker read source {job['source']} differently from the driver "
                            "(paths must be the same on every worker)")
-        self.n = len(samples.samples)
-        self.runner = _ShardRunner(bb, parse_views(job["views"]), samples, job["fit"], job["pad_to"],
-                                   job["batch_size"], SlideRead(**job["slide_read"]), job["workers"], job["jit"],
-                                   job["skip_bad"], strategy)
+        self.n, self.size = len(samples.samples), options.shard_size
+        self.runner = ShardRunner(bb, options, samples, strategy)
         self.counter = beam.metrics.Metrics.counter("dfl_extract", "samples")
 
     def process(self, index: int):
-        from dfl_tf._io import atomic_write_json
-        from dfl_tf.extraction import _part_path
-        from dfl_tf.store.shards import write_shard
+        from dfl_tf.extract_core import write_part
 
-        job, out = self.job, Path(self.job["out"])
-        size = job["shard_size"]
-        start, stop = index * size, min(self.n, (index + 1) * size)
-        records, labels, skipped = self.runner.run(range(start, stop), job["dtype"], _NoBar())
-        name = job["names"][index]
-        count, digest = write_shard(out / name, records)
-        atomic_write_json(_part_path(out, index), {"file": name, "records": count, "sha256": digest,
-                                                   "labels": labels, "skipped": skipped})
+        start, stop = index * self.size, min(self.n, (index + 1) * self.size)
+        records, labels, skipped = self.runner.run(range(start, stop), _NoBar())
+        write_part(Path(self.job["out"]), index, self.job["names"][index], records, labels, skipped)
         self.counter.inc(stop - start)
         yield index
 
 
-def extract_beam(
-    source: str | Path,
-    out: str | Path,
-    backbone: str = "resnet50",
-    weights: str | None = "default",
-    views: str | Sequence[str] = "x20:rgb",
-    input_size: int | None = None,
-    fit: str = "scale",
-    pad_to: int | None = None,
-    batch_size: int = 32,
-    precision: str = "float32",
-    dtype: str = "float16",
-    shard_size: int = 1024,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    split: str | None = None,
-    classes: Sequence[str] | None = None,
-    mpp: float = 0.5,
-    patch_size: int = 256,
-    slide_mpp: float | None = None,
-    workers: int | None = None,
-    jit: bool = False,
-    progress: bool = True,
-    model: Any = None,
-    devices: str | Sequence[str] | None = None,
-    beam_options: Sequence[str] | Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+@takes_options()
+def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions | None = None,
+                 beam_options: Sequence[str] | Mapping[str, Any] | None = None, overwrite: bool = False,
+                 split: str | None = None, classes: Sequence[str] | None = None) -> dict[str, Any]:
     """:func:`dfl_tf.extract` as a Beam pipeline: same arguments, same shards and manifest.
 
+    ``options`` (or its fields as keyword arguments), ``overwrite``, ``split``, ``classes``: as
+    for :func:`dfl_tf.extract`; every worker builds the backbone itself (no pre-built model).
     ``beam_options``: ``KEY=VALUE`` pipeline options (``runner=DataflowRunner``,
     ``direct_num_workers=2``, ...); without ``runner`` Beam's DirectRunner runs locally.
-    ``progress`` is ignored (Beam reports a ``dfl_extract/samples`` counter instead).
+    Progress is Beam's ``dfl_extract/samples`` counter.
     """
-    from dfl_tf._io import atomic_write_json
-    from dfl_tf.backbones.registry import load_backbone
-    from dfl_tf.data.slides import parse_magnification
-    from dfl_tf.data.sources import SlideRead, load_source
-    from dfl_tf.data.views import views_to_strings
-    from dfl_tf.extraction import _manifest, _part_path, _prepare_out, _settings, check_options
-    from dfl_tf.store.manifest import MANIFEST
+    import dataclasses
+
+    from dfl_tf.data.sources import load_source
+    from dfl_tf.extract_core import build_backbone, open_run, part_path
 
     flags = parse_beam_options(beam_options)
-    if model is not None:
-        raise DflError("--runner beam rebuilds the backbone on every worker: pass backbone/weights/input_size/"
-                       "precision instead of a built model")
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
         raise DflError(f"--runner beam writes --out through the local filesystem; {out} is not supported "
                        "(use a path every worker mounts, e.g. an NFS or GCS FUSE mount)")
-    view_list = check_options(views, fit, dtype, batch_size, shard_size)
     samples = load_source(source, split=split, classes=classes)
-    bb = load_backbone(backbone, weights=weights, input_size=input_size, precision=precision)
-    slide_read = SlideRead(mpp=parse_magnification(mpp), patch_size=int(patch_size), slide_mpp=slide_mpp)
-
-    out = Path(out)
-    settings = _settings(bb, view_list, dtype, fit, pad_to, shard_size, samples, split, slide_read)
-    run = _prepare_out(out, settings, overwrite)
-
-    n = len(samples.samples)
-    n_shards = math.ceil(n / shard_size)
-    names = [f"shard-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
-    pending = [i for i in range(n_shards) if not (_part_path(out, i).exists() and (out / names[i]).exists())]
-    if pending:
+    bb = build_backbone(options)
+    run = open_run(out, options, bb, samples, split, overwrite)
+    if run.pending:
         job = {
             "source": str(source), "split": split, "classes": list(classes) if classes is not None else None,
-            "backbone": str(backbone), "weights": weights, "input_size": input_size, "precision": precision,
-            "devices": devices, "fingerprint": bb.fingerprint, "source_fingerprint": samples.fingerprint(),
-            "views": views_to_strings(view_list), "fit": fit, "pad_to": pad_to, "batch_size": batch_size,
-            "dtype": dtype, "shard_size": shard_size, "skip_bad": skip_bad, "workers": workers, "jit": jit,
-            "slide_read": {"mpp": slide_read.mpp, "patch_size": slide_read.patch_size,
-                           "slide_mpp": slide_read.slide_mpp},
-            "out": str(out.resolve()), "names": names,
+            "options": dataclasses.asdict(options), "fingerprint": bb.fingerprint,
+            "source_fingerprint": samples.fingerprint(), "out": str(run.out.resolve()), "names": run.names,
         }
         del bb  # the driver only needed its fingerprint and description
-        _run_pipeline(job, pending, flags)
-    missing = [names[i] for i in range(n_shards) if not _part_path(out, i).exists()]
+        _run_pipeline(job, run.pending, flags)
+    missing = [name for i, name in enumerate(run.names) if not part_path(run.out, i).exists()]
     if missing:
         raise DflError(f"the Beam pipeline finished without writing {len(missing)} shard(s), e.g. {missing[0]} "
                        f"(is {out} shared with the workers?)")
-    manifest = _manifest(out, n_shards, run, settings, samples)
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    return run.finish()
 
 
 def _run_pipeline(job: dict[str, Any], pending: list[int], flags: list[str]) -> None:

@@ -1,7 +1,8 @@
 """YAML configs and CLI overrides, validated once at the boundary.
 
 A config file is a mapping of a command's parameters (the keyword arguments of its public
-function, e.g. :func:`dfl_tf.extract`), either at the top level or under a section named
+function, e.g. :func:`dfl_tf.extract`, including the :class:`~dfl_tf.options.ExtractOptions`
+fields it takes), either at the top level or under a section named
 after the command (``extract:``, ``train:``...). Precedence: function defaults < file < flags
 given on the command line.
 """
@@ -38,16 +39,24 @@ def section(data: dict[str, Any], name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in SECTIONS}
 
 
+def known_fields(func: Callable) -> list[str]:
+    """The keyword arguments a config may set for ``func``: its own parameters and, for a
+    function that takes extraction options, the :class:`~dfl_tf.options.ExtractOptions` fields
+    it accepts (``func.option_fields``)."""
+    params = [name for name, p in inspect.signature(func).parameters.items()
+              if name not in ("options", "model") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return params + [name for name in getattr(func, "option_fields", ()) if name not in params]
+
+
 def merge(func: Callable, config_path: str | Path | None, command: str, given: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``func``: config file values overridden by ``given`` (CLI flags set)."""
-    params = inspect.signature(func).parameters
+    known = known_fields(func)
     values: dict[str, Any] = {}
     if config_path:
         for key, value in section(load_yaml(config_path), command).items():
             name = key.replace("-", "_")
-            if name not in params:
-                raise DflError(f"{config_path}: unknown field '{key}' for '{command}' "
-                               f"(known: {', '.join(p for p in params if p not in ('model',))})")
+            if name not in known:
+                raise DflError(f"{config_path}: unknown field '{key}' for '{command}' (known: {', '.join(known)})")
             values[name] = value
     values.update(given)
     return values

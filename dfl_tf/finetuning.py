@@ -29,6 +29,7 @@ import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf.errors import DflError
+from dfl_tf.options import FINETUNE_FIELDS, ExtractOptions, takes_options
 
 
 def _note(message: str) -> None:
@@ -58,8 +59,8 @@ def augment_image(x, seed, strength: float = 1.0):
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
 
 
-def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, n_classes: int, batch_size: int,
-                   training: bool, seed: int, augment: bool, jitter: float):
+def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, read, n_classes: int,
+                   batch_size: int, training: bool, seed: int, augment: bool, jitter: float):
     import tensorflow as tf
 
     from dfl_tf.data.sources import load_sample
@@ -69,7 +70,7 @@ def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, n_cla
     labels = tf.constant(np.array([s.label for s in samples], np.int64))
 
     def load(index):
-        image, ctx = load_sample(samples[int(index)], context)
+        image, ctx = load_sample(samples[int(index)], context, read)
         if ctx is None:
             return image, np.zeros((1, 1, 3), np.uint8), False
         return image, ctx, True
@@ -106,13 +107,12 @@ def _history_csv(hist: dict[str, list[float]]) -> str:
     return buf.getvalue()
 
 
+@takes_options(only=FINETUNE_FIELDS)
 def finetune(
     dataset: str | Path,
     out: str | Path,
-    backbone: str = "resnet50",
-    weights: str | None = "default",
-    input_size: int | None = None,
-    views: str = "x20:rgb",
+    *,
+    options: ExtractOptions | None = None,
     epochs: int = 10,
     lr: float = 1e-4,
     batch_size: int = 32,
@@ -126,8 +126,6 @@ def finetune(
     dropout: float = 0.0,
     augment: bool = True,
     jitter: float = 1.0,
-    fit: str = "scale",
-    pad_to: int | None = None,
     patience: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -138,22 +136,28 @@ def finetune(
     (``split`` column, else stratified by class and grouped by ``group``; see
     :func:`dfl_tf.splits.split_samples`). After every epoch the validation balanced
     accuracy is computed; the best epoch's weights are kept (early stopping after ``patience``
-    epochs without improvement, 0: off). Returns the content of ``metrics.json``.
+    epochs without improvement, 0: off). ``options``: an
+    :class:`~dfl_tf.options.ExtractOptions`, or its fields as keyword arguments; fine-tuning
+    uses ``backbone``, ``weights``, ``input_size``, ``views`` (one), ``fit``, ``pad_to`` and the
+    slide read (``mpp``, ``patch_size``, ``slide_mpp``). ``batch_size`` is the training batch.
+    Returns the content of ``metrics.json``.
     """
     import keras
 
     from dfl_tf import __version__
     from dfl_tf.backbones.registry import load_backbone
     from dfl_tf.data.sources import load_source
-    from dfl_tf.data.views import check_fit, parse_views, views_to_strings
+    from dfl_tf.data.views import parse_views
+    from dfl_tf.extract_core import slide_read
     from dfl_tf.evaluation import compute_metrics
     from dfl_tf.splits import split_samples
 
+    assert options is not None  # resolved by @takes_options
     t0 = time.time()
-    view_list = parse_views(views)
+    view_list = parse_views(options.views)
     if len(view_list) != 1:
-        raise DflError(f"finetune takes one view (e.g. x20:rgb), got {','.join(views_to_strings(view_list))}")
-    check_fit(fit)
+        raise DflError(f"finetune takes one view (e.g. x20:rgb), got {','.join(options.views)}")
+    fit, pad_to, read = options.fit, options.pad_to, slide_read(options)
     if loss not in ("focal", "crossentropy"):
         raise DflError(f"loss must be focal or crossentropy, got {loss!r}")
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 0)):
@@ -184,7 +188,7 @@ def finetune(
     split = {**split, "train": len(train_samples), "val": len(val_samples)}
 
     keras.utils.set_random_seed(int(seed))
-    bb = load_backbone(backbone, weights=weights, input_size=input_size, seed=int(seed))
+    bb = load_backbone(options.backbone, weights=options.weights, input_size=options.input_size, seed=int(seed))
     size = bb.input_size
     base = bb.model
     base.trainable = True
@@ -201,9 +205,9 @@ def finetune(
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
     view = view_list[0]
-    train_ds = _image_dataset(train_samples, view, size, fit, pad_to, len(classes), int(batch_size), True,
+    train_ds = _image_dataset(train_samples, view, size, fit, pad_to, read, len(classes), int(batch_size), True,
                               int(seed), bool(augment), float(jitter))
-    val_ds = _image_dataset(val_samples, view, size, fit, pad_to, len(classes), int(batch_size), False,
+    val_ds = _image_dataset(val_samples, view, size, fit, pad_to, read, len(classes), int(batch_size), False,
                             int(seed), False, 0.0)
     y_val = np.array([s.label for s in val_samples], np.int64)
 
@@ -254,7 +258,7 @@ def finetune(
             "kind": "finetune",
             "classes": classes,
             "backbone": {**bb.describe(), "fingerprint_before_finetuning": bb.fingerprint},
-            "views": views_to_strings(view_list),
+            "views": list(options.views),
             "input_size": size,
             "trainable_params": trainable,
             "split": split,

@@ -36,8 +36,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text
-from dfl_tf.data.slides import parse_magnification
 from dfl_tf.errors import DflError
+from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
 from dfl_tf.splits import split_samples  # noqa: F401  (public here too)
 
 CONTROL_SUFFIX = " (random init control)"
@@ -218,18 +218,17 @@ class _Candidate:
 
 
 def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    from dfl_tf.backbones.registry import load_backbone
     from dfl_tf.evaluation import compute_metrics
+    from dfl_tf.extract_core import build_backbone
     from dfl_tf.extraction import extract
     from dfl_tf.store.shards import load_embeddings
 
     t0 = time.time()
-    bb = load_backbone(cand.name, weights=cand.weights, input_size=ctx["input_size"],
-                       precision=ctx["extract"]["precision"])
+    options = ctx["options"].replace(backbone=cand.name, weights=cand.weights)
+    bb = build_backbone(options)
     load_s = time.time() - t0
     key = cache_key(bb, ctx["views"], ctx["data_fp"],
-                    {k: ctx["extract"].get(k) for k in ("fit", "pad_to", "dtype", "precision", "mpp",
-                                                         "patch_size", "slide_mpp")})
+                    options.records_settings(exclude=("backbone", "weights", "views", "input_size")))
     directory = ctx["cache"] / key
     side = directory / SIDE_FILE
     cached = _cached(directory, bb, ctx["views"], ctx["data_fp"])
@@ -239,8 +238,8 @@ def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any
         original_s = previous.get("extract_seconds")
     else:
         t1 = time.time()
-        extract(ctx["dataset"], directory, views=ctx["views"], model=bb, progress=ctx["progress"],
-                **ctx["extract"])
+        extract(ctx["dataset"], directory, options=options, model=bb, progress=ctx["progress"],
+                classes=ctx["classes"])
         extract_s = time.time() - t1
         original_s = extract_s
         atomic_write_json(side, {"backbone": cand.name, "weights": bb.weights, "fingerprint": bb.fingerprint,
@@ -372,14 +371,15 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
 # public
 
 
+@takes_options(only=SELECT_FIELDS)
 def select_backbones(
     dataset: str | Path,
     backbones: str | Sequence[str],
     out: str | Path,
-    views: str | Sequence[str] = "x20:rgb",
+    *,
+    options: ExtractOptions | None = None,
     seeds: int = 5,
     weights: str | Mapping[str, str] | None = "default",
-    input_size: int | None = None,
     val_fraction: float = 0.25,
     epochs: int = 30,
     noise: float = 0.1,
@@ -396,19 +396,8 @@ def select_backbones(
     maps: bool = True,
     map_method: str = "auto",
     max_points: int = 2000,
-    fit: str = "scale",
-    pad_to: int | None = None,
-    batch_size: int = 32,
-    precision: str = "float32",
-    dtype: str = "float16",
-    shard_size: int = 1024,
-    skip_bad: bool = False,
-    mpp: float | str = 0.5,
-    patch_size: int = 256,
-    slide_mpp: float | None = None,
-    workers: int | None = None,
+    classes: Sequence[str] | None = None,
     progress: bool = True,
-    **extract_options: Any,
 ) -> dict[str, Any]:
     """Rank frozen ``backbones`` on ``dataset`` with linear heads; write OUT/table.md etc.
 
@@ -423,17 +412,19 @@ def select_backbones(
         control: True: add a random-init (``weights="none"``) copy of the best registry
             architecture; a registry name: that architecture; False: none.
         epochs, noise, lr, head_batch_size, loss, gamma, alpha: the linear head's training.
-        fit ... workers, ``**extract_options``: passed to :func:`dfl_tf.extract`.
+        options: how each candidate is extracted (:class:`~dfl_tf.options.ExtractOptions`, or its
+            fields as keyword arguments: views, input_size, fit, batch_size, mpp ...); its
+            ``backbone`` and ``weights`` are replaced by each candidate's.
     Returns the content of ``results.json``.
     """
     from dfl_tf import __version__
     from dfl_tf.data.sources import load_source
-    from dfl_tf.data.views import parse_views, views_to_strings
 
+    assert options is not None  # resolved by @takes_options
     t_start = time.time()
     names = parse_backbones(backbones)
     weight_map = parse_weights(weights, names)
-    view_list = views_to_strings(parse_views(views))
+    view_list = list(options.views)
     if int(seeds) < 0:
         raise DflError(f"seeds must be >= 0, got {seeds}")
     if loss not in ("focal", "crossentropy"):
@@ -446,21 +437,17 @@ def select_backbones(
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
 
-    samples = load_source(dataset, classes=extract_options.get("classes"))
+    samples = load_source(dataset, classes=classes)
     if len(samples.classes) < 2:
         raise DflError(f"{dataset}: selection needs at least 2 classes, found {samples.classes}")
     train_ids, val_ids, split = split_samples(dataset, samples, val_fraction, split_seed)
     notes: list[str] = []
     ctx = {
-        "dataset": str(dataset), "views": view_list, "input_size": input_size, "cache": cache,
+        "dataset": str(dataset), "views": view_list, "cache": cache, "options": options, "classes": classes,
         "data_fp": samples.fingerprint(), "train_ids": train_ids, "val_ids": val_ids, "seeds": int(seeds),
         "seed0": int(seed), "split_seed": int(split_seed), "knn_k": int(knn_k), "progress": progress,
         "head": {"epochs": int(epochs), "lr": float(lr), "batch_size": int(head_batch_size),
                  "noise": float(noise or 0.0), "loss": loss, "gamma": float(gamma), "alpha": float(alpha)},
-        "extract": {"fit": fit, "pad_to": pad_to, "batch_size": int(batch_size), "precision": precision,
-                    "dtype": dtype, "shard_size": int(shard_size), "skip_bad": bool(skip_bad), "mpp": parse_magnification(mpp),
-                    "patch_size": int(patch_size), "slide_mpp": slide_mpp, "workers": workers,
-                    **extract_options},
     }
 
     rows, dirs = [], {}

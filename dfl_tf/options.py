@@ -1,0 +1,158 @@
+"""Extraction options: one frozen dataclass, validated once, at the boundary.
+
+:func:`dfl_tf.extract`, :func:`dfl_tf.beam_runner.extract_beam`, :func:`dfl_tf.select_backbones`
+and :func:`dfl_tf.finetune` take ``options=ExtractOptions(...)`` or the same fields as keyword
+arguments (:func:`takes_options` forwards them into the dataclass). The CLI builds its flags from
+the fields (``dfl_tf.cli.option_flags``) and YAML configs are checked against them
+(:func:`dfl_tf.config.merge`).
+
+Adding an option is a one-place change: a field below (default and ``help`` text; ``records``
+when it changes the stored embeddings) and, if it needs one, a check in ``__post_init__``.
+This module does not import TensorFlow (the CLI reads its fields before any command runs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from dfl_tf.errors import DflError
+
+FITS = ("scale", "pad", "pad-scale")
+PRECISIONS = ("float32", "bfloat16", "mixed_float16")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+def _opt(default: Any, help: str, *, type: Any = None, choices: Sequence[str] | None = None,
+         records: bool = False, flag: bool = False) -> Any:
+    """A field with what the CLI needs to build its flag (``help``, click ``type``/``choices``,
+    ``flag`` for on/off); ``records``: the value changes the embeddings (part of cache keys)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices,
+                                            "records": records, "flag": flag})
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How samples become embeddings: backbone, views, read geometry, storage and run settings."""
+
+    backbone: str = _opt("resnet50", "Registry name or SavedModel directory.", records=True)
+    weights: str | None = _opt("default", "imagenet | none | a source name | a local file.", records=True)
+    views: tuple[str, ...] = _opt(("x20:rgb",), "Comma-separated: x20:rgb,x20:gray,x5:rgb,x5:gray.", records=True)
+    input_size: int | None = _opt(None, "Backbone input side in px (default: the backbone's).", type=int,
+                                  records=True)
+    fit: str = _opt("scale", "Fit each field to the input: resize, white padding, or pad then resize.",
+                    choices=FITS, records=True)
+    pad_to: int | None = _opt(None, "Square side to pad to before scaling (pad-scale).", type=int, records=True)
+    batch_size: int = _opt(32, "Backbone batch size.", type=int)
+    precision: str = _opt("float32", "Backbone compute precision.", choices=PRECISIONS, records=True)
+    dtype: str = _opt("float16", "Storage dtype of the embeddings.", choices=STORAGE_DTYPES, records=True)
+    shard_size: int = _opt(1024, "Records per shard.", type=int)
+    skip_bad: bool = _opt(False, "Skip unreadable samples and list them in the manifest.", flag=True)
+    mpp: float = _opt(0.5, "Slides: um/px of the x20 patch, or 20x.", records=True)
+    patch_size: int = _opt(256, "Slides: patch side in px at --mpp.", type=int, records=True)
+    slide_mpp: float | None = _opt(None, "Slides: level-0 um/px (0.5) or objective power (20x) for slides without "
+                                   "metadata.", records=True)
+    workers: int | None = _opt(None, "Parallel decode/read calls (default: auto).", type=int)
+    jit: bool = _opt(False, "Compile the backbone with XLA.", flag=True)
+    devices: str | tuple[str, ...] | None = _opt(
+        None, "Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
+
+    def __post_init__(self) -> None:
+        from dfl_tf.data.slides import parse_magnification
+        from dfl_tf.data.views import parse_views, views_to_strings
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("views", tuple(views_to_strings(parse_views(self.views))))
+        if self.fit not in FITS:
+            raise DflError(f"unknown fit '{self.fit}' (choose from {', '.join(FITS)})")
+        if self.precision not in PRECISIONS:
+            raise DflError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
+        if self.dtype not in STORAGE_DTYPES:
+            raise DflError(f"unknown dtype '{self.dtype}' (float16 or float32)")
+        put("backbone", str(self.backbone))
+        put("weights", None if self.weights is None else str(self.weights))
+        put("mpp", parse_magnification(self.mpp))
+        for name, low, optional in (("batch_size", 1, False), ("shard_size", 1, False), ("patch_size", 1, False),
+                                    ("input_size", 1, True), ("pad_to", 1, True), ("workers", 1, True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise DflError(f"{name.replace('_', ' ')} must be a whole number (got {value!r})") from None
+            if number < low or number != value:
+                raise DflError(f"{name.replace('_', ' ')} must be a whole number of at least {low} (got {value})")
+            put(name, number)
+        if self.slide_mpp is not None:  # um/px (0.5) or an objective power (20x), like mpp
+            try:
+                put("slide_mpp", parse_magnification(self.slide_mpp))
+            except DflError as exc:
+                raise DflError(f"slide_mpp: {exc}") from None
+        for name in ("skip_bad", "jit"):
+            put(name, bool(getattr(self, name)))
+        if self.devices is not None and not isinstance(self.devices, str):
+            put("devices", tuple(str(d) for d in self.devices))
+
+    def replace(self, **changes: Any) -> "ExtractOptions":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def records_settings(self, *, exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The fields that change the stored embeddings, as a JSON-ready mapping."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.metadata["records"] and f.name not in exclude}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExtractOptions))
+# What each command reads of the options (extract and the Beam runner: all of them).
+SELECT_FIELDS = tuple(name for name in FIELDS if name not in ("backbone", "weights", "devices"))
+FINETUNE_FIELDS = ("backbone", "weights", "input_size", "views", "fit", "pad_to", "mpp", "patch_size", "slide_mpp")
+
+
+def takes_options(*, exclude: Sequence[str] = (), only: Sequence[str] | None = None
+                  ) -> Callable[[Callable], Callable]:
+    """Let a public function take ``options=ExtractOptions(...)`` and/or option fields as keywords.
+
+    The decorated function is called with ``options`` resolved: the given dataclass (or the
+    defaults) with the keyword fields applied, validated once. ``exclude`` / ``only``: fields the
+    function does not use / the only ones it uses (passing another one as a keyword is an error,
+    as is any unknown keyword). The accepted field names
+    are kept as ``func.option_fields`` for :func:`dfl_tf.config.merge`.
+    """
+    def decorate(func: Callable) -> Callable:
+        own = set(inspect.signature(func).parameters)
+        unknown = (set(exclude) | set(only or ())) - set(FIELDS)
+        if unknown:
+            raise TypeError(f"{func.__name__}: {sorted(unknown)} are not ExtractOptions fields")
+        accepted = tuple(name for name in FIELDS if name not in exclude and (only is None or name in only))
+        clash = own & set(accepted)
+        if clash:  # a field must not also be a parameter of the function
+            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} shadow ExtractOptions fields")
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, options: ExtractOptions | None = None, **kwargs: Any) -> Any:
+            fields = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
+            unknown = [k for k in kwargs if k not in own]
+            if unknown:
+                raise TypeError(f"{func.__name__}() got an unexpected keyword argument '{unknown[0]}'")
+            if options is None:
+                options = ExtractOptions(**fields)
+            elif not isinstance(options, ExtractOptions):
+                raise TypeError(f"{func.__name__}(): options must be an ExtractOptions, not {type(options).__name__}")
+            elif fields:
+                options = options.replace(**fields)
+            return func(*args, options=options, **kwargs)
+
+        wrapper.option_fields = accepted  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
