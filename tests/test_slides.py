@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dfl_tf.data import slides as slides_mod
-from dfl_tf.data.slides import get_reader, open_slide, parse_magnification, read_views
+from dfl_tf.data.slides import borrow_reader, open_slide, parse_magnification, read_views
 from dfl_tf.errors import DflError
 from slide_utils import make_pyramid_tiff, rings, smooth_noise, truncate
 
@@ -232,11 +232,11 @@ def plain_tiff(tmp_path_factory) -> Path:
 
 
 def test_cmu_svs_single_level_x5_by_downscaling():
-    slides_mod.close_thread_readers()
-    reader = get_reader(CMU)
-    assert reader.backend == "openslide"
-    assert reader.mpp == pytest.approx(0.499)
-    assert reader.level_count == 1 and reader.dimensions == (2220, 2967)
+    slides_mod.close_pooled_readers()
+    with borrow_reader(CMU) as reader:
+        assert reader.backend == "openslide"
+        assert reader.mpp == pytest.approx(0.499)
+        assert reader.level_count == 1 and reader.dimensions == (2220, 2967)
     x20, x5 = read_views(CMU, 1100, 1500, 0.5, 128, context=True)
     assert x20.shape == x5.shape == (128, 128, 3)
     assert x20.std() > 10 and x5.std() > 10
@@ -245,7 +245,7 @@ def test_cmu_svs_single_level_x5_by_downscaling():
     err = np.abs(small - x5[48:80, 48:80].astype(int)).mean()
     shifted = np.abs(small - x5[49:81, 48:80].astype(int)).mean()
     assert err < 8 and shifted > 2 * err
-    slides_mod.close_thread_readers()
+    slides_mod.close_pooled_readers()
 
 
 def test_plain_tiff_falls_back_to_tifffile(plain_tiff):
@@ -298,17 +298,23 @@ def test_truncated_tiff(tmp_path, keep):
 
 # --- threads --------------------------------------------------------------------------------------
 
-def test_get_reader_is_per_thread(ring_slide):
-    slides_mod.close_thread_readers()
-    main = get_reader(ring_slide)
-    assert get_reader(ring_slide) is main
-    other = {}
-    thread = threading.Thread(target=lambda: other.setdefault("r", get_reader(ring_slide)))
+def test_reader_pool_lends_one_reader_per_borrower_and_reuses_it(ring_slide):
+    slides_mod.close_pooled_readers()
+    with borrow_reader(ring_slide) as first:
+        with borrow_reader(ring_slide) as second:  # lent meanwhile: a reader of its own
+            assert second is not first
+    seen = {}
+
+    def borrow():
+        with borrow_reader(ring_slide) as reader:
+            seen["reader"] = reader
+
+    thread = threading.Thread(target=borrow)  # another thread reuses a pooled reader, opens nothing
     thread.start()
     thread.join()
-    assert other["r"] is not main
-    slides_mod.close_thread_readers()
-    assert main._backend is None
+    assert seen["reader"] in (first, second)
+    slides_mod.close_pooled_readers()
+    assert first._backend is None and second._backend is None
 
 
 def test_thread_pool_reads_match_serial(noise_slide):
@@ -319,7 +325,7 @@ def test_thread_pool_reads_match_serial(noise_slide):
     for (a20, a5), (b20, b5) in zip(serial, parallel):
         np.testing.assert_array_equal(a20, b20)
         np.testing.assert_array_equal(a5, b5)
-    slides_mod.close_thread_readers()
+    slides_mod.close_pooled_readers()
 
 
 @pytest.mark.parametrize("layout", ["strips-zlib", "planar-separate", "tiles-raw", "gray"])

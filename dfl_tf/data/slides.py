@@ -18,8 +18,7 @@ Geometry conventions (shared with :mod:`dfl_tf.data.tissue`, extraction and pred
 
 Readers are not thread-safe: :func:`read_views` borrows one from a process-wide pool
 (:func:`borrow_reader`) for the duration of a read, so thread pools, including tf.data's
-threads, read tiles in parallel and reuse open handles; :func:`get_reader` keeps one per
-Python thread.
+threads, read tiles in parallel and reuse open handles.
 """
 from __future__ import annotations
 
@@ -41,8 +40,6 @@ from .slide_backends import _Backend, _OpenSlideBackend, _TiffFileBackend, opens
 __all__ = [
     "SlideReader",
     "open_slide",
-    "get_reader",
-    "close_thread_readers",
     "read_views",
     "borrow_reader",
     "close_pooled_readers",
@@ -93,7 +90,7 @@ def parse_magnification(value: Any) -> float:
 
 
 class SlideReader:
-    """An open whole-slide image. Use :func:`open_slide` (or :func:`get_reader`) to make one.
+    """An open whole-slide image. Use :func:`open_slide` (or :func:`borrow_reader`) to get one.
 
     Attributes: ``path``, ``mpp`` (level-0 um/px), ``dimensions`` (level-0 width, height),
     ``level_count``, ``level_dimensions``, ``level_downsamples``, ``backend``
@@ -293,39 +290,8 @@ def open_slide(path: str | os.PathLike, mpp_override: float | str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-thread reader cache
+# Process-wide reader pool
 # ---------------------------------------------------------------------------------------------
-
-_local = threading.local()
-#: Open readers kept per thread (least recently used closed first).
-MAX_READERS_PER_THREAD = 16
-
-
-def get_reader(path: str | os.PathLike, mpp_override: float | str | None = None) -> SlideReader:
-    """A reader for ``path`` owned by the calling thread (opened once per thread and slide)."""
-    cache: OrderedDict | None = getattr(_local, "readers", None)
-    if cache is None:
-        cache = _local.readers = OrderedDict()
-    key = (os.path.abspath(os.fspath(path)), None if mpp_override is None else str(mpp_override))
-    reader = cache.get(key)
-    if reader is not None and reader._backend is not None and not reader.broken:
-        cache.move_to_end(key)
-        return reader
-    reader = open_slide(path, mpp_override=mpp_override)
-    cache[key] = reader
-    while len(cache) > MAX_READERS_PER_THREAD:
-        _, old = cache.popitem(last=False)
-        old.close()
-    return reader
-
-
-def close_thread_readers() -> None:
-    """Close the readers :func:`get_reader` opened in the calling thread."""
-    cache = getattr(_local, "readers", None)
-    while cache:
-        _, reader = cache.popitem()
-        reader.close()
-
 
 #: Idle readers kept per slide, and slides kept open, by :func:`borrow_reader`'s pool.
 MAX_IDLE_PER_SLIDE = 8
@@ -339,8 +305,9 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
     """Lend an open reader for ``path`` to the calling thread until the ``with`` block ends.
 
     Readers are pooled process-wide, so they are reused whatever thread calls: tf.data runs
-    Python functions on threads created by TensorFlow, where ``threading.local`` state (and so
-    :func:`get_reader`'s cache) does not survive from one call to the next.
+    Python functions on threads created by TensorFlow, where ``threading.local`` state does not
+    survive from one call to the next. A reader is lent to one thread at a time (readers are not
+    thread-safe); another thread borrowing the same slide meanwhile gets a second reader.
     """
     key = (os.path.abspath(os.fspath(path)), None if mpp_override is None else str(mpp_override))
     with _pool_lock:
