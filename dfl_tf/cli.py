@@ -244,6 +244,10 @@ def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) ->
 @click.option("--parity-data", type=click.Path(), default=None, help="Embedding dir for the parity check.")
 @click.option("--parity-samples", type=int, default=4, show_default=True, help="0 skips the parity check.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff on probabilities.")
+@click.option("--max-image-pixels", type=int, default=4096 * 4096, show_default=True,
+              help="Serving refuses images whose header declares more pixels (width x height), before decoding.")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="Serving refuses larger batches (batching.config's max_batch_size is 64).")
 def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **options: Any) -> None:
     """Export HEADS with their backbone as one SavedModel (saved_models/NAME/VERSION)."""
     from dfl_tf.export import export_model

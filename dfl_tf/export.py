@@ -34,6 +34,8 @@ from dfl_tf._io import atomic_write_json
 from dfl_tf._lock import locks_output
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
+from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_pixels_within_budget,
+                                      assert_within_budget)
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
 from dfl_tf.compat import check_compatible, geometry_of, view_fit
@@ -109,7 +111,9 @@ def rebuild_backbone(info: dict[str, Any], weights: str | None = None) -> Backbo
 class ServingGraph:
     """The in-graph pipeline shared by all signatures."""
 
-    def __init__(self, backbone: Backbone, tasks: Sequence[Task]):
+    def __init__(self, backbone: Backbone, tasks: Sequence[Task], max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch: int = DEFAULT_MAX_BATCH):
+        self.max_image_pixels, self.max_batch = int(max_image_pixels), int(max_batch)  # input bounds
         info = tasks[0].info
         settings = info.get("extraction", {}).get("settings", {})
         self.backbone, self.tasks = backbone, list(tasks)
@@ -132,12 +136,20 @@ class ServingGraph:
         return tf.reshape(emb, [-1, n_views * self.backbone.dim])
 
     def views_from_pixels(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
-        return self.compose(images, context)
+        checks = assert_pixels_within_budget(images, "images", self.max_image_pixels, self.max_batch)
+        if context is not None:
+            checks += assert_pixels_within_budget(context, "context", self.max_image_pixels)
+        with tf.control_dependencies(checks):
+            return self.compose(images, context)
 
     def views_from_bytes(self, image_bytes: tf.Tensor, context_bytes: tf.Tensor | None) -> tf.Tensor:
         checks = [_assert_decodable(image_bytes, "image_bytes")]
         if context_bytes is not None:
             checks.append(_assert_decodable(context_bytes, "context_bytes"))
+        with tf.control_dependencies(checks):  # sizes read from the headers: nothing decoded over the budget
+            checks = checks + assert_within_budget(image_bytes, "image_bytes", self.max_image_pixels, self.max_batch)
+            if context_bytes is not None:
+                checks += assert_within_budget(context_bytes, "context_bytes", self.max_image_pixels)
         signature = tf.TensorSpec([len(self.views), self.size, self.size, 3], tf.float32)
         with tf.control_dependencies(checks):
             if context_bytes is None:
@@ -233,6 +245,8 @@ def export_model(
     parity_data: str | Path | None = None,
     parity_samples: int = 4,
     tolerance: float = 1e-4,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, Any]:
     """Export heads and their backbone as ``out/VERSION`` and return export.json's content.
 
@@ -245,13 +259,19 @@ def export_model(
         parity_data: embedding directory to check parity on (default: the first head's training set).
         parity_samples: samples in the parity check (0 skips it, recorded as skipped).
         tolerance: max abs difference allowed on probabilities (float32).
+        max_image_pixels: the serving signatures refuse images whose header declares more pixels
+            (width x height), before decoding (default 4096 x 4096).
+        max_batch: the serving signatures refuse larger batches (default 64, as batching.config).
     """
     from dfl_tf.parity import parity_check
 
+    for label, value in (("--max-image-pixels", max_image_pixels), ("--max-batch", max_batch)):
+        if int(value) < 1:
+            raise DflError(f"{label} must be at least 1 (got {value})")
     t0 = time.time()
     tasks = load_tasks(heads, names)
     backbone = rebuild_backbone(tasks[0].info, backbone_weights)
-    graph = ServingGraph(backbone, tasks)
+    graph = ServingGraph(backbone, tasks, max_image_pixels, max_batch)
     root = Path(out)
     version = int(version) if version is not None else _next_version(root)
     final = root / str(version)
@@ -278,6 +298,8 @@ def export_model(
             "mpp": (graph.geometry or {}).get("mpp"),
             "patch_size": (graph.geometry or {}).get("patch_size"),
             "decoder": DECODER,
+            "max_image_pixels": graph.max_image_pixels,
+            "max_batch": graph.max_batch,
             "dim": graph.backbone.dim * len(graph.views),
             "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
                        "threshold": t.threshold, "best_epoch": t.info.get("best_epoch")} for t in tasks],

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dfl_tf._io import atomic_write_text
+from dfl_tf.data.image_header import pixel_budget
 from dfl_tf.data.slides import parse_magnification
 from dfl_tf.compat import trained_read
 from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
@@ -109,6 +110,12 @@ def check_source(exported: ExportedModel, samples: SampleSet, input: str | Path,
     return read
 
 
+def _within(budget: int | None, batches: Iterator) -> Iterator:
+    """``batches``, decoded under the pixel budget ``budget`` (see :mod:`dfl_tf.data.image_header`)."""
+    with pixel_budget(budget):
+        yield from batches
+
+
 def predict(
     model: str | Path | ExportedModel,
     input: str | Path,
@@ -135,7 +142,8 @@ def predict(
         header += [f"{head['task']}_p_{c}" for c in head["classes"]] + [f"{head['task']}_class"]
     rows, skipped = [], []
     bar = tqdm(total=len(samples.samples), unit="patch", desc="predict", disable=not progress, dynamic_ncols=True)
-    for batch in _batches(samples.samples, exported, slide_read, batch_size, workers):
+    budget = exported.info.get("max_image_pixels")  # the export's pixel bound, in Python too
+    for batch in _within(budget, _batches(samples.samples, exported, slide_read, batch_size, workers)):
         good = []
         for position, sample, loaded in batch:
             if isinstance(loaded, DflError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dfl_tf.data.image_header import check_image_size, check_pixels
 from dfl_tf.errors import DflError
 
 #: Recorded in manifest.json / export.json: which decoding the pixels went through.
@@ -66,6 +67,7 @@ def _pillow_decode(data: bytes, name: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
+        check_pixels(img.width, img.height, name)  # Pillow has read only the header so far
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit gray: the high byte, as the TF decoders do for 16-bit PNGs
@@ -81,6 +83,7 @@ def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
     """
     try:
         if tf_decodable(data):
+            check_image_size(data, name)  # header size within the pixel budget, before decoding
             op = _decode_jpeg if bytes(data[:3]) == JPEG_MAGIC else _decode_other
             return op(data).numpy()
         return _pillow_decode(data, name)
