@@ -186,3 +186,63 @@ def test_fuzz_legacy_checkpoint_never_crashes(tmp_path):
             assert "\n" not in str(exc) and "fuzz.pth" in str(exc)
             errors += 1
     assert errors > 100
+
+
+# -- safetensors (reader: dfl_tf/backbones/safetensors_io.py) ------------------------------------
+
+def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path))
+    return path.read_bytes()
+
+
+def test_safetensors_wrapping_shape_refused(tmp_path):
+    import json
+    import struct
+
+    from dfl_tf.backbones.safetensors_io import load_safetensors
+
+    for dtype in ("F32", "BF16"):  # 2**32 x 2**32 elements: an int64 product wraps to 0 bytes
+        header = json.dumps({"w": {"dtype": dtype, "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 0]}}).encode()
+        path = tmp_path / f"wrap_{dtype}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(DflError, match=r"wrap_.*tensor 'w'"):
+            load_safetensors(path)
+
+
+def test_fuzz_safetensors_header_flips_and_truncations(tmp_path):
+    """Header flips and truncations give a DflError or the same tensors (the data bytes carry no
+    checksum in this format, so only the header region is flipped)."""
+    pytest.importorskip("safetensors")
+    from dfl_tf.backbones.safetensors_io import load_safetensors
+
+    rng = np.random.default_rng(18)
+    want = {"conv": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "bias": np.arange(4, dtype=np.float32),
+            "half": rng.normal(size=5).astype(np.float16)}
+    data = _safetensors(tmp_path / "ok.safetensors", want)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    bad = tmp_path / "fuzz.safetensors"
+    errors = 0
+    for trial in range(300):
+        mutated = bytearray(data)
+        if trial % 3 == 0:
+            mutated = mutated[: int(rng.integers(0, len(data)))]
+        else:
+            mutated[int(rng.integers(0, header_end))] ^= 1 << int(rng.integers(0, 8))
+        bad.write_bytes(bytes(mutated))
+        try:
+            got = load_safetensors(bad)
+        except DflError as exc:
+            assert "\n" not in str(exc) and "fuzz.safetensors" in str(exc)
+            errors += 1
+            continue
+        assert _same(got, want) or _renamed(got, want), f"trial {trial}: silently wrong values"
+    assert errors > 100
+
+
+def _renamed(got: dict, want: dict) -> bool:
+    """The same tensors under a flipped name: weight assignment then reports missing/unexpected keys."""
+    def sig(d):
+        return sorted((v.dtype.str, v.shape, v.tobytes()) for v in d.values())
+    return sig(got) == sig(want)

@@ -13,6 +13,7 @@ is widened to float32 here, bit-exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
         if not 0 <= begin <= end <= data_len:
             raise DflError(f"{where}: data_offsets [{begin}, {end}] lie outside the {data_len} data bytes "
                            f"(file truncated or corrupt)")
-        expected = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] if shape else _ITEMSIZE[dtype]
+        expected = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: a huge shape cannot wrap to a small size
         if end - begin != expected:
             raise DflError(f"{where}: shape {shape} of {dtype} needs {expected} bytes, "
                            f"data_offsets give {end - begin}")
