@@ -28,6 +28,7 @@ from dfl_tf.data.views import View, compose_views, needs_context, parse_views
 from dfl_tf.distribute import distributed_infer
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions
+from dfl_tf.store.integrity import shard_done
 from dfl_tf.store.manifest import FORMAT_VERSION, MANIFEST, load_manifest
 from dfl_tf.store.shards import DTYPES, count_by_class, make_example, write_shard
 
@@ -100,7 +101,7 @@ def open_run(out: str | Path, options: ExtractOptions, bb: Backbone, samples: Sa
     n = len(samples.samples)
     n_shards = math.ceil(n / options.shard_size)
     names = [f"shard-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
-    pending = [i for i in range(n_shards) if not (part_path(out, i).exists() and (out / names[i]).exists())]
+    pending = [i for i in range(n_shards) if not shard_done(part_path(out, i), out / names[i])]  # sha256 checked
     return Run(out, options, samples, settings, record, names, pending)
 
 

@@ -111,3 +111,16 @@ def test_deleting_bad_shard_and_rerunning_rewrites_just_it(image_folder, tmp_pat
     changed = [name for name in after if after[name] != before.get(name)]
     assert changed == [first["shards"][1]["file"]]
     assert verify_shards(out) == [] and load_embeddings(out).X.shape[0] == 12
+
+
+def test_rerun_redoes_a_corrupt_shard_without_deleting_it(image_folder, tmp_path):
+    out = tmp_path / "emb"
+    first = extract(image_folder, out, shard_size=5, **TINY_FAST)
+    bad = out / first["shards"][2]["file"]
+    _zero(bad, at=10, n=16)
+    integrity._memory.clear()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    again = extract(image_folder, out, shard_size=5, **TINY_FAST)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert [name for name in after if after[name] != before[name]] == [bad.name]
+    assert again["shards"] == first["shards"] and verify_shards(out) == []

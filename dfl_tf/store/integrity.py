@@ -119,3 +119,24 @@ def check_shards(emb_dir: str | Path, manifest: dict[str, Any]) -> None:
     remove = "" if reason == "missing" else f"rm {shlex.quote(str(path))} && "
     raise DflError(f"shard {path} {state}{more}; to re-extract just that shard run: "
                    f"{remove}{reextract_command(emb_dir, manifest)}")
+
+
+def shard_done(part_file: str | Path, shard_file: str | Path) -> bool:
+    """Resume: a shard counts as done when its ``.parts`` record exists and the file on disk still
+    has the sha256 recorded there (cached as on read), so a corrupt shard is simply redone."""
+    part_file, shard_file = Path(part_file), Path(shard_file)
+    try:
+        expected = json.loads(part_file.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    key = _key(shard_file, expected)
+    if key is None:
+        return False
+    with _lock:
+        if key in _memory:
+            return True
+    if _load_cache(shard_file.parent).get(shard_file.name) != list(key[1:]) and sha256_file(shard_file) != expected:
+        return False
+    with _lock:
+        _memory.add(key)
+    return True
