@@ -164,3 +164,29 @@ def test_export_cli_refuses_bad_bounds(tmp_path):
                                        "--max-image-pixels", "0"])
     assert result.exit_code == 2
     assert "error: --max-image-pixels must be at least 1 (got 0)" in result.output
+
+
+def test_two_exports_at_once_never_share_a_version(small_export):
+    """(Issue 16, item 4.) The export lock spans choosing the version and writing it."""
+    import threading
+
+    root, out = small_export["root"], small_export["root"] / "saved_models" / "race"
+    results: list = []
+    start = threading.Barrier(2)
+
+    def run():
+        start.wait()
+        try:
+            results.append(export_model([root / "head"], out, parity_samples=0)["version"])
+        except DflError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    versions = [r for r in results if isinstance(r, int)]
+    assert versions and len(set(versions)) == len(versions)
+    assert all(isinstance(r, int) or "is in use by another dfl export" in r for r in results)
+    assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == sorted(versions)
