@@ -8,13 +8,27 @@ from typing import Any
 
 import click
 
+from dfl_tf._tflog import import_tensorflow, set_log_env
 from dfl_tf.errors import DflError
 from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+set_log_env(verbose=False)  # before anything imports TensorFlow; `dfl --verbose` changes it
+#: Commands that never touch TensorFlow (not imported for them).
+_NO_TENSORFLOW = ("tile",)
+
+
+class _Command(click.Command):
+    """Imports TensorFlow once, before the command runs (after its options are parsed, so
+    ``--help`` stays fast): its start-up lines reach stderr only with ``dfl --verbose``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if self.name not in _NO_TENSORFLOW:
+            import_tensorflow(bool(ctx.find_root().params.get("verbose")))
+        return super().invoke(ctx)
 
 
 class _Group(click.Group):
+    command_class = _Command
     """Turns DflError into a one-line message and exit status 2; SIGINT/SIGTERM into one line and 130/143."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -33,8 +47,9 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up lines and logs on stderr.")
 @click.version_option(package_name="dfl_tf")
-def main() -> None:
+def main(verbose: bool) -> None:
     """dfl: deep feature learning for histopathology (one frozen backbone, many small heads)."""
 
 

@@ -48,3 +48,20 @@ def test_missing_input_is_one_line_error(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error: ") and result.output.count("\n") == 1 and "nope" in result.output
+
+
+def test_quiet_stderr_unless_verbose():
+    """TensorFlow's start-up lines (absl, oneDNN) reach stderr only with `dfl --verbose`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    script = "import sys; from dfl_tf.cli import main; sys.exit(main())"
+    quiet = subprocess.run([sys.executable, "-c", script, "backbones"], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0 and "resnet50" in quiet.stdout
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", script, "--verbose", "backbones", "--json"], env=env,
+                          capture_output=True, text=True)
+    assert loud.returncode == 0 and json.loads(loud.stdout)
+    assert re.search(r"absl|oneDNN|tensorflow", loud.stderr, re.I), loud.stderr

@@ -103,6 +103,13 @@ def render(group: click.Group | None = None) -> str:
              "", "Magnifications (`--mpp`, `--slide-mpp`, the `mpp`/`slide_mpp` CSV columns) take um/px (`0.5`) "
              "or an objective power (`20x` = 0.5 um/px, `40x` = 0.25).", "",
              "Commands: " + ", ".join(f"[`{n}`](#dfl-{n})" for n in names) + ".", ""]
+    ctx = click.Context(group, info_name="dfl")
+    before = [p for p in group.params if isinstance(p, click.Option) and not p.hidden and p.name != "version"]
+    if before:  # the group's own options, given before the command
+        lines += ["Options before the command (`dfl [OPTIONS] COMMAND ...`):", "",
+                  "| option | type | default | description |", "|---|---|---|---|"]
+        lines += [f"| {_flags(p)} | {_type(p)} | {_default(p, ctx)} | {_cell(p.help or '')} |" for p in before]
+        lines.append("")
     for name in names:
         lines += _command_section(name, group.commands[name])
     return "\n".join(lines).rstrip() + "\n"
