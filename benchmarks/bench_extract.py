@@ -33,7 +33,7 @@ def run(cfg: dict) -> Section:
     ensure_backbone(name)
     bb = load_backbone(name, weights="none", input_size=size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    rows = []
+    rows, effs = [], {}
     try:
         folder = write_images(tmp / "imgs", n, size)
         csv = make_slide_tiles(tmp, n, size)
@@ -73,10 +73,13 @@ def run(cfg: dict) -> Section:
                 t_e2e += time_runs(run_extract, 1, warmup=0)
             base, e2e = len(x) / median(t_base), len(x) / median(t_e2e)
             rows.append([label, len(x), size, fmt(base), fmt(e2e), pct(e2e / base)])
+            effs[label] = {"backbone_img_per_s": base, "extract_img_per_s": e2e, "efficiency": e2e / base}
             log(f"[extract] {label}: backbone {base:.1f} img/s, extract {e2e:.1f} img/s ({e2e / base:.0%})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     body = (f"{__doc__.strip()}\n\n{name}, batch {batch}, float32, median of {repeats} interleaved runs after a warm-up; "
             f"one-off backbone trace time per process {trace:.2f} s.\n\n"
             + table(["source", "samples", "size", "backbone-only img/s", "extract img/s", "efficiency"], rows))
-    return Section(TITLE, body)
+    headline = {"slide_extract_efficiency": round(effs["slide tiles"]["efficiency"], 3),
+                "folder_extract_efficiency": round(effs["image folder"]["efficiency"], 3)}
+    return Section(TITLE, body, headline, {"rows": effs, "trace_seconds": trace})

@@ -95,7 +95,8 @@ def read_speed(emb_dir: Path, batch_size: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float) -> tuple[float, dict]:
+def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float, hidden: int = 256
+                ) -> tuple[float, dict]:
     import keras
 
     from dfl_tf.heads.train import train_head
@@ -108,9 +109,58 @@ def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float) -> t
             self.last = time.perf_counter() - self.t0
 
     timer = EpochTimer()
-    summary = train_head(emb_dir, out, hidden=256, epochs=2, batch_size=batch_size, patience=0,
+    summary = train_head(emb_dir, out, hidden=hidden, epochs=2, batch_size=batch_size, patience=0,
                          cache_gb=cache_gb, progress=False, callbacks=[timer])
     return summary["train_records"] / timer.last, summary
+
+
+TITLE = SECTION[3:]
+RUN_DOC = """Head training throughput (``train_head``, hidden layer, in memory, second epoch) against the
+raw TFRecord read speed and against this machine's float32 matmul roofline.
+
+Synthetic float16 shards of N two-class records are written, read once as a warm-up and timed
+once (``record_dataset``: parse + float16 -> float32). Training: ``train_head(hidden=H, epochs=2,
+batch_size=B)`` with the records held in memory (float16, cast per batch); embeddings/s of the
+second epoch (Keras callback). FLOP per embedding and step: 6 x dim x H for the hidden layer
+(forward 2, backward 4) plus 6 x H x classes for the output layer; % of roofline = achieved
+GFLOP/s / measured float32 matmul GFLOP/s. The matmul and the training are timed alternately
+(matmul, train, matmul) and the mean of the two matmul figures is used, so both see the same load."""
+
+
+def head_flop(dim: int, hidden: int, classes: int = 2) -> float:
+    """Training FLOP per embedding and step of a dim -> hidden -> classes head."""
+    return 6.0 * dim * hidden + 6.0 * hidden * classes
+
+
+def run(cfg: dict):
+    """The run_all section: read speed, train speed and % of the matmul roofline per dim."""
+    from common import Section, _measure_matmul, fmt, log, pct, table
+
+    n, batch, hidden = cfg["n"], cfg["batch"], cfg["hidden"]
+    rows, data = [], []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_heads_"))
+    try:
+        for dim in cfg["dims"]:
+            emb = tmp / f"emb{dim}"
+            write_synthetic(emb, n, dim)
+            read = read_speed(emb, batch)
+            peak0 = _measure_matmul(cfg["matmul_n"], 3)
+            train, _ = train_speed(emb, tmp / f"head{dim}", batch, cache_gb=2.0, hidden=hidden)
+            peak = (peak0 + _measure_matmul(cfg["matmul_n"], 3)) / 2
+            gflops = train * head_flop(dim, hidden) / 1e9
+            frac = gflops / peak
+            rows.append([dim, hidden, batch, f"{n:,}", fmt(read, 0), fmt(train, 0), pct(train / read), fmt(gflops),
+                         fmt(peak), pct(frac)])
+            data.append({"dim": dim, "hidden": hidden, "batch": batch, "records": n, "read_per_s": read,
+                         "train_per_s": train, "train_gflops": gflops, "matmul_gflops": peak, "roofline_fraction": frac})
+            log(f"[heads] dim {dim}: read {read:.0f}/s, train {train:.0f} emb/s, {frac:.0%} of roofline")
+            shutil.rmtree(emb, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    body = (RUN_DOC + "\n\n" + table(["dim", "hidden", "batch", "records", "read records/s", "train emb/s",
+                                        "train / read", "train GFLOP/s", "matmul GFLOP/s", "% of roofline"], rows))
+    return Section(TITLE, body, {"head_train_roofline_fraction": round(min(d["roofline_fraction"] for d in data), 3)},
+                   {"rows": data})
 
 
 def update_results(table: str, info: str, args) -> Path:

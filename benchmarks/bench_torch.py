@@ -1,10 +1,14 @@
-"""dfl_tf ResNet-50 vs the same ResNet-50 in plain PyTorch (CPU).
+"""dfl_tf ResNet-50 vs the same ResNet-50 in plain PyTorch (CPU), as a PyTorch user would run it.
 
-PyTorch: tests/torch_resnet.py (torchvision layout, random weights, eval mode,
-torch.inference_mode, NCHW float32), ``features()`` (pooled 2048-d, like the dfl_tf backbone).
-dfl_tf: ``load_backbone("resnet50", weights="none")`` through a tf.function. Same input size,
-batch and number of runs; ratio = dfl_tf img/s / torch img/s (target >= 1.0). PyTorch is
-measured with its default thread count and with threads = TensorFlow's intra-op threads.
+PyTorch: tests/torch_resnet.py (torchvision layout, random weights, eval mode), ``features()``
+(pooled 2048-d, like the dfl_tf backbone), under ``torch.inference_mode``: NCHW float32 (the
+naive baseline), ``channels_last`` float32 (the fast CPU layout for oneDNN convolutions) and
+``channels_last`` + ``torch.autocast("cpu", torch.bfloat16)``. dfl_tf: ``load_backbone("resnet50",
+weights="none", precision=...)`` through a tf.function, float32 and bfloat16. PyTorch runs with
+as many threads as TensorFlow's intra-op pool; every configuration is timed round-robin (run r
+of each, then run r + 1), so a change of machine load hits all alike. Ratio = dfl_tf img/s /
+torch img/s at the same precision (target >= 1.0); the headline compares with the fastest
+PyTorch float32 layout and with channels_last + bfloat16 autocast.
 """
 from __future__ import annotations
 
@@ -13,7 +17,27 @@ from common import Section, ensure_backbone, fmt, log, table, tf_threads
 TITLE = "dfl_tf vs PyTorch ResNet-50"
 
 
+def torch_fns(model, x, channels_last: bool, bf16: bool):
+    """A no-argument callable running ``model.features`` on ``x`` in the given layout/precision."""
+    import torch
+
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def call():
+        with torch.inference_mode():
+            if bf16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model.features(x)
+            else:
+                model.features(x)
+    return call
+
+
 def run(cfg: dict) -> Section:
+    import copy
+
     import numpy as np
     import torch
 
@@ -23,33 +47,37 @@ def run(cfg: dict) -> Section:
     size, batch, repeats = cfg["size"], cfg["batch"], cfg["repeats"]
     name = cfg.get("backbone", "resnet50")  # bench_tiny only in the smoke test (no meaningful ratio)
     ensure_backbone(name)
-    tf_call = backbone_fn(name, size, "float32", batch)
-    model = random_resnet50().eval()
-    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (batch, 3, size, size)).astype(np.float32))
-
-    def call():
-        with torch.inference_mode():
-            model.features(x)
-
-    default_threads = torch.get_num_threads()
-
-    def with_threads(threads):
-        def run_torch():
-            torch.set_num_threads(threads)
-            call()
-        return run_torch
-
-    thread_counts = list(dict.fromkeys([default_threads, tf_threads()]))
-    fns = [with_threads(t) for t in thread_counts]
-    for fn in fns:
-        fn()  # warm-up
-    tf_rate, *torch_rates = interleaved_rates([tf_call, *fns], batch, repeats)  # round-robin
-    torch.set_num_threads(default_threads)
-    rows = [[f"dfl_tf {name} (TensorFlow)", tf_threads(), fmt(tf_rate), "1.00"]]
-    for threads, r in zip(thread_counts, torch_rates):
-        rows.append([f"PyTorch {torch.__version__}" + (" (default threads)" if threads == default_threads else ""),
-                     threads, fmt(r), f"{tf_rate / r:.2f}"])
-        log(f"[torch] threads {threads}: {r:.1f} img/s, dfl_tf {tf_rate:.1f} img/s")
-    body = (f"{__doc__.strip()}\n\n{size} px, batch {batch}, median of {repeats} runs after a warm-up, TensorFlow and PyTorch timed round-robin.\n\n"
-            + table(["implementation", "threads", "img/s", "dfl_tf / this"], rows))
-    return Section(TITLE, body)
+    threads = tf_threads()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (batch, 3, size, size)).astype(np.float32))
+        base = random_resnet50().eval()
+        configs = [  # (label, precision, callable)
+            (f"dfl_tf {name} (TensorFlow)", "float32", backbone_fn(name, size, "float32", batch)),
+            (f"dfl_tf {name} (TensorFlow)", "bfloat16", backbone_fn(name, size, "bfloat16", batch)),
+            ("PyTorch NCHW", "float32", torch_fns(base, x, False, False)),
+            ("PyTorch channels_last", "float32", torch_fns(copy.deepcopy(base), x, True, False)),
+            ("PyTorch channels_last + bf16 autocast", "bfloat16", torch_fns(copy.deepcopy(base), x, True, True)),
+        ]
+        for _, _, fn in configs[2:]:
+            fn()  # warm-up (oneDNN primitive creation); the TF ones were traced and warmed up
+        rates = interleaved_rates([fn for _, _, fn in configs], batch, repeats)
+    finally:
+        torch.set_num_threads(saved_threads)
+    ours = {"float32": rates[0], "bfloat16": rates[1]}
+    rows, data = [], []
+    for (label, precision, _), r in zip(configs, rates):
+        ratio = ours[precision] / r
+        rows.append([label, precision, threads, fmt(r), f"{ratio:.2f}"])
+        data.append({"implementation": label, "precision": precision, "threads": threads, "img_per_s": r})
+        log(f"[torch] {label} {precision}: {r:.1f} img/s (dfl_tf / this {ratio:.2f})")
+    best_fp32 = max(rates[2], rates[3])
+    headline = {"resnet50_vs_torch_float32": round(rates[0] / best_fp32, 3),
+                "resnet50_vs_torch_bfloat16": round(rates[1] / rates[4], 3)} if name == "resnet50" else {}
+    body = (f"{__doc__.strip()}\n\n{size} px, batch {batch}, {threads} threads for both, median of {repeats} "
+            f"round-robin runs after a warm-up.\n\n"
+            + table(["implementation", "precision", "threads", "img/s", "dfl_tf / this"], rows)
+            + f"\n\nHeadline: float32 **{rates[0] / best_fp32:.2f}x** the fastest PyTorch float32 layout, "
+              f"bfloat16 **{rates[1] / rates[4]:.2f}x** PyTorch channels_last + bf16 autocast.")
+    return Section(TITLE, body, headline, {"rows": data, "size": size, "batch": batch, "repeats": repeats})

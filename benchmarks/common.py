@@ -8,7 +8,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +26,13 @@ RESNET50_GFLOP_224 = 8.2  # ~4.1 G multiply-adds x 2
 
 @dataclass
 class Section:
+    """One ``## title`` section of results.md; ``headline`` holds the section's summary ratios
+    (headline key -> plain number) and ``data`` its measurements, both written to results.json."""
+
     title: str  # without the leading "## "
     body: str
+    headline: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
 
 def log(msg: str) -> None:
@@ -109,8 +114,18 @@ def rate(n: int, seconds: list[float]) -> float:
     return n / median(seconds)
 
 
+_MATMUL: dict[int, float] = {}
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """Measured float32 tf.linalg.matmul GFLOP/s of two n x n matrices (2 n^3 FLOP)."""
+    """Measured float32 tf.linalg.matmul GFLOP/s of two n x n matrices (2 n^3 FLOP); measured once
+    per process and size, so every section of one run divides by the same roofline."""
+    if n not in _MATMUL:
+        _MATMUL[n] = _measure_matmul(n, repeats)
+    return _MATMUL[n]
+
+
+def _measure_matmul(n: int, repeats: int) -> float:
     import tensorflow as tf
 
     a = tf.random.normal([n, n], seed=1)
@@ -200,13 +215,55 @@ def write_results(path: Path, info: dict, sections: list[Section], command: str)
         ("load average (1/5/15 min) at start", info["load"]),
         ("load average at end", info.get("load_end", "-"))]], "lr")
     text = ["# Benchmarks", "",
-            f"Written by {command}. Each number is the median of several timed runs after a warm-up run "
-            "(see each section), all measured in the same run on the same machine. A load average above "
-            "the core count means another process shared the CPU and the absolute numbers are low; the "
-            "ratios inside one section are measured back to back and are more robust.", "",
+            f"Written by {command} on {info['date']}. Each number is the median of several timed runs after a "
+            "warm-up run (see each section); every section this run produced ends with that run's date and "
+            "the load average after it, and sections kept from other runs (e.g. the heads study) carry their "
+            "own. A load average above the core count means other processes shared the CPU: absolute numbers "
+            "are then low, while the ratios inside one section, timed round-robin, stay fair. Rerun with "
+            "`make bench` on an idle machine for absolute figures.", "",
             "## Machine", "", machine, ""]
     for s in sections:
         text += [f"## {s.title}", "", s.body.strip(), ""]
     text += kept
     path.write_text("\n".join(text).rstrip("\n") + "\n")
+    return path
+
+
+HEADLINE_KEYS = ("resnet50_vs_torch_float32", "resnet50_vs_torch_bfloat16", "vit_b16_vs_torch_float32",
+                 "vit_b16_vs_torch_bfloat16", "slide_extract_efficiency", "reader_vs_openslide",
+                 "head_train_roofline_fraction")
+
+
+def write_json(path: Path, info: dict, sections: list[Section], command: str, keep_old: bool = False) -> Path:
+    """Write results.json: machine info, ``headline`` (ratios, plain numbers; None when not measured)
+    and each section's ``data``. With ``keep_old`` (a ``--only`` run) the previous file's headline
+    entries and sections that this run did not produce are kept, each section with its own date."""
+    import json
+
+    old: dict = {}
+    if keep_old and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+    date = info["date"]
+    headline = {k: None for k in HEADLINE_KEYS}
+    old_sections = old.get("sections", {}) if isinstance(old.get("sections"), dict) else {}
+    produced = {s.title for s in sections}
+    for title, sec in old_sections.items():
+        if title not in produced and isinstance(sec, dict):
+            headline.update(sec.get("headline", {}))
+    for s in sections:
+        headline.update(s.headline)
+    out = {
+        "command": command,
+        "date": date,
+        "machine": info,
+        "headline": headline,
+        "sections": {**{t: v for t, v in old_sections.items() if t not in produced},
+                     **{s.title: {"date": date, "headline": s.headline, "data": s.data} for s in sections}},
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
     return path

@@ -1,12 +1,14 @@
-"""Run all benchmarks (``make bench``) and rewrite benchmarks/results.md.
+"""Run all benchmarks (``make bench``): rewrite benchmarks/results.md and benchmarks/results.json.
 
-    .venv/bin/python benchmarks/run_all.py            # moderate sizes (~10 min on 2 cores)
-    .venv/bin/python benchmarks/run_all.py --quick    # small sizes (~2-3 min)
-    .venv/bin/python benchmarks/run_all.py --only backbone torch --out /tmp/r.md
+    .venv/bin/python benchmarks/run_all.py            # moderate sizes (~15-20 min on 2 idle cores)
+    .venv/bin/python benchmarks/run_all.py --quick    # small sizes (~3-5 min)
+    .venv/bin/python benchmarks/run_all.py --only torch vit reader extract heads --out r.md --json r.json
 
 ``--tiny`` (smoke test only) uses a 2-conv backbone and minimal sizes: tables, not speed.
-Sections already in the results file that this run does not produce (e.g. bench_heads.py's)
-are kept.
+Sections already in the results file that this run does not produce (e.g. the heads study's)
+are kept. The JSON holds the machine info, each section's measurements and a ``headline``
+object of ratios (``resnet50_vs_torch_float32``, ..., ``head_train_roofline_fraction``); with
+``--only``, headline entries and sections of the previous JSON that this run did not produce are kept.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Section, load_avg, log, machine_info, write_results  # noqa: E402
+from common import ROOT, Section, load_avg, log, machine_info, write_json, write_results  # noqa: E402
 
-BENCHES = ("backbone", "extract", "torch", "finetune", "shards", "memory", "serving")
+BENCHES = ("backbone", "vit", "torch", "extract", "reader", "heads", "finetune", "shards", "memory", "serving")
+VIT_FULL = {"ViT-S/16": 32, "ViT-B/16": 16, "ViT-L/14": 4}  # model -> batch
 
 
 def configs(mode: str, repeats: int | None) -> dict[str, dict]:
@@ -30,6 +33,10 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
                              repeats=3, matmul_n=4096, jit=True),
             "extract": dict(backbone="resnet50", size=224, batch=32, n=160, repeats=3),
             "torch": dict(size=224, batch=32, repeats=3),
+            "vit": dict(size=224, models=VIT_FULL, torch=["ViT-S/16", "ViT-B/16"], precisions=["float32", "bfloat16"],
+                        repeats=3, matmul_n=4096),
+            "reader": dict(size=224, n=200, repeats=3, slide_side=4096),
+            "heads": dict(n=100_000, dims=[2048], batch=256, hidden=256, matmul_n=4096),
             "finetune": dict(backbone="resnet50", size=224, n=64, batch=16, n_large=20000, steady=True),
             "shards": dict(dims=[2048], n=20000, repeats=3),
             "memory": dict(backbone="resnet50", size=32, counts=[1000, 10000]),
@@ -41,6 +48,10 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
                              repeats=2, matmul_n=1024, jit=True),
             "extract": dict(backbone="resnet50", size=96, batch=16, n=32, repeats=2),
             "torch": dict(size=128, batch=16, repeats=2),
+            "vit": dict(size=224, models={"ViT-S/16": 16, "ViT-B/16": 8}, torch=["ViT-S/16", "ViT-B/16"],
+                        precisions=["float32", "bfloat16"], repeats=2, matmul_n=1024),
+            "reader": dict(size=224, n=60, repeats=2, slide_side=2048),
+            "heads": dict(n=20_000, dims=[2048], batch=256, hidden=256, matmul_n=1024),
             "finetune": dict(backbone="resnet50", size=64, n=32, batch=8, n_large=5000),
             "shards": dict(dims=[2048], n=5000, repeats=2),
             "memory": dict(backbone="resnet50", size=32, counts=[200, 2000]),
@@ -52,6 +63,10 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
                              matmul_n=128, jit=False),
             "extract": dict(backbone="bench_tiny", size=32, batch=4, n=8, repeats=1),
             "torch": dict(backbone="bench_tiny", size=32, batch=2, repeats=1),
+            "vit": dict(size=32, models={"ViT-S/16": 2}, torch=["ViT-S/16"], precisions=["float32"], repeats=1,
+                        matmul_n=128),
+            "reader": dict(size=32, n=4, repeats=1, slide_side=512, svs=False),
+            "heads": dict(n=512, dims=[16], batch=64, hidden=8, matmul_n=128),
             "finetune": dict(backbone="bench_tiny", size=32, n=8, batch=4, n_large=256),
             "shards": dict(dims=[16], n=100, repeats=1),
             "memory": dict(backbone="bench_tiny", size=32, counts=[10, 20], parallel=True),
@@ -71,6 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--only", nargs="+", choices=BENCHES, help="run only these benchmarks")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (median reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--json", type=Path, help="machine-readable results (default: --out with .json)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = configs(mode, args.repeats)
@@ -87,18 +103,24 @@ def main(argv: list[str] | None = None) -> Path:
             if mode == "tiny":
                 raise
             section = Section(module.TITLE, f"**Failed:**\n\n```\n{traceback.format_exc()[-3000:]}\n```")
-        section.body += f"\n\n_Section time {time.perf_counter() - t0:.0f} s; load average after: {load_avg()}._"
+        section.body += (f"\n\n_Measured by this run ({info['date']}); section time {time.perf_counter() - t0:.0f} s; "
+                         f"load average (1/5/15 min) after: {load_avg()}._")
+        section.data["seconds"] = round(time.perf_counter() - t0, 1)
+        section.data["load_after"] = load_avg()
         sections.append(section)
         log(f"== {name}: {time.perf_counter() - t0:.0f}s")
     info["load_end"] = load_avg()
     flags = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if "--out" in flags:
-        i = flags.index("--out")
-        del flags[i:i + 2]
+    for flag in ("--out", "--json"):
+        if flag in flags:
+            i = flags.index(flag)
+            del flags[i:i + 2]
     command = (f"`{' '.join(['benchmarks/run_all.py', *flags])}` (mode {mode}, "
                f"total {time.perf_counter() - t_all:.0f} s)")
     path = write_results(args.out, info, sections, command)
-    log(f"wrote {path}")
+    json_path = write_json(args.json or args.out.with_suffix(".json"), info, sections, command,
+                           keep_old=bool(args.only))
+    log(f"wrote {path} and {json_path}")
     return path
 
 

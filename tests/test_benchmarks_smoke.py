@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: run_all --tiny (toy backbone, minimal sizes) into a tmp
-results file and check every section's table is there. Structure only, not speed."""
+results file and check every section's table and the JSON headline are there. Structure only, not speed."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,18 +14,31 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     import run_all
 
     out = tmp_path / "results.md"
-    out.write_text("# Benchmarks\n\n## Heads: training throughput vs read speed\n\nkept table\n")
-    run_all.main(["--tiny", "--out", str(out)])
+    out.write_text("# Benchmarks\n\n## Heads study\n\nkept table\n")
+    run_all.main(["--tiny", "--out", str(out), "--json", str(tmp_path / "r.json")])
     text = out.read_text()
     for title in ("Machine", "Backbone throughput vs matmul roofline",
                   "Extraction pipeline efficiency (extract vs backbone-only)", "dfl_tf vs PyTorch ResNet-50",
                   "Head training vs fine-tuning (one epoch)", "Shards: write and read speed",
-                  "Peak memory of extraction", "Serving latency: exported model vs Python"):
+                  "Peak memory of extraction", "Serving latency: exported model vs Python",
+                  "Vision Transformers: throughput and dfl_tf vs PyTorch", "Slide reader vs raw OpenSlide",
+                  "Heads: training throughput vs read speed"):
         assert f"## {title}\n" in text, title
-    assert "## Heads: training throughput vs read speed\n\nkept table" in text  # other sections kept
+    assert "## Heads study\n\nkept table" in text  # other sections kept
     assert "Failed" not in text
     for needle in ("| CPU |", "| TensorFlow |", "| torch |", "load average", "% of roofline", "efficiency",
                    "dfl_tf / this", "speed-up vs fine-tune", "read records/s", "peak RSS (MiB)", "2nd head extra"):
         assert needle in text, needle
     tables = [line for line in text.splitlines() if line.startswith("| ---")]
-    assert len(tables) >= 8
+    assert len(tables) >= 11
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["date"]
+    headline = result["headline"]
+    for key in ("resnet50_vs_torch_float32", "resnet50_vs_torch_bfloat16", "vit_b16_vs_torch_float32",
+                "vit_b16_vs_torch_bfloat16", "slide_extract_efficiency", "reader_vs_openslide",
+                "head_train_roofline_fraction"):
+        assert key in headline, key
+    # measured in the tiny run (the ResNet/ViT-B ratios need the full-size models: None there)
+    for key in ("slide_extract_efficiency", "reader_vs_openslide", "head_train_roofline_fraction"):
+        assert isinstance(headline[key], float) and headline[key] > 0, key
+    assert result["sections"]["Slide reader vs raw OpenSlide"]["data"]["rows"]

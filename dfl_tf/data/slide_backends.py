@@ -142,7 +142,7 @@ class _OpenSlideBackend(_Backend):
         # composite the straight-alpha RGBA onto white, in Pillow (C), then drop alpha.
         region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
         if region.mode == "RGBA":
-            if region.getextrema()[3][0] < 255:
+            if region.getchannel("A").getextrema()[0] < 255:  # alpha only: 1/4 of getextrema()'s cost
                 white = Image.new("RGBA", region.size, (255, 255, 255, 255))
                 white.alpha_composite(region)
                 region = white
