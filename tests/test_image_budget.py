@@ -190,3 +190,14 @@ def test_two_exports_at_once_never_share_a_version(small_export):
     assert versions and len(set(versions)) == len(versions)
     assert all(isinstance(r, int) or "is in use by another dfl export" in r for r in results)
     assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit()) == sorted(versions)
+
+
+def test_oversized_file_is_not_read_whole(tmp_path):
+    from dfl_tf.data.decode import read_image
+
+    path = tmp_path / "huge.bmp"
+    with open(path, "wb") as fh:
+        fh.write(_encode(8, 8, "BMP"))
+        fh.truncate(16 * 32 * 32 + (1 << 20) + 10)  # sparse: larger than any 32 x 32 image can be
+    with pixel_budget(32 * 32), pytest.raises(DflError, match=r"image .*huge.bmp is larger than 1 MB"):
+        read_image(str(path))

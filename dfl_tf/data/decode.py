@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfl_tf.data.image_header import check_image_size, check_pixels
+from dfl_tf.data.image_header import check_image_size, check_pixels, max_image_pixels
 from dfl_tf.errors import DflError
 
 #: Recorded in manifest.json / export.json: which decoding the pixels went through.
@@ -99,7 +99,11 @@ def read_image(path: str) -> np.ndarray:
     """Read and decode an image file to uint8 RGB [h, w, 3]; DflError naming the file on failure."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            limit = 16 * max_image_pixels() + (1 << 20)  # 16 B/px: uncompressed 16-bit RGBA, with slack
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise DflError(f"image {path} is larger than {limit >> 20} MB, more than any image within the "
+                           f"pixel budget ({max_image_pixels()} px) takes")
     except FileNotFoundError:
         raise DflError(f"image not found: {path}") from None
     except OSError as exc:
