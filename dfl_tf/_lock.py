@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,22 +38,13 @@ def lock_path(out: str | os.PathLike, inside: bool = True) -> Path:
     return out / LOCK_NAME if inside else out.parent / f".{out.name}.lock"
 
 
-def _holder(path: Path) -> dict[str, Any]:
+def lock_info(path: Path) -> dict[str, Any]:
+    """What a lock file says (pid, host, command, started); empty when unreadable."""
     try:
         info = json.loads(path.read_text() or "{}")
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -74,7 +64,7 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            held = _holder(path)
+            held = lock_info(path)
             who = f"dfl {held.get('command', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, " \
                   f"started {held.get('started', '?')})"
             raise DflError(f"{Path(out)} is in use by another {who}; wait for it to finish or choose another "
@@ -90,7 +80,7 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
         except FileNotFoundError:
             pass
         os.close(fd)
-    previous = _holder(path)
+    previous = lock_info(path)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[:8]}
     if previous.get("pid") and previous.get("pid") != os.getpid():
@@ -124,15 +114,3 @@ def locks_output(command: str, arg: str = "out", inside: bool = True) -> Callabl
                 return func(*args, **kwargs)
         return locked
     return wrap
-
-
-def wait_for_lock_file(out: str | os.PathLike, inside: bool = True, timeout: float = 60.0) -> dict[str, Any]:
-    """Tests and tools: wait until ``out``'s lock file names a live owner; returns its content."""
-    path = lock_path(out, inside)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        held = _holder(path)
-        if held.get("pid") and _alive(held["pid"]):
-            return held
-        time.sleep(0.02)
-    raise TimeoutError(f"no live lock on {path}")

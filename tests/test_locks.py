@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY_FAST
 from dfl_tf import export_model, extract, train_head
-from dfl_tf._lock import lock_path, output_lock, wait_for_lock_file
+from dfl_tf._lock import lock_info, lock_path, output_lock
 from dfl_tf.errors import DflError
 from dfl_tf.store.shards import verify_shards
 
@@ -25,10 +26,14 @@ with output_lock(sys.argv[1], sys.argv[2], inside=sys.argv[3] == "1"):
 """
 
 
-def _holder(out: Path, command: str, inside: bool = True) -> subprocess.Popen:
+def _hold(out: Path, command: str, inside: bool = True) -> subprocess.Popen:
+    """A process that holds ``out``'s lock until killed (returns once the lock names it)."""
     proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), command, "1" if inside else "0"])
-    held = wait_for_lock_file(out, inside)
-    assert held["pid"] == proc.pid and held["command"] == command
+    deadline = time.time() + 60
+    while lock_info(lock_path(out, inside)).get("pid") != proc.pid:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    assert lock_info(lock_path(out, inside))["command"] == command
     return proc
 
 
@@ -44,7 +49,7 @@ def test_second_holder_refused_then_released(tmp_path):
 
 def test_live_lock_refuses_extract_train_and_export(tmp_path, image_folder):
     out = tmp_path / "busy"
-    proc = _holder(out, "extract")
+    proc = _hold(out, "extract")
     try:
         with pytest.raises(DflError, match=rf"in use by another dfl extract \(pid {proc.pid}"):
             extract(image_folder, out, **TINY_FAST)
@@ -54,7 +59,7 @@ def test_live_lock_refuses_extract_train_and_export(tmp_path, image_folder):
         proc.kill()
         proc.wait()
     head = tmp_path / "heads" / "h"
-    proc = _holder(head, "train", inside=False)
+    proc = _hold(head, "train", inside=False)
     try:
         with pytest.raises(DflError, match=rf"{head} is in use by another dfl train \(pid {proc.pid}"):
             train_head(tmp_path / "emb", head)
@@ -65,7 +70,7 @@ def test_live_lock_refuses_extract_train_and_export(tmp_path, image_folder):
 
 def test_stale_lock_of_killed_process_is_taken_over(tmp_path):
     out = tmp_path / "emb"
-    proc = _holder(out, "extract")
+    proc = _hold(out, "extract")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert lock_path(out).exists()  # the file stays, the kernel dropped the flock
