@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from dfl_tf.backbones.layers import Preprocess
-from dfl_tf.backbones.registry import Backbone
+from dfl_tf.backbones.base import Backbone
 from dfl_tf.errors import DflError
 
 
