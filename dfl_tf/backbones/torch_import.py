@@ -310,10 +310,8 @@ def _load_legacy(path: Path) -> Any:
         if magic != _LEGACY_MAGIC:
             raise DflError(f"{path.name} is not a PyTorch checkpoint (bad magic number)")
         _protocol = _safe_load(fh, no_persistent, "the header")
-        sys_info = _safe_load(fh, no_persistent, "the header")
-        byteorder = "<"
-        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
-            byteorder = ">"
+        _sys_info = _safe_load(fh, no_persistent, "the header")
+        byteorder = "<"  # torch's legacy writer swaps sizes and data to little-endian on any machine
         refs: dict[str, _StorageType] = {}
         views: list[tuple[str, int, int]] = []
 
@@ -344,7 +342,7 @@ def _load_legacy(path: Path) -> Any:
             if key not in refs:
                 raise _Bad(f"storage {key!r:.40} is listed but no tensor uses it")
             stype = refs[key]
-            count = int.from_bytes(fh.read(8), "little" if byteorder == "<" else "big")
+            count = int.from_bytes(fh.read(8), "little")
             nbytes = count * stype.itemsize
             if nbytes > min(MAX_TENSOR_BYTES, file_size - fh.tell()):
                 raise _Bad(f"storage {key} declares {count} elements, more than the file holds")
