@@ -23,8 +23,9 @@ import tensorflow as tf
 from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
+from dfl_tf.compat import read_geometry, view_fit
 from dfl_tf.data.sources import SampleSet, SlideRead, load_sample
-from dfl_tf.data.views import View, compose_views, needs_context, parse_views
+from dfl_tf.data.views import View, check_x5_field, compose_views, needs_context, parse_views
 from dfl_tf.distribute import distributed_infer
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions
@@ -117,6 +118,7 @@ def _settings(bb: Backbone, options: ExtractOptions, samples: SampleSet, split: 
         "shard_size": options.shard_size,
         "precision": bb.precision,
         "context": _context_mode(views, samples),
+        "geometry": geometry(bb, options, samples),
         "source": {"path": samples.root, "kind": samples.kind, "split": split,
                    "num_samples": len(samples.samples), "fingerprint": samples.fingerprint()},
         "classes": samples.classes,
@@ -125,6 +127,15 @@ def _settings(bb: Backbone, options: ExtractOptions, samples: SampleSet, split: 
         read = slide_read(options)
         settings["slide_read"] = {"mpp": read.mpp, "patch_size": read.patch_size, "slide_mpp": read.slide_mpp}
     return settings
+
+
+def geometry(bb: Backbone, options: ExtractOptions, samples: SampleSet) -> dict[str, Any]:
+    """The read geometry this extraction uses (recorded in the manifest; see :mod:`dfl_tf.compat`)."""
+    return read_geometry(input_size=bb.input_size, fit=options.fit, pad_to=options.pad_to,
+                         context=_context_mode(parse_views(options.views), samples), views=options.views,
+                         precision=bb.precision, samples=samples, mpp=options.mpp, patch_size=options.patch_size,
+                         slide_mpp=options.slide_mpp, allow_mixed_geometry=options.allow_mixed_geometry,
+                         x5_from_image=options.x5_from_image)
 
 
 def _context_mode(views: Sequence[View], samples: SampleSet) -> str:
@@ -178,7 +189,7 @@ def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
             f"({old['backbone']['fingerprint'][:12]}, {old['backbone'].get('input_size')} px) with views "
             f"{','.join(old['views'])}, not {new['backbone']['name']} ({new['backbone']['fingerprint'][:12]}, "
             f"{new['backbone'].get('input_size')} px) with views {','.join(new['views'])}; {hint}")
-    for key in ("dtype", "fit", "pad_to", "shard_size", "precision", "source", "slide_read", "classes"):
+    for key in ("dtype", "fit", "pad_to", "shard_size", "precision", "source", "slide_read", "classes", "geometry"):
         if key in ("source",):
             differs = old.get("source", {}).get("fingerprint") != new["source"]["fingerprint"]
         else:
@@ -203,6 +214,7 @@ def _manifest(out: Path, n_shards: int, run: dict[str, Any], settings: dict[str,
         "shards": [{"file": p["file"], "records": p["records"], "sha256": p["sha256"]} for p in parts],
         "skipped": [s for p in parts for s in p["skipped"]],
         "source": settings["source"],
+        "geometry": settings["geometry"],
         "settings": {k: settings[k] for k in ("fit", "pad_to", "shard_size", "precision", "context", "slide_read")
                      if k in settings},
         "created": run["created"],
@@ -220,6 +232,10 @@ class ShardRunner:
         self.slide_read = slide_read(options)
         self.workers = options.workers or tf.data.AUTOTUNE
         self.context = needs_context(self.views)
+        geo = geometry(bb, options, samples)
+        # fit, pad_to, x5_pad_to as recorded; the centre-crop size rule is checked in _load (naming the file)
+        self.fitting = {**view_fit({"geometry": geo}, bb.input_size), "min_side": None}
+        self.check_x5 = geo["x5_source"] == "image" and not geo["x5_from_image"]
         self.errors: dict[int, str] = {}
         if strategy is not None:  # batch split across replicas, rows kept in order (jit not applied)
             self.infer = distributed_infer(strategy, bb.model, bb.input_size)
@@ -230,6 +246,9 @@ class ShardRunner:
         index = int(index)
         try:
             image, ctx = load_sample(self.samples[index], self.context, self.slide_read)
+            if self.check_x5:
+                check_x5_field(image.shape, self.bb.input_size, self.options.fit, self.options.pad_to,
+                               self.samples[index].source)
             if ctx is None:
                 return True, image, np.zeros((1, 1, 3), np.uint8), False
             return True, image, ctx, True
@@ -239,15 +258,15 @@ class ShardRunner:
             return False, dummy, dummy, False
 
     def _dataset(self, indices: range) -> tf.data.Dataset:
-        size, views, fit, pad_to = self.bb.input_size, self.views, self.options.fit, self.options.pad_to
+        size, views, fitting = self.bb.input_size, self.views, self.fitting
 
         def load_and_compose(index):
             ok, image, ctx, has_ctx = tf.numpy_function(self._load, [index], [tf.bool, tf.uint8, tf.uint8, tf.bool],
                                                         stateful=False)
             image.set_shape([None, None, 3])
             ctx.set_shape([None, None, 3])
-            stacked = tf.cond(has_ctx, lambda: compose_views(image, ctx, views, size, fit, pad_to),
-                              lambda: compose_views(image, None, views, size, fit, pad_to))
+            stacked = tf.cond(has_ctx, lambda: compose_views(image, ctx, views, size, **fitting),
+                              lambda: compose_views(image, None, views, size, **fitting))
             return index, ok, stacked
 
         ds = tf.data.Dataset.range(indices.start, indices.stop)
@@ -270,7 +289,12 @@ class ShardRunner:
                         raise DflError(f"{error} (pass --skip-bad to skip unreadable samples)")
                     skipped.append({"id": sample.id, "source": sample.source, "error": error})
                     continue
-                records.append(make_example(vector.astype(np_dtype), sample.label, sample.id, sample.source,
+                vector = vector.astype(np_dtype)
+                if not np.isfinite(vector).all():  # NaN/inf from the backbone, or beyond float16's range
+                    bad = int((~np.isfinite(vector)).sum())
+                    raise DflError(f"sample {sample.id} ({sample.source}): non-finite embedding ({bad} of "
+                                   f"{vector.size} values are NaN/inf in {self.options.dtype}); nothing written")
+                records.append(make_example(vector, sample.label, sample.id, sample.source,
                                             sample.group, sample.slide, sample.x, sample.y))
                 labels.append(sample.label)
             bar.update(len(index_b))

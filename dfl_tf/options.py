@@ -54,6 +54,11 @@ class ExtractOptions:
     patch_size: int = _opt(256, "Slides: patch side in px at --mpp.", type=int, records=True)
     slide_mpp: float | None = _opt(None, "Slides: level-0 um/px (0.5) or objective power (20x) for slides without "
                                    "metadata.", records=True)
+    x5_from_image: bool = _opt(False, "Images without a context_path: accept the x5 view from the image itself "
+                               "(x20 = its centre quarter) on images smaller than 4x the input side.", flag=True,
+                               records=True)
+    allow_mixed_geometry: bool = _opt(False, "Slide CSVs: accept rows with different mpp or size columns (every "
+                                      "value is recorded).", flag=True, records=True)
     workers: int | None = _opt(None, "Parallel decode/read calls (default: auto).", type=int)
     jit: bool = _opt(False, "Compile the backbone with XLA.", flag=True)
     devices: str | tuple[str, ...] | None = _opt(
@@ -93,7 +98,7 @@ class ExtractOptions:
                 put("slide_mpp", parse_magnification(self.slide_mpp))
             except DflError as exc:
                 raise DflError(f"slide_mpp: {exc}") from None
-        for name in ("skip_bad", "jit"):
+        for name in ("skip_bad", "jit", "x5_from_image", "allow_mixed_geometry"):
             put(name, bool(getattr(self, name)))
         if self.devices is not None and not isinstance(self.devices, str):
             put("devices", tuple(str(d) for d in self.devices))

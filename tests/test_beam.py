@@ -34,9 +34,12 @@ def _assert_same(local_dir: Path, beam_dir: Path, local: dict, beam: dict) -> No
     assert len(a) == local["num_records"] and a == b  # ids, labels and embedding bytes, in order
 
 
+X5 = dict(views="x20:rgb,x5:gray", x5_from_image=True)  # 40x48 images: x5 from the image itself, asked for
+
+
 def test_beam_equals_local_and_resumes(image_folder, tmp_path):
-    local = extract(image_folder, tmp_path / "local", views="x20:rgb,x5:gray", shard_size=5, **TINY)
-    beam = extract(image_folder, tmp_path / "beam", views="x20:rgb,x5:gray", shard_size=5, runner="beam",
+    local = extract(image_folder, tmp_path / "local", **X5, shard_size=5, **TINY)
+    beam = extract(image_folder, tmp_path / "beam", **X5, shard_size=5, runner="beam",
                    beam_options=THREADS, **TINY)
     assert [s["records"] for s in beam["shards"]] == [5, 5, 2]
     _assert_same(tmp_path / "local", tmp_path / "beam", local, beam)
@@ -48,13 +51,13 @@ def test_beam_equals_local_and_resumes(image_folder, tmp_path):
     (out / lost).unlink()
     (out / ".parts" / "shard-00001.json").unlink()
     (out / "manifest.json").unlink()
-    again = extract(image_folder, out, views="x20:rgb,x5:gray", shard_size=5, runner="beam", **TINY)
+    again = extract(image_folder, out, **X5, shard_size=5, runner="beam", **TINY)
     assert again == beam  # same manifest, "created" included (kept from the first run)
     now = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tfrecord")}
     assert all(now[name] == kept[name] for name in kept if name != lost) and now[lost] != kept[lost]
     _assert_same(tmp_path / "local", out, local, again)
     # a local run resumes a Beam directory (and the reverse) without recomputing anything
-    assert extract(image_folder, out, views="x20:rgb,x5:gray", shard_size=5, **TINY) == beam
+    assert extract(image_folder, out, **X5, shard_size=5, **TINY) == beam
 
 
 def test_beam_slides_equal_local(tmp_path):

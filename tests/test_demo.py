@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from dfl_tf import load_embeddings, load_model
+from dfl_tf.data.synthetic import region_of
 from dfl_tf.demo import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,13 @@ def test_demo_end_to_end(tmp_path):
         ring = feature["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) == 5
     assert len(summary["commands"]) == 7 and summary["commands"][0].startswith("dfl tile")
+    # the heatmap reads tiles at the trained geometry, and the predictions agree with the regions
+    export_info = json.loads((Path(summary["outputs"]["model"]) / "export.json").read_text())
+    hm_info = json.loads((out / "heatmap" / "heatmap.json").read_text())
+    assert (export_info["mpp"], export_info["patch_size"]) == (0.5, 96) == (hm_info["mpp"], hm_info["size"])
+    assert summary["heatmap_geometry"] == {"mpp": 0.5, "size": 96}
+    regions = json.loads((out / "data" / "regions.json").read_text())["regions"]
+    inside = [(r, region_of(regions, float(r["x"]), float(r["y"]))) for r in rows]
+    inside = [(r, reg) for r, reg in inside if reg is not None]
+    agree = sum(r["head_class"] == reg["class"] for r, reg in inside)
+    assert len(inside) > 20 and agree >= 0.95 * len(inside), f"{agree}/{len(inside)} tiles agree"

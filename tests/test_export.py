@@ -24,7 +24,7 @@ HEAD = dict(epochs=2, batch_size=8, progress=False, noise=0.1)
 def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
     images = write_images(root / "imgs", per_class=5, size=(40, 40))
-    extract(images, root / "emb", views="x20:rgb,x5:gray", **TINY)
+    extract(images, root / "emb", views="x20:rgb,x5:gray", x5_from_image=True, **TINY)
     train_head(root / "emb", root / "tumour", val=root / "emb", hidden=8, **HEAD)
     train_head(root / "emb", root / "linear", val=root / "emb", hidden=0, **HEAD)
     info = export_model([root / "tumour", root / "linear"], root / "saved_models" / "both")
@@ -116,10 +116,30 @@ def test_undecodable_bytes_name_their_position(trained):
         model([good, b"garbage", good])
 
 
-def test_failed_parity_leaves_no_version(trained, tmp_path):
-    with pytest.raises(DflError, match="parity check failed"):
-        export_model([trained["root"] / "tumour"], tmp_path / "m", tolerance=-1.0)
-    assert not [p for p in (tmp_path / "m").iterdir()]
+def _versions(root: Path) -> list[str]:
+    """Version (and unfinished .tmp-) directories under an export root."""
+    return [p.name for p in root.iterdir() if p.is_dir()] if root.exists() else []
+
+
+def test_failed_parity_leaves_no_version(tmp_path):
+    """A real mismatch: a source image edited after extraction, so the exported graph's embedding
+    of that sample no longer equals the stored one."""
+    images = write_images(tmp_path / "imgs", per_class=2, size=(40, 40), seed=3)
+    extract(images, tmp_path / "emb", views="x20:rgb", **TINY)
+    train_head(tmp_path / "emb", tmp_path / "head", hidden=4, **HEAD)
+    first = sorted(images.rglob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(first))).save(first)
+    with pytest.raises(DflError, match=r"parity check failed: embeddings \(embed_pixels vs stored"):
+        export_model([tmp_path / "head"], tmp_path / "m")
+    assert _versions(tmp_path / "m") == []
+
+
+def test_parity_data_from_another_view_set_refused(trained, tmp_path):
+    extract(trained["images"], tmp_path / "x20", views="x20:rgb", **TINY)
+    with pytest.raises(DflError, match=r"head .*tumour and embeddings .*x20 disagree on views: "
+                                       r"x20:rgb,x5:gray vs x20:rgb"):
+        export_model([trained["root"] / "tumour"], tmp_path / "m", parity_data=tmp_path / "x20")
+    assert _versions(tmp_path / "m") == []
 
 
 def test_duplicate_task_names_refused(trained, tmp_path):

@@ -40,7 +40,8 @@ def _embed_directly(paths, views, size=32, fit="scale"):
 
 
 def test_shapes_dtype_and_read_back(image_folder, tmp_path):
-    m = extract(image_folder, tmp_path / "emb", views="x20:rgb,x5:gray", shard_size=5, **TINY)
+    m = extract(image_folder, tmp_path / "emb", views="x20:rgb,x5:gray", shard_size=5, x5_from_image=True,
+                **TINY)
     assert m["dim"] == 2 * 2048 and m["dtype"] == "float16"
     assert m["num_records"] == 12 and [s["records"] for s in m["shards"]] == [5, 5, 2]
     assert m["classes"] == ["a", "b"] and m["counts"] == {"a": 6, "b": 6}
