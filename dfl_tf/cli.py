@@ -44,6 +44,13 @@ class _Group(click.Group):
             message, code = interrupted(exc)
             click.echo(f"error: {message}", err=True)
             sys.exit(code)
+        except OSError as exc:  # a full or failing disk anywhere else: one line too, nothing half-written
+            from dfl_tf._io import WRITE_ERRNOS, write_error
+
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            click.echo(f"error: {write_error(exc.filename or 'output', exc)}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

@@ -138,3 +138,21 @@ def test_sigint_during_training_leaves_nothing_and_rerun_trains(tmp_path):
     again = CliRunner().invoke(main, ["train", str(tmp_path / "emb"), "--out", str(head), "--epochs", "1"])
     assert again.exit_code == 0, again.output
     assert (head / "head.keras").exists()
+
+
+def test_disk_full_elsewhere_is_one_line(tmp_path, monkeypatch):
+    """A write error outside the shard writer (here: training's model save) still gives one line."""
+    X, y = blobs(32, 8, seed=4)
+    make_embedding_dir(tmp_path / "emb", X, y, ["a", "b"])
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "head" / "head.keras"))
+
+    import keras
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "emb"), "--out", str(tmp_path / "head"),
+                                       "--epochs", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "No space left on device (ENOSPC)" in result.output and "head.keras" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]  # no head, no temporary directory
