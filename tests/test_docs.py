@@ -143,6 +143,8 @@ def test_cli_reference_is_current():
     assert reference.read_text() == gen_cli_reference.render(main), (
         "docs/cli.md is stale: run `make docs` (python tools/gen_cli_reference.py)")
     text = reference.read_text()
+    top = text.split("\n## ", 1)[0]  # the options given before the command
+    assert all(f"`{opt}`" in top for param in main.params if not param.is_eager for opt in param.opts)
     for name, command in main.commands.items():
         assert f"## `dfl {name}`" in text
         section = text.split(f"## `dfl {name}`", 1)[1].split("\n## ", 1)[0]
@@ -173,6 +175,6 @@ def test_shipped_models_config_serves_what_the_readme_calls():
 
 
 def test_every_option_has_a_help_text():
-    missing = [f"dfl {name} {param.opts[0]}" for name, command in main.commands.items()
+    missing = [f"dfl {name} {param.opts[0]}" for name, command in [("", main), *main.commands.items()]
                for param in command.params if isinstance(param, click.Option) and not (param.help or "").strip()]
     assert not missing, f"options without help text (shown in docs/cli.md): {missing}"
