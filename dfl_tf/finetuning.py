@@ -64,10 +64,12 @@ def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, read,
     import tensorflow as tf
 
     from dfl_tf.data.sources import load_sample
-    from dfl_tf.data.views import compose_views, needs_context
+    from dfl_tf.data.views import CONTEXT_FACTOR, compose_views, needs_context
 
     context = needs_context([view])
     labels = tf.constant(np.array([s.label for s in samples], np.int64))
+    # the x5 field under pad-scale is padded as in extraction: 4 x pad_to at the image's um/px (slides: pad_to)
+    x5_pad_to = pad_to * CONTEXT_FACTOR if (pad_to and samples and samples[0].slide is None) else pad_to
 
     def load(index):
         image, ctx = load_sample(samples[int(index)], context, read)
@@ -79,8 +81,8 @@ def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, read,
         image, ctx, has_ctx = tf.numpy_function(load, [index], [tf.uint8, tf.uint8, tf.bool], stateful=False)
         image.set_shape([None, None, 3])
         ctx.set_shape([None, None, 3])
-        x = tf.cond(has_ctx, lambda: compose_views(image, ctx, [view], size, fit, pad_to),
-                    lambda: compose_views(image, None, [view], size, fit, pad_to))[0]
+        x = tf.cond(has_ctx, lambda: compose_views(image, ctx, [view], size, fit, pad_to, x5_pad_to),
+                    lambda: compose_views(image, None, [view], size, fit, pad_to, x5_pad_to))[0]
         x.set_shape([size, size, 3])
         return x, tf.one_hot(tf.gather(labels, index), n_classes)
 
