@@ -178,3 +178,20 @@ def test_every_option_has_a_help_text():
     missing = [f"dfl {name} {param.opts[0]}" for name, command in [("", main), *main.commands.items()]
                for param in command.params if isinstance(param, click.Option) and not (param.help or "").strip()]
     assert not missing, f"options without help text (shown in docs/cli.md): {missing}"
+
+
+# Flags of other tools that the README's prose mentions (pip, benchmarks/run_all.py).
+OTHER_TOOLS_FLAGS = {"--no-deps", "--only", "--quick"}
+
+
+def test_flags_named_in_prose_exist():
+    known = {opt for command in [main, *main.commands.values()] for param in command.params
+             if isinstance(param, click.Option) for opt in param.opts + param.secondary_opts} | {"--help"}
+    for doc in DOCS:
+        if doc.relative_to(ROOT).parts[0] == "benchmarks":  # describes the benchmark scripts' own flags
+            continue
+        prose = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.M | re.S)
+        named = {flag for span in re.findall(r"`([^`\n]+)`", prose)
+                 for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span)}
+        unknown = named - known - OTHER_TOOLS_FLAGS
+        assert not unknown, f"{doc.relative_to(ROOT)} names flags no dfl command has: {sorted(unknown)}"
