@@ -25,12 +25,13 @@ def _f(value: Any) -> float | None:
 
 
 def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str],
-                    threshold: float | None = None) -> dict[str, Any]:
+                    threshold: float | None = None, positive: int = 1) -> dict[str, Any]:
     """Classification metrics of softmax outputs ``probs`` [N, C] against labels ``y_true`` [N].
 
-    Predictions are the argmax; for two-class tasks the positive class is index 1 and, with a
-    ``threshold``, metrics are also given for ``probs[:, 1] >= threshold``. AUCs of a class
-    absent from ``y_true`` (or the only one present) are None.
+    Predictions are the argmax; for two-class tasks the positive class is index ``positive``
+    (the head's ``positive_class``; 1 by default) and, with a ``threshold``, metrics are also
+    given for ``probs[:, positive] >= threshold``. AUCs of a class absent from ``y_true`` (or the
+    only one present) are None.
     """
     from sklearn import metrics as skm
 
@@ -66,7 +67,7 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
         roc_auc = None
         if len(present) > 1:
             if n_classes == 2:
-                roc_auc = _f(skm.roc_auc_score(y, probs[:, 1]))
+                roc_auc = _f(skm.roc_auc_score(y, probs[:, 1]))  # symmetric in the class order
             elif len(present) == n_classes:
                 roc_auc = _f(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
         aps = [v["average_precision"] for v in per_class.values() if v["average_precision"] is not None]
@@ -88,12 +89,15 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
             "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
         }
         if n_classes == 2:
-            pos = classes[1]
-            result["positive_class"] = {"index": 1, "name": pos, **{k: per_class[pos][k] for k in
+            if positive not in (0, 1):
+                raise DflError(f"positive class index must be 0 or 1, got {positive}")
+            pos = classes[positive]
+            result["positive_class"] = {"index": positive, "name": pos, **{k: per_class[pos][k] for k in
                                         ("precision", "recall", "f1", "average_precision", "roc_auc")}}
             if threshold is not None:
-                tpred = (probs[:, 1] >= threshold).astype(np.int64)
-                tp, tr, tf1, _ = skm.precision_recall_fscore_support(y, tpred, labels=[1], zero_division=0)
+                tpred = np.where(probs[:, positive] >= threshold, positive, 1 - positive).astype(np.int64)
+                tp, tr, tf1, _ = skm.precision_recall_fscore_support(y, tpred, labels=[positive],
+                                                                     zero_division=0)
                 result["at_threshold"] = {
                     "threshold": float(threshold),
                     "precision": _f(tp[0]), "recall": _f(tr[0]), "f1": _f(tf1[0]),
@@ -145,9 +149,22 @@ def report_markdown(metrics: dict[str, Any], title: str = "Evaluation", context:
          for c, v in metrics["per_class"].items()]), ""]
     parts += ["## Confusion matrix (rows: true, columns: predicted)", "", _table(
         ["true \\ pred"] + list(classes), [[c] + row for c, row in zip(classes, metrics["confusion_matrix"])]), ""]
+    if "linear_probe" in metrics:
+        probe = metrics["linear_probe"]
+        keys = ("balanced_accuracy", "accuracy", "f1_macro", "cohen_kappa", "roc_auc_macro_ovr", "log_loss")
+        parts += ["## Head vs linear probe", ""]
+        if probe is None:
+            parts += ["No linear probe in this head directory (trained before heads stored one).", ""]
+        else:
+            parts += [_table(["model"] + list(keys), [["head"] + [metrics[k] for k in keys],
+                                                      ["linear probe" + (f" (C={probe['C']:g})" if probe.get("C") is not None else "")]
+                                                      + [probe[k] for k in keys]]),
+                      "", "Linear probe: scikit-learn LogisticRegression on the same standardised training "
+                      "embeddings, stored with the head (probe.npz).", ""]
     if "at_threshold" in metrics:
         t = metrics["at_threshold"]
-        parts += [f"## Positive class '{classes[1]}' at threshold {t['threshold']:.4f}", "", _table(
+        pos = metrics.get("positive_class", {}).get("name", classes[1])
+        parts += [f"## Positive class '{pos}' at threshold {t['threshold']:.4f}", "", _table(
             ["metric", "value"], [[k, t[k]] for k in ("precision", "recall", "f1", "accuracy",
                                                       "balanced_accuracy", "cohen_kappa")]), "",
             _table(["true \\ pred"] + list(classes), [[c] + row for c, row in zip(classes, t["confusion_matrix"])]),
@@ -186,9 +203,10 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
+    positive = metrics.get("positive_class", {}).get("index")  # two-class tasks: the positive class only
     for c, name in enumerate(classes):
         binary = (y == c).astype(int)
-        if binary.sum() == 0:
+        if binary.sum() == 0 or (positive is not None and c != positive):
             continue
         precision, recall, _ = precision_recall_curve(binary, probs[:, c])
         ap = metrics["per_class"][name]["average_precision"]
@@ -197,7 +215,8 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Precision-recall curves")
+    ax.set_title("Precision-recall curves" if positive is None else
+                 f"Precision-recall, positive class '{classes[positive]}'")
     ax.legend(loc="lower left", fontsize="small")
     atomic_write_bytes(out / "pr_curves.png", _png(fig))
     plt.close(fig)
@@ -222,12 +241,48 @@ def check_head_embeddings(info: dict[str, Any], manifest: dict[str, Any], head_n
                        f"{list(manifest['classes'])}")
 
 
+def positive_index(info: dict[str, Any]) -> int:
+    """Index of a two-class head's positive class (``head.json`` ``positive_class``; else 1)."""
+    classes, pos = list(info["classes"]), info.get("positive_class")
+    return classes.index(pos) if len(classes) == 2 and pos in classes else 1
+
+
+PROBE_KEYS = ("accuracy", "balanced_accuracy", "cohen_kappa", "f1_macro", "f1_weighted", "roc_auc_macro_ovr",
+              "pr_auc_macro", "log_loss", "confusion_matrix")
+
+
+def probe_metrics(head: str | Path, X: np.ndarray, y: np.ndarray, info: dict[str, Any],
+                  head_metrics: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Metrics of the linear-probe reference stored in head directory ``head`` on ``X``/``y``.
+
+    None for head directories without a probe (written before heads stored one).
+    """
+    from dfl_tf.heads.probe import load_probe
+
+    probe = load_probe(head)
+    if probe is None:
+        return None
+    if probe.W.shape != (len(info["classes"]), X.shape[1]):
+        raise DflError(f"{head}: linear probe of shape {probe.W.shape} does not match the head "
+                       f"({len(info['classes'])} classes, dim {X.shape[1]})")
+    m = compute_metrics(y, probe.predict_proba(X), info["classes"], positive=positive_index(info))
+    out = {k: m[k] for k in PROBE_KEYS}
+    ref = info.get("linear_probe") or {}
+    out["C"] = ref.get("C")
+    out["C_chosen_by"] = ref.get("C_chosen_by")
+    if head_metrics is not None and out["balanced_accuracy"] is not None:
+        out["head_minus_probe_balanced_accuracy"] = _f(head_metrics["balanced_accuracy"] - out["balanced_accuracy"])
+    return out
+
+
 def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, batch_size: int = 1024
              ) -> dict[str, Any]:
     """Evaluate the head directory ``head`` on the labeled records of embedding directory ``emb``.
 
     Returns the metrics dict; with ``out`` also writes ``metrics.json``, ``report.md``,
-    ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there.
+    ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there. The head
+    directory's linear-probe reference is scored on the same records (``"linear_probe"``;
+    None for heads trained before probes were stored).
     """
     from dfl_tf.heads.model import load_head
     from dfl_tf.store.manifest import load_manifest
@@ -247,7 +302,9 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     if not labeled.any():
         raise DflError(f"{emb}: no labeled records to evaluate")
     threshold = info.get("threshold") if len(info["classes"]) == 2 else None
-    metrics = compute_metrics(data.y[labeled], probs[labeled], info["classes"], threshold)
+    positive = positive_index(info)
+    metrics = compute_metrics(data.y[labeled], probs[labeled], info["classes"], threshold, positive=positive)
+    metrics["linear_probe"] = probe_metrics(head, data.X[labeled], data.y[labeled], info, metrics)
     metrics["unlabeled_records"] = int((~labeled).sum())
     metrics["head"] = str(head)
     metrics["embeddings"] = str(emb)

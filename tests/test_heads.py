@@ -39,13 +39,17 @@ def test_separable_head_and_head_dir(trained, dirs):
     head, summary = trained
     assert summary["metrics"]["balanced_accuracy"] >= 0.9
     assert sorted(p.name for p in head.iterdir()) == ["head.json", "head.keras", "history.csv", "logs",
-                                                      "metrics.json"]
+                                                      "metrics.json", "probe.npz"]
     info = json.loads((head / "head.json").read_text())
     assert info["classes"] == ["neg", "pos"] and info["views"] == ["x20:rgb"] and info["dim"] == 16
     assert info["backbone"]["fingerprint"] == "f" * 64
     assert len(info["standardisation"]["mean"]) == 16 and 0 < info["threshold"] < 1
     assert info["train"]["unlabeled_dropped"] == 4 and info["train"]["records"] == 296
-    assert info["settings"]["augment"] == [{"name": "noise", "std": 0.1}]
+    # 296 records: a small training set, so weight decay and noise std come from cross-validation
+    choice = info["selection"]["choice"]
+    assert info["selection"]["performed"] and len(info["selection"]["scores"]) == 6
+    assert info["settings"]["augment"] == [{"name": "noise", "std": choice["noise"]}]
+    assert info["settings"]["weight_decay"] == choice["weight_decay"]
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 12 and info["seed"] == 3
     rows = list(csv.DictReader((head / "history.csv").open()))
     assert len(rows) == info["epochs_run"]
@@ -96,6 +100,9 @@ def test_noise_only_in_training():
     rng = np.random.default_rng(0)
     mean, std = rng.normal(size=8), rng.uniform(0.5, 2, size=8)
     plain = build_head(8, 3, hidden=4, mean=mean, std=std)
+    kernel, bias = plain.get_layer("probabilities").get_weights()
+    assert not kernel.any()  # the output kernel starts at zero: give it weights to see the noise
+    plain.get_layer("probabilities").set_weights([rng.normal(size=kernel.shape), bias])
     noisy = build_head(8, 3, hidden=4, mean=mean, std=std, augment=[FeatureNoise(0.5), FeatureDropout(0.3)],
                        pre_augment=[ScaledFeatureNoise(8, 0.5, scale=std)])
     for name in ("hidden", "probabilities"):

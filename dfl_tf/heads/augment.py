@@ -6,7 +6,7 @@ Each augmentation is switched on by an entry of the ``augment`` list (config or
     augment: [{name: noise, std: 0.1}, {name: feature-dropout, rate: 0.1}, {name: mixup, alpha: 0.2}]
 
 * ``noise`` (``std``, default 0.1): isotropic Gaussian noise added to the *standardised*
-  embedding (the paper's augmentation). :class:`FeatureNoise`.
+  embedding (the paper's augmentation); ``std`` in [0, 1]. ``keras.layers.GaussianNoise``.
 * ``scaled-noise`` (``std``): Gaussian noise whose per-dimension std is ``std`` times that
   feature's std on the training set, added to the *raw* embedding, i.e. before
   standardisation. After standardisation this is the same distribution as ``noise`` for every
@@ -14,13 +14,15 @@ Each augmentation is switched on by an entry of the ``augment`` list (config or
   leaves untouched while ``noise`` perturbs them. :class:`ScaledFeatureNoise`.
 * ``feature-dropout`` (``rate``): zeroes a random fraction of the standardised features (i.e.
   replaces them by the training mean) with the usual 1/(1-rate) rescaling.
-  :class:`FeatureDropout`.
+  ``keras.layers.Dropout``.
 * ``mixup`` (``alpha``): batch-level mixup of embeddings and one-hot labels with
   lambda ~ Beta(alpha, alpha), done in the tf.data training pipeline (:func:`mixup_batch`),
   so it never touches the saved model.
 
-The layers are registered Keras-serializable layers and are the identity at inference
-(``training=False``), so ``head.keras`` stays self-contained.
+The layers are the identity at inference (``training=False``). ``noise`` and
+``feature-dropout`` are Keras built-ins, so a head without ``scaled-noise`` loads with plain
+``keras.saving.load_model`` (no ``dfl_tf`` import); :class:`FeatureNoise` and
+:class:`FeatureDropout` remain registered aliases so that older ``head.keras`` files load.
 """
 from __future__ import annotations
 
@@ -43,27 +45,15 @@ DEFAULT_NOISE = 0.1
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
-class FeatureNoise(keras.layers.Layer):
-    """Isotropic Gaussian noise ``N(0, stddev^2)`` in training; identity at inference."""
+class FeatureNoise(keras.layers.GaussianNoise):
+    """Alias of ``keras.layers.GaussianNoise`` (same ``stddev``/``seed`` config, same behaviour).
+
+    Heads now use the built-in directly; this name stays registered so ``head.keras`` files
+    saved before (class ``dfl_tf>FeatureNoise``) still load.
+    """
 
     def __init__(self, stddev: float = DEFAULT_NOISE, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.stddev = float(stddev)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = True
-
-    def call(self, inputs, training=False):
-        if training and self.stddev > 0:
-            return inputs + keras.random.normal(keras.ops.shape(inputs), stddev=self.stddev,
-                                                dtype=inputs.dtype, seed=self.seed_generator)
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
+        super().__init__(float(stddev), seed=seed, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
@@ -71,7 +61,8 @@ class ScaledFeatureNoise(keras.layers.Layer):
     """Gaussian noise with per-dimension std ``stddev * scale[d]`` (``scale`` = training-set std).
 
     Meant for the raw embedding, before standardisation. ``scale`` is a non-trainable weight,
-    saved with the model.
+    saved with the model. Kept custom: no Keras built-in scales the noise per feature (a head
+    using ``scaled-noise`` therefore needs ``dfl_tf`` imported to load).
     """
 
     def __init__(self, dim: int, stddev: float = DEFAULT_NOISE, scale: Sequence[float] | None = None,
@@ -102,26 +93,18 @@ class ScaledFeatureNoise(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
-class FeatureDropout(keras.layers.Layer):
-    """Drops each feature with probability ``rate`` in training (rescaled); identity at inference."""
+class FeatureDropout(keras.layers.Dropout):
+    """Alias of ``keras.layers.Dropout`` (same ``rate``/``seed`` config, same behaviour).
+
+    Heads now use the built-in directly; this name stays registered so ``head.keras`` files
+    saved before (class ``dfl_tf>FeatureDropout``) still load.
+    """
 
     def __init__(self, rate: float = 0.1, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
         if not 0.0 <= float(rate) < 1.0:
             raise DflError(f"feature-dropout rate must be in [0, 1), got {rate}")
-        self.rate, self.seed = float(rate), seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs, training=False):
-        if training and self.rate > 0:
-            return keras.random.dropout(inputs, self.rate, seed=self.seed_generator)
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+        kwargs.pop("noise_shape", None)
+        super().__init__(float(rate), seed=seed, **kwargs)
 
 
 def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[dict[str, Any]]:
@@ -157,6 +140,8 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
                     raise DflError(f"augmentation '{name}': {key} must be a number, got {value!r}") from exc
                 if spec[key] < 0:
                     raise DflError(f"augmentation '{name}': {key} must be >= 0, got {value}")
+        if name == "feature-dropout" and spec["rate"] >= 1:
+            raise DflError(f"augmentation 'feature-dropout': rate must be < 1, got {spec['rate']}")
         specs.append(spec)
     has_noise = any(s["name"] == "noise" for s in specs)
     if noise is None:
@@ -170,6 +155,9 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
                 s["std"] = float(noise)
     else:
         specs.insert(0, {"name": "noise", "std": float(noise)})
+    for s in specs:
+        if s["name"] == "noise" and s["std"] > 1:  # keras.layers.GaussianNoise's range
+            raise DflError(f"noise std must be in [0, 1] (on standardised features), got {s['std']}")
     return specs
 
 
@@ -181,9 +169,9 @@ def augment_layers(specs: Sequence[dict[str, Any]], dim: int, train_std: np.ndar
         if spec["name"] == "scaled-noise":
             pre.append(ScaledFeatureNoise(dim, spec["std"], scale=train_std, name="scaled_noise"))
         elif spec["name"] == "noise":
-            post.append(FeatureNoise(spec["std"], name="noise"))
+            post.append(keras.layers.GaussianNoise(spec["std"], name="noise"))
         elif spec["name"] == "feature-dropout":
-            post.append(FeatureDropout(spec["rate"], name="feature_dropout"))
+            post.append(keras.layers.Dropout(spec["rate"], name="feature_dropout"))
     return pre, post
 
 

@@ -4,6 +4,7 @@ event files written with core TensorFlow (TF 2.21 no longer installs ``tensorboa
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ class ValidationCallback(keras.callbacks.Callback):
 
     Adds ``val_loss``, ``val_accuracy``, ``val_balanced_accuracy`` (and the monitored metric) and
     ``learning_rate`` to the epoch logs, so History, history.csv and TensorBoard get them.
+    A monitored metric that is undefined (NaN) before it was ever finite, e.g. ``val_roc_auc``
+    with a class absent from the validation set, is replaced by ``val_loss`` with a warning on
+    stderr (``fallback`` records why) instead of silently disabling early stopping.
     """
 
     def __init__(self, X: np.ndarray | None, y: np.ndarray | None, n_classes: int, loss_fn, monitor: str,
@@ -31,6 +35,8 @@ class ValidationCallback(keras.callbacks.Callback):
         self.best_weights = None
         self.wait = 0
         self.stopped_epoch = None
+        self.requested_monitor = monitor
+        self.fallback: str | None = None
 
     def _metrics(self) -> dict[str, float]:
         from sklearn import metrics as skm
@@ -55,6 +61,12 @@ class ValidationCallback(keras.callbacks.Callback):
             return
         logs.update(self._metrics())
         value = logs[self.monitor]
+        if math.isnan(value) and self.best is None and self.monitor != "val_loss":
+            self.fallback = (f"monitored metric {self.monitor} is undefined (NaN) on the validation set at epoch "
+                             f"{epoch + 1}; early stopping and best weights use val_loss instead")
+            print(f"warning: {self.fallback}", file=sys.stderr)
+            self.monitor, self.mode = "val_loss", "min"
+            value = logs["val_loss"]
         better = (self.best is None or (not math.isnan(value) and (
             (self.mode == "max" and value > self.best) or (self.mode == "min" and value < self.best))))
         if better and not math.isnan(value):

@@ -1,8 +1,10 @@
 """The head: raw embedding -> fixed standardisation -> augmentations -> MLP -> softmax.
 
-The standardisation statistics live inside the model (non-trainable weights of
-:class:`Standardize`) as well as in ``head.json``, so ``head.keras`` can be called directly on
-backbone embeddings.
+The standardisation statistics live inside the model (``keras.layers.Normalization(mean=,
+variance=)``, layer ``standardize``) as well as in ``head.json``, so ``head.keras`` can be
+called directly on backbone embeddings. Heads use Keras built-in layers only (unless the
+``scaled-noise`` augmentation is asked for), so ``keras.saving.load_model("head.keras")``
+works without importing ``dfl_tf``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,12 @@ EPS = 1e-6
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
 class Standardize(keras.layers.Layer):
-    """``(x - mean) / std`` with fixed statistics (non-trainable weights saved with the model)."""
+    """``(x - mean) / std`` with fixed statistics (non-trainable weights saved with the model).
+
+    Kept only so that ``head.keras`` files saved before heads used
+    ``keras.layers.Normalization`` (class ``dfl_tf>Standardize``) still load; new heads use the
+    built-in (:func:`standardize_layer`), which computes the same values.
+    """
 
     def __init__(self, dim: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  **kwargs):
@@ -52,6 +59,19 @@ class Standardize(keras.layers.Layer):
         return {**super().get_config(), "dim": self.dim}
 
 
+def standardize_layer(dim: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      name: str = "standardize") -> keras.layers.Normalization:
+    """``(x - mean) / std`` as ``keras.layers.Normalization(mean=mean, variance=std**2)``.
+
+    ``std`` is floored (:func:`safe_std`) before, so Normalization's own ``max(sqrt(var),
+    1e-7)`` never applies; ``sqrt(std**2)`` equals ``std`` to float32 rounding.
+    """
+    mean = np.zeros(dim, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(int(dim))
+    std = np.ones(dim, np.float32) if std is None else safe_std(np.asarray(std).reshape(int(dim)))
+    variance = np.square(std.astype(np.float64)).astype(np.float32)
+    return keras.layers.Normalization(mean=mean, variance=variance, name=name)
+
+
 def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std (float64 accumulation; std floored at 1e-6 -> 1)."""
     X = np.asarray(X)
@@ -72,7 +92,8 @@ def build_head(dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.0
     """A softmax head on raw ``float32 [dim]`` embeddings.
 
     ``pre_augment`` layers act on the raw embedding, ``augment`` layers on the standardised
-    one (both only in training). ``hidden=0`` gives a linear softmax head.
+    one (both only in training). ``hidden=0`` gives a linear softmax head. The output kernel
+    starts at zero (uniform probabilities); the hidden layer is Glorot-initialised.
     """
     if n_classes < 2:
         raise DflError(f"a head needs at least 2 classes, got {n_classes}")
@@ -80,14 +101,18 @@ def build_head(dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.0
     x = inputs
     for layer in pre_augment:
         x = layer(x)
-    x = Standardize(dim, mean, std, name="standardize")(x)
+    x = standardize_layer(int(dim), mean, std)(x)
     for layer in augment:
         x = layer(x)
     if hidden and hidden > 0:
         x = keras.layers.Dense(int(hidden), activation="relu", name="hidden")(x)
         if dropout and dropout > 0:
             x = keras.layers.Dropout(float(dropout), name="dropout")(x)
-    outputs = keras.layers.Dense(int(n_classes), activation="softmax", name="probabilities")(x)
+    # Zero-initialised output kernel: training starts from uniform probabilities instead of a random
+    # projection of thousands of features (at small n that projection is not trained away and costs
+    # ~0.05 balanced accuracy; benchmarks/bench_heads_study.py).
+    outputs = keras.layers.Dense(int(n_classes), activation="softmax", kernel_initializer="zeros",
+                                 name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -100,3 +125,18 @@ def load_head(head_dir: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     info = json.loads(info_path.read_text())
     model = keras.saving.load_model(model_path, compile=False)
     return model, info
+
+
+def resolve_positive(classes: Sequence[str], positive_class: str | None, where: str) -> int:
+    """Index of the positive class of a two-class task (default: the second class, index 1).
+
+    ``positive_class`` names it; it only applies to two-class tasks.
+    """
+    classes = list(classes)
+    if positive_class is None:
+        return 1
+    if len(classes) != 2:
+        raise DflError(f"positive_class applies to two-class tasks; {where} has {len(classes)} classes {classes}")
+    if str(positive_class) not in classes:
+        raise DflError(f"positive_class '{positive_class}' is not a class of {where} (classes: {classes})")
+    return classes.index(str(positive_class))

@@ -7,6 +7,10 @@ HEAD_DIR (written to a temporary directory and renamed at the end):
   best epoch, decision threshold (two-class tasks), seed, dfl_tf version.
 * ``history.csv``: one row per epoch.
 * ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.evaluation.compute_metrics`).
+* ``probe.npz``: the linear-probe reference (:mod:`dfl_tf.heads.probe`).
+
+Small training sets get their regularisation chosen by cross-validation first
+(:mod:`dfl_tf.heads.selection_cv`); ``head.json`` records the choice and the scores.
 * ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
 """
 from __future__ import annotations
@@ -35,7 +39,9 @@ from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
-from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, safe_std, standardisation
+from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation
+from dfl_tf.heads.selection_cv import (DEFAULT_FOLDS, DEFAULT_WEIGHT_DECAY, SELECT_MODES, SmallData,
+                                       grid_candidates, make_optimizer)
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import DTYPES, record_dataset
 
@@ -71,7 +77,10 @@ class _TrainData:
             i = 0
             for batch in record_dataset(emb_dir, batch_size=8192, manifest=manifest):
                 n = int(batch["label"].shape[0])
-                X[i:i + n] = batch["embedding"].numpy().astype(storage)
+                emb = batch["embedding"].numpy()
+                if not np.isfinite(emb).all():
+                    refuse_non_finite(emb_dir, manifest)
+                X[i:i + n] = emb.astype(storage)
                 y[i:i + n] = batch["label"].numpy()
                 i += n
             X, y = X[:i], y[:i]
@@ -96,6 +105,8 @@ class _TrainData:
             keep = y >= 0
             unlabeled += int((~keep).sum())
             X = batch["embedding"].numpy()[keep].astype(np.float64)
+            if not np.isfinite(X).all():
+                refuse_non_finite(self.emb_dir, self.manifest)
             if not len(X):
                 continue
             counts += np.bincount(y[keep], minlength=self.n_classes)
@@ -162,10 +173,25 @@ class _TrainData:
         return ds, steps
 
 
+def refuse_non_finite(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Raise :class:`DflError` naming the first record (id, shard) with a NaN/inf embedding value."""
+    manifest = manifest or load_manifest(emb_dir)
+    for shard in manifest["shards"]:
+        one = {**manifest, "shards": [shard]}
+        for batch in record_dataset(emb_dir, batch_size=4096, with_meta=True, manifest=one):
+            bad = np.flatnonzero(~np.isfinite(batch["embedding"].numpy()).all(axis=1))
+            if len(bad):
+                sid = batch["id"].numpy()[bad[0]].decode("utf-8", "replace")
+                raise DflError(f"{emb_dir}: record '{sid}' in shard {shard['file']} has a non-finite (NaN/inf) "
+                               f"embedding ({len(bad)} such records in that batch); re-extract or drop it")
+
+
 def _load_val(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
     from dfl_tf.store.shards import load_embeddings
 
     data = load_embeddings(emb_dir)
+    if not np.isfinite(data.X).all():
+        refuse_non_finite(emb_dir, data.manifest)
     keep = data.y >= 0
     return data.X[keep], data.y[keep], int((~keep).sum())
 
@@ -212,6 +238,12 @@ def train_head(
     dropout: float = 0.0,
     noise: float | None = None,
     augment: Sequence[Any] | None = None,
+    weight_decay: float | None = None,
+    positive_class: str | None = None,
+    select: str = "auto",
+    cv_folds: int = DEFAULT_FOLDS,
+    cv_grid: Mapping[str, Sequence[float]] | None = None,
+    probe: bool = True,
     loss: str = "focal",
     gamma: float = 2.0,
     alpha: float = 0.25,
@@ -237,8 +269,17 @@ def train_head(
     ``augment``, else 0.1; 0 disables it). ``augment``: list of augmentations, e.g.
     ``[{"name": "noise", "std": 0.1}, {"name": "mixup", "alpha": 0.2}]`` (see
     :mod:`dfl_tf.heads.augment`). ``loss``: ``focal`` (CategoricalFocalCrossentropy(alpha,
-    gamma)) or ``crossentropy``. Early stopping on ``monitor`` (computed on ``val`` at each
-    epoch end; patience 0 disables stopping) restores the best weights. ``class_weight``:
+    gamma)) or ``crossentropy``. ``weight_decay``: AdamW's decoupled weight decay on the
+    kernels (0: Adam; None: 1e-4 or chosen by selection). ``select``: ``auto`` chooses
+    ``weight_decay`` and the noise std (those not given) by ``cv_folds``-fold cross-validation on
+    the training set (stratified, grouped by ``group``) over ``cv_grid`` when the training set is
+    small (< 2,000 records or < 50 in a class), then refits on all of it; ``always`` / ``never``
+    force it. ``probe``: also fit the linear-probe
+    reference (``probe.npz``). ``positive_class``: the positive class of a two-class task (the
+    threshold, PR curve and GeoJSON class; default: the second class in manifest order); the
+    threshold is tuned for F1 on ``val`` and stays 0.5 without it. Early stopping on ``monitor``
+    (computed on ``val`` at each epoch end; patience 0 disables stopping; a metric undefined on
+    ``val`` falls back to ``val_loss`` with a warning) restores the best weights. ``class_weight``:
     None, ``"balanced"`` or {class: weight}; ``balanced_sampling`` draws classes uniformly.
     Training records are kept in memory when they take at most ``cache_gb`` GB in their
     storage dtype, else streamed from the shards. ``callbacks``: extra Keras callbacks
@@ -261,12 +302,21 @@ def train_head(
             raise DflError(f"{name} must be >= {low}, got {value}")
     if not 0 <= float(dropout) < 1:
         raise DflError(f"dropout must be in [0, 1), got {dropout}")
+    if weight_decay is not None and float(weight_decay) < 0:
+        raise DflError(f"weight_decay must be >= 0, got {weight_decay}")
+    if select not in SELECT_MODES:
+        raise DflError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
+    noise_given = noise is not None or any(
+        (e if isinstance(e, str) else e.get("name") if isinstance(e, Mapping) else None) == "noise"
+        for e in augment or [])
     specs = resolve_augment(augment, noise)
+    candidates = grid_candidates(cv_grid, fixed={"weight_decay": weight_decay is not None, "noise": noise_given})
 
     tm = load_manifest(train)
     classes = list(tm["classes"])
     if len(classes) < 2:
         raise DflError(f"{train}: a head needs at least 2 classes, the manifest has {classes}")
+    pos = resolve_positive(classes, positive_class, f"training embeddings {train}")
     vm = None
     if val is not None:
         vm = load_manifest(val)
@@ -295,15 +345,31 @@ def train_head(
     elif monitor != "val_loss" or patience:
         _note("no --val: training for all epochs, no early stopping; metrics.json holds training-set metrics")
 
+    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
+               else keras.losses.CategoricalCrossentropy())
+    # Small data: regularisation by cross-validation on the training set; the probe beside it.
+    small = SmallData(train, data, select, cv_folds, seed, candidates)
+    weight_decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else float(weight_decay)
+    selection: dict[str, Any] = {"performed": False, "reason": small.reason}
+    if small.selecting:
+        selection = small.select(candidates, specs, hidden=int(hidden), dropout=float(dropout), lr=float(lr),
+                                 epochs=int(epochs), batch_size=int(batch_size), loss=loss, gamma=float(gamma),
+                                 alpha=float(alpha), class_weights=cw, weight_decay=weight_decay,
+                                 progress=progress)
+        weight_decay = selection["choice"].get("weight_decay", weight_decay)
+        if "noise" in selection["choice"]:
+            noise = selection["choice"]["noise"]
+            specs = resolve_augment(specs, noise)
+    probe_model, probe_info = small.probe(data.mean, data.std, Xv, yv) if probe else (None, None)
+
+    keras.utils.set_random_seed(int(seed))
     strategy = resolve_strategy(devices)  # MirroredStrategy over several GPUs (or given devices)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     pre, post = augment_layers(specs, data.dim, data.std)
-    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
-               else keras.losses.CategoricalCrossentropy())
     with strategy_scope(strategy):
         model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
                            pre_augment=pre)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss_fn,
+        model.compile(optimizer=make_optimizer(lr, weight_decay), loss=loss_fn,
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs))
 
@@ -325,24 +391,21 @@ def train_head(
         if val is not None:
             probs, y_eval, split = predict_probs(model, Xv), yv, "validation"
         else:
-            X_train = data.X if data.in_memory else None
-            if X_train is None:
-                from dfl_tf.store.shards import load_embeddings
-
-                td = load_embeddings(train)
-                X_train, y_train = td.X[td.y >= 0], td.y[td.y >= 0]
-            else:
-                y_train = data.y
+            X_train, y_train = small.arrays()
             probs, y_eval, split = predict_probs(model, X_train), y_train, "train"
         if len(classes) == 2:
-            threshold = best_f1_threshold(y_eval == 1, probs[:, 1])
-            threshold_from = f"max F1 on {split}"
-            if threshold is None:
-                threshold, threshold_from = 0.5, "default (F1 undefined: one class only)"
-        metrics = compute_metrics(y_eval, probs, classes, threshold)
+            if val is None:  # never tuned on the training data
+                threshold, threshold_from = 0.5, "not tuned (no validation set): 0.5"
+            else:
+                threshold = best_f1_threshold(y_eval == pos, probs[:, pos])
+                threshold_from = f"max F1 of '{classes[pos]}' on validation"
+                if threshold is None:
+                    threshold, threshold_from = 0.5, "not tuned (F1 undefined: one class only in validation): 0.5"
+        metrics = compute_metrics(y_eval, probs, classes, threshold, positive=pos)
         metrics = {"split": split, "best_epoch": best_epoch, **metrics}
 
         settings = {"hidden": int(hidden), "dropout": float(dropout), "noise": noise, "augment": specs,
+                    "weight_decay": float(weight_decay), "select": select, "cv_folds": int(cv_folds),
                     "loss": loss, "gamma": float(gamma), "alpha": float(alpha), "epochs": int(epochs),
                     "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "patience": int(patience),
                     "monitor": monitor, "class_weight": class_weight if not isinstance(class_weight, Mapping)
@@ -355,7 +418,9 @@ def train_head(
             "format_version": HEAD_FORMAT_VERSION,
             "classes": classes,
             "n_classes": len(classes),
-            "positive_class": classes[1] if len(classes) == 2 else None,
+            "positive_class": classes[pos] if len(classes) == 2 else None,
+            "positive_class_chosen_by": (None if len(classes) != 2 else "given" if positive_class is not None
+                                         else "default (second class in manifest order)"),
             "views": list(tm["views"]),
             "backbone": dict(tm["backbone"]),
             "dim": int(tm["dim"]),
@@ -369,6 +434,11 @@ def train_head(
             "best_value": valcb.best,
             "threshold": threshold,
             "threshold_chosen_by": threshold_from,
+            "threshold_tuned": None if threshold is None else val is not None and threshold_from.startswith("max"),
+            "monitor": valcb.monitor if val is not None else None,
+            "monitor_fallback": valcb.fallback,
+            "selection": selection,
+            "linear_probe": probe_info,
             "train": {"path": str(Path(train).resolve()), "records": data.num, "unlabeled_dropped": data.unlabeled,
                       "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
             "val": None if val is None else {
@@ -379,6 +449,8 @@ def train_head(
             "dfl_tf_version": __version__,
         }
         model.save(tmp / HEAD_FILE)
+        if probe_model is not None:
+            probe_model.save(tmp)
         atomic_write_json(tmp / HEAD_JSON, info)
         atomic_write_text(tmp / "history.csv", _history_csv(hist))
         atomic_write_json(tmp / "metrics.json", metrics)
@@ -390,5 +462,6 @@ def train_head(
         "out": str(out), "classes": classes, "best_epoch": best_epoch, "epochs_run": epochs_run,
         "monitor": monitor, "best_value": valcb.best, "threshold": threshold, "metrics": metrics,
         "train_records": data.num, "val_records": None if yv is None else int(len(yv)), "replicas": replicas,
+        "selection": info["selection"], "linear_probe": probe_info,
         "seconds": round(time.time() - t0, 2),
     }

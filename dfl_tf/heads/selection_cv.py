@@ -1,0 +1,216 @@
+"""Small-data model selection for heads: grouped, stratified k-fold cross-validation.
+
+When the training set is small (fewer than :data:`SMALL_N` labeled records, or fewer than
+:data:`SMALL_PER_CLASS` in some class), ``dfl train`` picks the head's regularisation (weight
+decay and feature-noise std) by k-fold cross-validation on the training set and then refits on
+all of it (:class:`SmallData`; the fold fits run together, :mod:`dfl_tf.heads.batched`); the linear-probe reference tunes its ``C`` on the same
+folds (:mod:`dfl_tf.heads.probe`). Folds are stratified by class and, when every record has a
+``group`` (patient / slide), grouped: no group has records in two folds. They depend only on
+the labels, the groups and the seed.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dfl_tf.errors import DflError
+
+SMALL_N = 2000
+SMALL_PER_CLASS = 50
+DEFAULT_FOLDS = 5
+#: the candidates of the selection (product of the lists); chosen by benchmarks/bench_heads_study.py
+DEFAULT_GRID: dict[str, list[float]] = {"weight_decay": [1e-4, 1.0], "noise": [0.1, 0.5, 1.0]}
+SELECT_MODES = ("auto", "always", "never")
+#: AdamW weight decay of the default head (when no selection runs); chosen by the study
+DEFAULT_WEIGHT_DECAY = 1e-4
+
+
+def is_small(counts: Sequence[int]) -> bool:
+    """True when a training set with these class counts is in the small-data regime."""
+    counts = np.asarray(counts)
+    present = counts[counts > 0]
+    return int(counts.sum()) < SMALL_N or (len(present) > 0 and int(present.min()) < SMALL_PER_CLASS)
+
+
+def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = DEFAULT_FOLDS,
+             seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """``([(train_idx, val_idx)] * k', method)``: stratified k-fold, grouped when groups are known.
+
+    ``k'`` is ``k`` reduced to what the data allows (the number of groups, the largest class
+    count); at least 2 folds are needed, else :class:`DflError`. Deterministic in ``seed``.
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    use_groups = groups is not None and len(groups) == len(y) and all(g not in (None, "") for g in groups)
+    if use_groups:
+        codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+        k_eff = min(int(k), int(codes.max()) + 1, int(counts.max()))
+        method = f"{k_eff}-fold stratified, grouped by group ({int(codes.max()) + 1} groups)"
+    else:
+        k_eff = min(int(k), int(counts.max()))
+        method = f"{k_eff}-fold stratified"
+    if k_eff < 2:
+        raise DflError(f"cross-validation needs at least 2 folds; the data allow {k_eff} "
+                       f"({'groups' if use_groups else 'records per class'} too few)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
+        if use_groups:
+            splitter = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
+            folds = list(splitter.split(np.zeros(len(y)), y, codes))
+        else:
+            splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
+            folds = list(splitter.split(np.zeros(len(y)), y))
+    folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in folds if len(b)]
+    return folds, method
+
+
+def grid_candidates(grid: dict[str, Sequence[float]] | None, fixed: dict[str, bool] | None = None
+                    ) -> list[dict[str, float]]:
+    """The product of a grid ``{"weight_decay": [...], "noise": [...]}`` as a list of settings.
+
+    Keys marked True in ``fixed`` (values the user gave explicitly) are left out; [] when none
+    is left.
+    """
+    import itertools
+
+    grid = DEFAULT_GRID if grid is None else grid
+    if not isinstance(grid, dict) or not grid:
+        raise DflError(f"cv_grid must be a mapping like {DEFAULT_GRID}, got {grid!r}")
+    unknown = set(grid) - set(DEFAULT_GRID)
+    if unknown:
+        raise DflError(f"cv_grid has unknown key(s) {sorted(unknown)} (known: {', '.join(DEFAULT_GRID)})")
+    keys, values = [], []
+    for key, vals in grid.items():
+        vals = [vals] if isinstance(vals, (int, float)) else list(vals)
+        try:
+            vals = [float(v) for v in vals]
+        except (TypeError, ValueError) as exc:
+            raise DflError(f"cv_grid.{key} must be a list of numbers, got {grid[key]!r}") from exc
+        if not vals or any(v < 0 for v in vals):
+            raise DflError(f"cv_grid.{key} must be a non-empty list of numbers >= 0, got {grid[key]!r}")
+        if key == "noise" and any(v > 1 for v in vals):
+            raise DflError(f"cv_grid.noise values must be in [0, 1] (std on standardised features), got {vals}")
+        if (fixed or {}).get(key):
+            continue
+        keys.append(key)
+        values.append(vals)
+    if not keys:
+        return []
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def select_settings(candidates: Sequence[dict[str, float]], fold_scores: np.ndarray,
+                    progress: bool = False) -> dict[str, Any]:
+    """The candidate with the best mean cross-validation score (ties: the earlier candidate).
+
+    ``fold_scores[c, f]``: score (balanced accuracy) of candidate ``c`` on held-out fold ``f``.
+    Returns ``{"choice", "scores": [{...candidate, "mean", "std", "folds"}]}``.
+    """
+    fold_scores = np.asarray(fold_scores, np.float64)
+    scores = []
+    for cand, per_fold in zip(candidates, fold_scores):
+        scores.append({**cand, "mean": float(per_fold.mean()), "std": float(per_fold.std()),
+                       "folds": [round(float(v), 6) for v in per_fold]})
+        if progress:
+            desc = ", ".join(f"{k} {v:g}" for k, v in cand.items())
+            print(f"cv: {desc}: balanced accuracy {scores[-1]['mean']:.4f} ± {scores[-1]['std']:.4f}",
+                  file=sys.stderr)
+    best = int(np.argmax(fold_scores.mean(axis=1)))
+    return {"choice": dict(candidates[best]), "scores": scores}
+
+
+def make_optimizer(lr: float, weight_decay: float):
+    """Adam, or AdamW with decoupled ``weight_decay`` on the kernels (biases are not decayed)."""
+    import keras
+
+    if not weight_decay:
+        return keras.optimizers.Adam(learning_rate=float(lr))
+    opt = keras.optimizers.AdamW(learning_rate=float(lr), weight_decay=float(weight_decay))
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    return opt
+
+
+class SmallData:
+    """Cross-validated selection and the linear probe for one training set (used by train_head).
+
+    ``data`` is the head's training data (:class:`dfl_tf.heads.train._TrainData`); records,
+    labels and groups are read into memory here only when selecting or fitting the probe.
+    """
+
+    def __init__(self, emb_dir, data, select: str, k: int, seed: int, candidates: Sequence[dict[str, float]]):
+        self.emb_dir, self.data, self.k, self.seed = emb_dir, data, int(k), int(seed)
+        self.small = is_small(data.counts)
+        self.selecting = bool(candidates) and (select == "always" or (select == "auto" and self.small))
+        self.reason = (None if self.selecting else "select=never" if select == "never" else
+                       "weight decay and noise std both given" if not candidates else
+                       f"training set not small ({data.num} records, >= {SMALL_PER_CLASS} per class; "
+                       f"selection runs below {SMALL_N} records or {SMALL_PER_CLASS} per class)")
+        self.folds: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(X float32, y) of the labeled training records, in shard order."""
+        if self._arrays is None and self.data.in_memory:
+            return np.asarray(self.data.X, np.float32), self.data.y
+        return self._load()[:2]
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if self._arrays is None:
+            from dfl_tf.store.shards import load_embeddings
+
+            emb = load_embeddings(self.emb_dir)
+            keep = emb.y >= 0
+            groups = [g for g, k in zip(emb.groups, keep) if k]
+            self._arrays = (np.asarray(emb.X[keep], np.float32), emb.y[keep], groups)
+        return self._arrays
+
+    def select(self, candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
+               dropout: float, lr: float, epochs: int, batch_size: int, loss: str, gamma: float,
+               alpha: float, class_weights, weight_decay: float, progress: bool) -> dict[str, Any]:
+        """Cross-validate ``candidates``; returns the record for head.json (choice, scores, folds)."""
+        import time
+
+        from sklearn.metrics import balanced_accuracy_score
+
+        from dfl_tf.heads.batched import fit_predict
+
+        t0 = time.time()
+        X, y, groups = self._load()
+        self.folds, method = cv_folds(y, groups, self.k, self.seed)
+        n_classes = self.data.n_classes
+
+        # all (candidate, fold) fits at once (dfl_tf.heads.batched), the same model and optimiser
+        fd = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
+        base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
+        pairs = [(c, f) for c in range(len(candidates)) for f in range(len(self.folds))]
+        probs = fit_predict(X, y, n_classes, [self.folds[f][0] for _, f in pairs],
+                            [self.folds[f][1] for _, f in pairs], hidden=hidden, dropout=dropout,
+                            feature_dropout=fd, noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
+                            weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
+                            lr=lr, epochs=epochs, batch_size=batch_size, loss=loss, gamma=gamma, alpha=alpha,
+                            class_weights=class_weights, seed=self.seed)
+        fold_scores = np.zeros((len(candidates), len(self.folds)))
+        for (c, f), p in zip(pairs, probs):
+            fold_scores[c, f] = balanced_accuracy_score(y[self.folds[f][1]], p.argmax(axis=1))
+        result = select_settings(candidates, fold_scores, progress=progress)
+        return {"performed": True, "method": method, "folds": len(self.folds), "records": int(len(y)),
+                "metric": "balanced_accuracy", **result, "seconds": round(time.time() - t0, 2)}
+
+    def probe(self, mean: np.ndarray, std: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None):
+        """(LinearProbe, head.json record) fitted on all training records; C tuned like the head."""
+        from dfl_tf.heads.probe import fit_probe
+
+        if not self.data.in_memory:
+            print("note: linear probe skipped: the training set is streamed (larger than cache_gb)",
+                  file=sys.stderr)
+            return None, {"skipped": "training set streamed (larger than cache_gb)"}
+        X, y = self.arrays()
+        return fit_probe(X, y, self.data.n_classes, mean, std, folds=self.folds, seed=self.seed,
+                         X_val=X_val, y_val=y_val)
