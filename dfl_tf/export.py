@@ -58,6 +58,13 @@ class Task:
     def threshold(self) -> float | None:
         return self.info.get("threshold") if len(self.classes) == 2 else None
 
+    @property
+    def positive(self) -> int:
+        """Index of the positive class of a two-class head (head.json ``positive_class``; else 1)."""
+        from dfl_tf.evaluation import positive_index
+
+        return positive_index(self.info)
+
 
 def _task_name(head_dir: str | Path, taken: set[str]) -> str:
     name = re.sub(r"[^A-Za-z0-9_]", "_", Path(head_dir).resolve().name).strip("_") or "task"
@@ -161,8 +168,10 @@ class ServingGraph:
         outputs = {}
         for task in self.tasks:
             probs = tf.cast(task.model(embedding, training=False), tf.float32)
-            if task.threshold is not None:
-                class_id = tf.cast(probs[:, 1] >= task.threshold, tf.int64)
+            if task.threshold is not None:  # positive class if its probability reaches the threshold
+                pos = task.positive
+                class_id = tf.where(probs[:, pos] >= task.threshold, tf.constant(pos, tf.int64),
+                                    tf.constant(1 - pos, tf.int64))
             else:
                 class_id = tf.argmax(probs, axis=-1)
             outputs[f"{task.name}_probabilities"] = probs
@@ -302,7 +311,8 @@ def export_model(
             "max_batch": graph.max_batch,
             "dim": graph.backbone.dim * len(graph.views),
             "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
-                       "threshold": t.threshold, "best_epoch": t.info.get("best_epoch")} for t in tasks],
+                       "threshold": t.threshold, "best_epoch": t.info.get("best_epoch"),
+                       "positive_class": t.classes[t.positive] if len(t.classes) == 2 else None} for t in tasks],
             "signatures": _describe_signatures(tmp),
             "parity": parity,
             "seconds": round(time.time() - t0, 2),

@@ -2,8 +2,9 @@
 
 Writes into ``OUT``: ``tiles.csv`` (+ the tiling thumbnail), ``predictions.csv``,
 ``heatmap_<task>_<class>.png`` (probability over the slide thumbnail) and
-``<task>.geojson`` (tiles whose top class probability is at least ``threshold`` and whose
-class is not the first one, as QuPath detections in level-0 pixels).
+``<task>.geojson`` (QuPath detections in level-0 pixels: for a two-class head the tiles whose
+positive-class probability is at least ``threshold``, else the tiles whose top class is not the
+first one and has at least that probability).
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def heatmap(
             atomic_write_bytes(png, _draw(thumb, xy / down, field / down, probs[:, k], f"{task}: P({cls})"))
             summary["outputs"].append(str(png))
         geo = out / f"{task}.geojson"
-        atomic_write_json(geo, _geojson(xy, field, probs, classes, threshold, task))
+        atomic_write_json(geo, _geojson(xy, field, probs, classes, threshold, task, head.get("positive_class")))
         summary["outputs"].append(str(geo))
     atomic_write_json(out / "heatmap.json", summary)
     return summary
@@ -113,13 +114,22 @@ def _draw(thumb: np.ndarray, centres: np.ndarray, side: float, values: np.ndarra
 
 
 def _geojson(xy: np.ndarray, field: float, probs: np.ndarray, classes: list[str], threshold: float,
-             task: str) -> dict[str, Any]:
+             task: str, positive_class: str | None = None) -> dict[str, Any]:
+    """Detections: two-class heads: tiles whose positive-class probability is >= ``threshold``
+    (``positive_class`` from export.json; default the second class); more classes: tiles whose
+    top class is not the first one and has probability >= ``threshold``."""
     features = []
     half = field / 2
+    positive = classes.index(positive_class) if len(classes) == 2 and positive_class in classes else None
     for (cx, cy), p in zip(xy, probs):
-        k = int(np.argmax(p))
-        if k == 0 or p[k] < threshold:
-            continue
+        if len(classes) == 2:
+            k = positive if positive is not None else 1
+            if p[k] < threshold:
+                continue
+        else:
+            k = int(np.argmax(p))
+            if k == 0 or p[k] < threshold:
+                continue
         x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
         features.append({
             "type": "Feature",

@@ -11,7 +11,8 @@ For every candidate backbone:
    patient/slide in both parts), else stratified; seeded by ``split_seed``;
 3. train a linear softmax head (no hidden layer; standardised embeddings, isotropic Gaussian
    feature noise, focal loss, Adam, a fixed number of epochs) once per seed and score it on the
-   validation part: balanced accuracy, Cohen's kappa, weighted F1 (mean and std over seeds);
+   validation part: balanced accuracy, Cohen's kappa, weighted F1 (mean and std over seeds),
+   beside the linear-probe reference (scikit-learn LogisticRegression, :mod:`dfl_tf.heads.probe`);
 4. a training-free pre-screen on all labeled records: cross-validated k-NN accuracy and the
    silhouette score of the classes (standardised embeddings, Euclidean);
 5. rank by mean balanced accuracy; add a random-init control of the best architecture
@@ -105,12 +106,11 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     import keras
 
     from dfl_tf.evaluation import predict_probs
-    from dfl_tf.heads.augment import FeatureNoise
     from dfl_tf.heads.model import build_head, standardisation
 
     keras.utils.set_random_seed(int(seed))
     mean, std = standardisation(X_train)
-    augment = [FeatureNoise(float(noise), seed=int(seed), name="noise")] if noise and noise > 0 else []
+    augment = [keras.layers.GaussianNoise(float(noise), seed=int(seed), name="noise")] if noise and noise > 0 else []
     model = build_head(X_train.shape[1], n_classes, hidden=0, mean=mean, std=std, augment=augment,
                        name="linear_head")
     loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
@@ -122,6 +122,25 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     probs = predict_probs(model, X_val)
     del model
     return probs
+
+
+def linear_probe_score(emb, tr: np.ndarray, va: np.ndarray, seed: int = 0) -> float:
+    """Validation balanced accuracy of the linear-probe reference (:mod:`dfl_tf.heads.probe`)
+    trained on the train part, ``C`` by 3-fold cross-validation there (grouped when possible)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from dfl_tf.heads.model import standardisation
+    from dfl_tf.heads.probe import fit_probe
+    from dfl_tf.heads.selection_cv import cv_folds
+
+    y_tr = emb.y[tr]
+    try:
+        folds, _ = cv_folds(y_tr, [emb.groups[i] for i in tr], k=3, seed=seed)
+    except DflError:
+        folds = None  # too few records for folds: C tuned on a plain split inside fit_probe
+    mean, std = standardisation(emb.X[tr])
+    probe, _ = fit_probe(emb.X[tr], y_tr, len(emb.classes), mean, std, folds=folds, seed=seed)
+    return float(balanced_accuracy_score(emb.y[va], probe.predict_proba(emb.X[va]).argmax(axis=1)))
 
 
 def separability(X: np.ndarray, y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = 10,
@@ -272,6 +291,7 @@ def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any
         m = compute_metrics(emb.y[va], probs, classes)
         for key_ in per_seed:
             per_seed[key_].append(m[key_])
+    probe_bacc = linear_probe_score(emb, tr, va, ctx["split_seed"]) if int(ctx["seeds"]) > 0 else None
     train_s = time.time() - t3
 
     row = {
@@ -285,6 +305,7 @@ def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any
         "dim": int(emb.manifest["dim"]),
         "records": {"train": int(len(tr)), "val": int(len(va)), "missing": int(missing)},
         **{k: _summary(v) for k, v in per_seed.items()},
+        "probe_balanced_accuracy": probe_bacc,
         **sep,
         "cache": str(directory),
         "cached": cached,
@@ -327,8 +348,9 @@ def table_markdown(result: dict[str, Any]) -> str:
              f"validation records ({result['split']['method']}); linear softmax head, focal loss, Adam, "
              f"feature noise {result['protocol']['noise']}, {result['protocol']['epochs']} epochs, "
              f"{result['protocol']['seeds']} seeds (mean ± std).", "",
-             "| rank | backbone | bal. acc | kappa | weighted F1 | kNN acc | silhouette | extract s | train s |",
-             "|---:|---|---|---|---|---:|---:|---:|---:|"]
+             "| rank | backbone | bal. acc | probe bal. acc | kappa | weighted F1 | kNN acc | silhouette "
+             "| extract s | train s |",
+             "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
     for row in result["results"]:
         if row["cached"]:
             ext = "cached" + (f" ({row['extract_seconds_original']:.1f})"
@@ -336,10 +358,12 @@ def table_markdown(result: dict[str, Any]) -> str:
         else:
             ext = f"{row['extract_seconds']:.1f}"
         lines.append(f"| {row['rank']} | {row['backbone']} | {_fmt(row['balanced_accuracy'])} | "
-                     f"{_fmt(row['cohen_kappa'])} | {_fmt(row['f1_weighted'])} | {_num(row['knn_accuracy'])} | "
+                     f"{_num(row.get('probe_balanced_accuracy'))} | {_fmt(row['cohen_kappa'])} | {_fmt(row['f1_weighted'])} | {_num(row['knn_accuracy'])} | "
                      f"{_num(row['silhouette'])} | {ext} | {row['train_seconds']:.1f} |")
     lines += ["", f"Best: **{result['best']}**." if result.get("best") else ""]
-    lines.append("kNN acc: cross-validated k-NN accuracy on all labeled records (training-free pre-screen); "
+    lines.append("probe bal. acc: scikit-learn LogisticRegression (C by 3-fold cross-validation on the train "
+                 "part) on the same split, the reference for the linear heads; "
+                 "kNN acc: cross-validated k-NN accuracy on all labeled records (training-free pre-screen); "
                  "extract s: seconds spent extracting in this run (cached: reused, with the original time).")
     for note in result.get("notes", []):
         lines.append(f"- note: {note}")
@@ -347,6 +371,7 @@ def table_markdown(result: dict[str, Any]) -> str:
 
 
 CSV_FIELDS = ["rank", "backbone", "weights", "control", "balanced_accuracy_mean", "balanced_accuracy_std",
+              "probe_balanced_accuracy",
               "cohen_kappa_mean", "cohen_kappa_std", "f1_weighted_mean", "f1_weighted_std", "knn_accuracy",
               "knn_balanced_accuracy", "silhouette", "extract_seconds", "extract_seconds_original", "cached",
               "train_seconds", "dim", "input_size", "fingerprint", "cache"]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfl_tf._io import atomic_save_weights
 from dfl_tf.backbones.vit import ViTConfig
 from dfl_tf.errors import DflError
 
@@ -228,12 +229,4 @@ def import_vit_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.P
         keras.config.set_dtype_policy(previous)
     assign_vit(model, config, state, Path(checkpoint).name, arch)
     del state
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5")
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_save_weights(model, out)

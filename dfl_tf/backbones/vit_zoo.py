@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 
+from dfl_tf._io import atomic_save_weights
 from dfl_tf.backbones import weights as weight_cache
 from dfl_tf.backbones.layers import Normalize
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, register
@@ -104,14 +105,7 @@ def vit_builder(spec_name: str, config: ViTConfig):
         raw = _raw_file(source)
         load_vit_file(model, config, raw, spec_name)
         if not safetensors_io.is_safetensors(raw):  # cache the slow pickle conversion once
-            converted.parent.mkdir(parents=True, exist_ok=True)
-            tmp = converted.with_name(f".{converted.name[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5")
-            try:
-                model.save_weights(tmp)
-                os.replace(tmp, converted)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            atomic_save_weights(model, converted)
         return model
 
     return build
