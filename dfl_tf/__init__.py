@@ -15,7 +15,7 @@ def __getattr__(name: str):
     api = {
         "extract": "dfl_tf.extraction",
         "load_backbone": "dfl_tf.backbones.registry",
-        "import_weights": "dfl_tf.backbones.torch_import",
+        "import_weights": "dfl_tf.backbones.converter",
         "load_embeddings": "dfl_tf.store.shards",
         "train_head": "dfl_tf.heads.train",
         "evaluate": "dfl_tf.evaluation",

@@ -69,3 +69,17 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def atomic_save_weights(model: Any, path: str | os.PathLike) -> Path:
+    """``model.save_weights`` to ``path`` (``*.weights.h5``) through a temporary name and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.name[:-len(".weights.h5")] if path.name.endswith(".weights.h5") else path.name
+    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}-{threading.get_ident()}.weights.h5")
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

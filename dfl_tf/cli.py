@@ -99,6 +99,18 @@ def option_flags(fields: tuple[str, ...] | None = None, **help: str):
     return decorate
 
 
+_PROGRESS = click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+
+
+def _with_config(help: str = "YAML file of these options (flags win)."):
+    """``--config FILE.yaml`` and the click context, for a command that runs through :func:`_run`."""
+
+    def decorate(func):
+        return click.option("--config", type=click.Path(), default=None, help=help)(click.pass_context(func))
+
+    return decorate
+
+
 @main.command("backbones")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def backbones_cmd(as_json: bool) -> None:
@@ -134,9 +146,8 @@ def backbones_cmd(as_json: bool) -> None:
               help="beam: run as an Apache Beam pipeline (pip install 'dfl_tf[beam]'), one element per shard.")
 @click.option("--beam-option", "beam_options", multiple=True, metavar="KEY=VALUE",
               help="Beam pipeline option, repeatable: runner=DataflowRunner, project=..., direct_num_workers=2.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
-@click.pass_context
+@_PROGRESS
+@_with_config()
 def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, **options: Any) -> None:
     """Embed every sample of SOURCE (image folder, CSV manifest or slide coordinates CSV)."""
     from dfl_tf.extraction import extract
@@ -166,7 +177,7 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 
     No torch needed. Use the result with --weights OUT.weights.h5.
     """
-    from dfl_tf.backbones.torch_import import import_weights
+    from dfl_tf.backbones.converter import import_weights
 
     path = import_weights(checkpoint, arch, out, input_size=input_size)
     click.echo(f"wrote {path} (use --backbone {arch} --weights {path})")
@@ -201,10 +212,8 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty head directory.")
 @click.option("--devices", default=None,
               help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-@click.option("--config", type=click.Path(), default=None,
-              help="YAML file of these options, may hold an 'augment:' list (flags win).")
-@click.pass_context
+@_PROGRESS
+@_with_config("YAML file of these options, may hold an 'augment:' list (flags win).")
 def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **options: Any) -> None:
     """Train a head on the embeddings in EMB_DIR and write HEAD_DIR (--out)."""
     from dfl_tf.heads.train import train_head
@@ -223,8 +232,7 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
 @click.argument("emb_dir", type=click.Path())
 @click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Prediction batch size.")
-@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
-@click.pass_context
+@_with_config()
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
     """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
     from dfl_tf.evaluation import evaluate
@@ -295,7 +303,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
               help="Slides: patch side (default: the size the heads were trained at; another value is refused).")
 @click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
               "without metadata.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@_PROGRESS
 def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
     """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
     from dfl_tf.prediction import predict
@@ -319,7 +327,7 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
               "metadata.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="GeoJSON: min probability.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Tiles per model call.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@_PROGRESS
 def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     """Tile SLIDE, predict each tile with MODEL, write heatmaps, predictions and GeoJSON to OUT."""
     from dfl_tf.heatmap import heatmap
@@ -364,9 +372,8 @@ def _select_control(value: str) -> bool | str:
 @click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
 @option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",
               batch_size="Extraction batch size.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
-@click.pass_context
+@_PROGRESS
+@_with_config()
 def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
     """Rank frozen backbones on DATASET with linear heads (extract once, cached; table.md, maps.png)."""
     from dfl_tf.selection import select_backbones
@@ -401,9 +408,8 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
 @click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-@click.option("--config", type=click.Path(), default=None, help="YAML file of these options (flags win).")
-@click.pass_context
+@_PROGRESS
+@_with_config()
 def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
     """Baseline: fine-tune the backbone end to end on DATASET (augmentation, focal loss)."""
     from dfl_tf.finetuning import finetune

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dfl_tf.backbones import torch_import
-from dfl_tf.backbones.torch_import import import_weights, load_checkpoint
+from dfl_tf.backbones.converter import import_weights
+from dfl_tf.backbones.torch_import import load_checkpoint
 from dfl_tf.errors import DflError
 
 

@@ -11,13 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dfl_tf.backbones import load_backbone  # noqa: E402
-from dfl_tf.backbones.torch_import import (  # noqa: E402
-    assign_state_dict,
-    build_with_layout,
-    extract_state_dict,
-    import_weights,
-    load_checkpoint,
-)
+from dfl_tf.backbones.converter import build_with_layout, import_weights  # noqa: E402
+from dfl_tf.backbones.torch_import import assign_state_dict, extract_state_dict, load_checkpoint  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_resnet import random_resnet50  # noqa: E402

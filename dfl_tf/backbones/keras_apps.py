@@ -29,33 +29,19 @@ def _builder(app, mode: str, name: str, **app_kwargs):
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
-register(BackboneSpec(
-    name="resnet50",
-    builder=_builder(keras.applications.ResNet50, "caffe", "resnet50"),
-    input_size=224, dim=2048,
-    weights=_imagenet("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      _BASE + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    description="ResNet-50 v1 (Keras Applications), caffe preprocessing",
-))
-register(BackboneSpec(
-    name="convnext_tiny",
-    builder=_builder(keras.applications.ConvNeXtTiny, "none", "convnext_tiny"),
-    input_size=224, dim=768,
-    weights=_imagenet("convnext_tiny_notop.h5", _BASE + "convnext/convnext_tiny_notop.h5"),
-    description="ConvNeXt-Tiny (Keras Applications), built-in normalisation",
-))
-register(BackboneSpec(
-    name="efficientnet_b0",
-    builder=_builder(keras.applications.EfficientNetB0, "none", "efficientnet_b0"),
-    input_size=224, dim=1280,
-    weights=_imagenet("efficientnetb0_notop.h5", _BASE + "efficientnetb0_notop.h5"),
-    description="EfficientNet-B0 (Keras Applications), built-in rescaling",
-))
-register(BackboneSpec(
-    name="densenet121",
-    builder=_builder(keras.applications.DenseNet121, "torch", "densenet121"),
-    input_size=224, dim=1024,
-    weights=_imagenet("densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      _BASE + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    description="DenseNet-121 (Keras Applications), torch preprocessing",
-))
+# name, application, preprocessing mode, dim, weights file under _BASE, description
+_APPS = (
+    ("resnet50", keras.applications.ResNet50, "caffe", 2048,
+     "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+     "ResNet-50 v1 (Keras Applications), caffe preprocessing"),
+    ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, "convnext/convnext_tiny_notop.h5",
+     "ConvNeXt-Tiny (Keras Applications), built-in normalisation"),
+    ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, "efficientnetb0_notop.h5",
+     "EfficientNet-B0 (Keras Applications), built-in rescaling"),
+    ("densenet121", keras.applications.DenseNet121, "torch", 1024,
+     "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+     "DenseNet-121 (Keras Applications), torch preprocessing"),
+)
+for _name, _app, _mode, _dim, _file, _description in _APPS:
+    register(BackboneSpec(name=_name, builder=_builder(_app, _mode, _name), input_size=224, dim=_dim,
+                          weights=_imagenet(_file.rsplit("/", 1)[-1], _BASE + _file), description=_description))

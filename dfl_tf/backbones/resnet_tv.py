@@ -89,7 +89,7 @@ def make_builder(spec_name: str, arch: str = "resnet50_tv", build=build_model):
         source = spec.weight_source(weights)
         if source is not None:
             def convert(raw: Path, out: Path) -> None:
-                torch_import.import_weights(raw, arch, out, input_size=input_size)
+                torch_import.convert_checkpoint(lambda: build(input_size, name=spec_name), raw, arch, out)
 
             path = weight_cache.converted(spec_name, weights, source, convert,
                                           local_file=_local_file_of(source))
@@ -111,39 +111,24 @@ def _local_file_of(source: WeightSource):
     return local
 
 
-def _source(spec_name: str, key: str, *, url: str, sha256: str | None, license: str, filename: str,
-            note: str) -> WeightSource:
-    proto = WeightSource(key, url=url, sha256=sha256, license=license, filename=filename, note=note)
-    return WeightSource(key, url=url, sha256=sha256, license=license, filename=filename, note=note,
-                        offline_path=weight_cache.offline_checker(spec_name, key, _local_file_of(proto)))
+def _source(spec_name: str, key: str, url: str, sha256: str | None, license: str, note: str) -> WeightSource:
+    """A downloadable checkpoint (file name: the URL's last part), offline once downloaded."""
+    fields = dict(url=url, sha256=sha256, license=license, filename=url.rsplit("/", 1)[-1], note=note)
+    local = _local_file_of(WeightSource(key, **fields))
+    return WeightSource(key, **fields, offline_path=weight_cache.offline_checker(spec_name, key, local))
 
 
 # torchvision publishes only the first 8 hex digits of the sha256 (in the file name, checked by
 # torch.hub's check_hash); we verify that prefix. DINO and SwAV publish no checksum at all.
-TORCHVISION = _source(
-    "resnet50_tv", "imagenet",
-    url="https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    sha256="0676ba61",
-    license="BSD-3-Clause (torchvision); trained on ImageNet-1k, whose terms restrict use to research",
-    filename="resnet50-0676ba61.pth",
-    note="torchvision IMAGENET1K_V1; sha256 prefix from the file name",
-)
-DINO = _source(
-    "dino_resnet50", "dino",
-    url="https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
-    sha256=None,
-    license="Apache-2.0 (DINO, facebookresearch/dino); self-supervised on ImageNet-1k",
-    filename="dino_resnet50_pretrain.pth",
-    note="no published checksum",
-)
-SWAV = _source(
-    "swav_resnet50", "swav",
-    url="https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
-    sha256=None,
-    license="CC-BY-NC-4.0 (SwAV, facebookresearch/swav): non-commercial use only",
-    filename="swav_800ep_pretrain.pth.tar",
-    note="800-epoch SwAV; no published checksum",
-)
+TORCHVISION = _source("resnet50_tv", "imagenet", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                      "0676ba61", "BSD-3-Clause (torchvision); trained on ImageNet-1k, whose terms restrict use to "
+                      "research", "torchvision IMAGENET1K_V1; sha256 prefix from the file name")
+DINO = _source("dino_resnet50", "dino",
+               "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth", None,
+               "Apache-2.0 (DINO, facebookresearch/dino); self-supervised on ImageNet-1k", "no published checksum")
+SWAV = _source("swav_resnet50", "swav", "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
+               None, "CC-BY-NC-4.0 (SwAV, facebookresearch/swav): non-commercial use only",
+               "800-epoch SwAV; no published checksum")
 
 register(BackboneSpec(
     name="resnet50_tv", builder=make_builder("resnet50_tv"), input_size=224, dim=2048,

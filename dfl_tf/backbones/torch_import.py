@@ -13,8 +13,10 @@ Tensors come back as numpy arrays. No code from the checkpoint is run: only a sh
 list of globals is resolved (OrderedDict, torch's tensor-rebuild functions, storage
 types); any other global becomes an inert placeholder object.
 
-``import_weights`` converts a checkpoint into a Keras ``.weights.h5`` file that
-``load_backbone(..., weights="X.weights.h5")`` loads with no torch installed.
+``convert_checkpoint`` writes a checkpoint as a Keras ``.weights.h5`` file that
+``load_backbone(..., weights="X.weights.h5")`` loads with no torch installed. This module
+imports no architecture: they import it (``dfl import-weights`` is
+:mod:`dfl_tf.backbones.converter`).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import pickletools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from dfl_tf._io import atomic_save_weights
 from dfl_tf.errors import DflError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -503,7 +506,7 @@ def _torch_shape(kind: str, keras_shape: tuple) -> tuple:
 
 
 # --------------------------------------------------------------------------------------
-# architectures and the public entry point
+# architectures (names only) and the conversion to a Keras weights file
 
 _ARCH_ALIASES = {
     "resnet50_tv": "resnet50_tv",
@@ -522,18 +525,6 @@ def canonical_arch(arch: str) -> str:
     if arch not in _ARCH_ALIASES:
         raise DflError(f"unknown architecture '{arch}' for weight import (choose from {', '.join(ARCHS)})")
     return _ARCH_ALIASES[arch]
-
-
-def build_with_layout(arch: str, input_size: int | None = None):
-    """Build the wrapped Keras model of ``arch`` (random init) and its torch layout."""
-    arch = canonical_arch(arch)
-    if arch == "resnet50_tv":
-        from dfl_tf.backbones import resnet_tv
-
-        return resnet_tv.build_model(input_size or 224, name="resnet50_tv")
-    from dfl_tf.backbones import efficientnet_lite
-
-    return efficientnet_lite.build_model(input_size or 224, name="efficientnet_lite0")
 
 
 def ignore_prefixes(arch: str) -> tuple[str, ...]:
@@ -580,44 +571,25 @@ def load_weights_file(model, layout: Layout, path: str, arch: str, label: str) -
         load_torch_into(layout, path, arch)
 
 
-def import_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathLike,
-                   input_size: int | None = None) -> Path:
-    """Convert a PyTorch checkpoint of ``arch`` into a Keras ``.weights.h5`` file.
+def convert_checkpoint(build: Callable[[], tuple[Any, Layout]], checkpoint: str | os.PathLike, arch: str,
+                       out: str | os.PathLike) -> Path:
+    """Read ``checkpoint`` into the model ``build()`` returns (built in float32) and write its
+    weights to ``out`` (``.weights.h5``) through a temporary name and a rename.
 
-    Args:
-        checkpoint: a torchvision / DINO / SwAV ResNet-50 or EfficientNet-Lite0 checkpoint
-            (``module.``/``backbone.`` prefixes and ``state_dict``/``model``/``teacher``
-            nesting are handled; classifier and projection heads are ignored).
-        arch: ``resnet50_tv`` (aliases ``dino_resnet50``, ``swav_resnet50``) or ``efficientnet_lite0``.
-        out: destination, must end in ``.weights.h5``; written atomically.
-        input_size: side of the model built for the conversion (weights do not depend on it).
-
-    Returns:
-        ``out`` as a Path; load it later with ``load_backbone(name, weights=out)``.
+    The architecture modules call this to fill their weight cache; :func:`dfl_tf.import_weights`
+    (:mod:`dfl_tf.backbones.converter`) calls it for ``dfl import-weights``.
     """
     import keras
 
-    from dfl_tf.backbones.vit_weights import import_vit_weights, vit_archs
-
-    if arch in vit_archs():  # ViTs: safetensors or torch files, timm / hub / transformers keys
-        return import_vit_weights(checkpoint, arch, out)
     arch = canonical_arch(arch)
     out = Path(out)
     if not out.name.endswith(".weights.h5"):
         raise DflError(f"output file name must end in .weights.h5 (got {out.name})")
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
-        model, layout = build_with_layout(arch, input_size)
+        model, layout = build()
     finally:
         keras.config.set_dtype_policy(previous)
     load_torch_into(layout, checkpoint, arch)
-    tmp = out.with_name(f".{out.name[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5")
-    try:
-        model.save_weights(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_save_weights(model, out)
