@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dfl_tf.errors import DflError
+from dfl_tf.splits import DEFAULT_FOLDS, cv_folds  # noqa: F401  (the folds live in splits.py, public here too)
 
 SMALL_N = 2000
 SMALL_PER_CLASS = 50
-DEFAULT_FOLDS = 5
 #: the candidates of the selection (product of the lists); chosen by benchmarks/bench_heads_study.py
 DEFAULT_GRID: dict[str, list[float]] = {"weight_decay": [1e-4, 1.0], "noise": [0.1, 0.5, 1.0]}
 SELECT_MODES = ("auto", "always", "never")
@@ -32,43 +32,6 @@ def is_small(counts: Sequence[int]) -> bool:
     counts = np.asarray(counts)
     present = counts[counts > 0]
     return int(counts.sum()) < SMALL_N or (len(present) > 0 and int(present.min()) < SMALL_PER_CLASS)
-
-
-def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = DEFAULT_FOLDS,
-             seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """``([(train_idx, val_idx)] * k', method)``: stratified k-fold, grouped when groups are known.
-
-    ``k'`` is ``k`` reduced to what the data allows (the number of groups, the largest class
-    count); at least 2 folds are needed, else :class:`DflError`. Deterministic in ``seed``.
-    """
-    import warnings
-
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    y = np.asarray(y)
-    counts = np.bincount(y)
-    counts = counts[counts > 0]
-    use_groups = groups is not None and len(groups) == len(y) and all(g not in (None, "") for g in groups)
-    if use_groups:
-        codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
-        k_eff = min(int(k), int(codes.max()) + 1, int(counts.max()))
-        method = f"{k_eff}-fold stratified, grouped by group ({int(codes.max()) + 1} groups)"
-    else:
-        k_eff = min(int(k), int(counts.max()))
-        method = f"{k_eff}-fold stratified"
-    if k_eff < 2:
-        raise DflError(f"cross-validation needs at least 2 folds; the data allow {k_eff} "
-                       f"({'groups' if use_groups else 'records per class'} too few)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
-        if use_groups:
-            splitter = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
-            folds = list(splitter.split(np.zeros(len(y)), y, codes))
-        else:
-            splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
-            folds = list(splitter.split(np.zeros(len(y)), y))
-    folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in folds if len(b)]
-    return folds, method
 
 
 def grid_candidates(grid: dict[str, Sequence[float]] | None, fixed: dict[str, bool] | None = None
@@ -137,6 +100,36 @@ def make_optimizer(lr: float, weight_decay: float):
     return opt
 
 
+def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
+                   weight_decay: float, seed: int = 0, progress: bool = False, method: str = "", **fit: Any
+                   ) -> dict[str, Any]:
+    """Score every candidate on every fold (all fits at once, :func:`dfl_tf.heads.batched.fit_predict`
+    with ``fit``: dropout, lr, epochs, batch_size, loss, gamma, alpha, class_weights) and pick
+    the best; ``specs`` give the noise std / feature-dropout rate that a candidate does not set."""
+    import time
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from dfl_tf.heads.batched import fit_predict
+
+    t0 = time.time()
+    feature_dropout = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
+    base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
+    pairs = [(c, f) for c in range(len(candidates)) for f in range(len(folds))]
+    probs = fit_predict(X, y, n_classes, [folds[f][0] for _, f in pairs], [folds[f][1] for _, f in pairs],
+                        hidden=hidden, feature_dropout=feature_dropout,
+                        noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
+                        weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
+                        seed=seed, **fit)
+    fold_scores = np.zeros((len(candidates), len(folds)))
+    for (c, f), p in zip(pairs, probs):
+        fold_scores[c, f] = balanced_accuracy_score(y[folds[f][1]], p.argmax(axis=1))
+    result = select_settings(candidates, fold_scores, progress=progress)
+    return {"performed": True, "method": method, "folds": len(folds), "records": int(len(y)),
+            "metric": "balanced_accuracy", **result, "seconds": round(time.time() - t0, 2)}
+
+
 class SmallData:
     """Cross-validated selection and the linear probe for one training set (used by train_head).
 
@@ -171,37 +164,13 @@ class SmallData:
             self._arrays = (np.asarray(emb.X[keep], np.float32), emb.y[keep], groups)
         return self._arrays
 
-    def select(self, candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
-               dropout: float, lr: float, epochs: int, batch_size: int, loss: str, gamma: float,
-               alpha: float, class_weights, weight_decay: float, progress: bool) -> dict[str, Any]:
-        """Cross-validate ``candidates``; returns the record for head.json (choice, scores, folds)."""
-        import time
-
-        from sklearn.metrics import balanced_accuracy_score
-
-        from dfl_tf.heads.batched import fit_predict
-
-        t0 = time.time()
+    def select(self, candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *,
+               progress: bool = False, **fit: Any) -> dict[str, Any]:
+        """Cross-validate ``candidates`` on the training set; the record for head.json."""
         X, y, groups = self._load()
         self.folds, method = cv_folds(y, groups, self.k, self.seed)
-        n_classes = self.data.n_classes
-
-        # all (candidate, fold) fits at once (dfl_tf.heads.batched), the same model and optimiser
-        fd = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
-        base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
-        pairs = [(c, f) for c in range(len(candidates)) for f in range(len(self.folds))]
-        probs = fit_predict(X, y, n_classes, [self.folds[f][0] for _, f in pairs],
-                            [self.folds[f][1] for _, f in pairs], hidden=hidden, dropout=dropout,
-                            feature_dropout=fd, noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
-                            weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
-                            lr=lr, epochs=epochs, batch_size=batch_size, loss=loss, gamma=gamma, alpha=alpha,
-                            class_weights=class_weights, seed=self.seed)
-        fold_scores = np.zeros((len(candidates), len(self.folds)))
-        for (c, f), p in zip(pairs, probs):
-            fold_scores[c, f] = balanced_accuracy_score(y[self.folds[f][1]], p.argmax(axis=1))
-        result = select_settings(candidates, fold_scores, progress=progress)
-        return {"performed": True, "method": method, "folds": len(self.folds), "records": int(len(y)),
-                "metric": "balanced_accuracy", **result, "seconds": round(time.time() - t0, 2)}
+        return cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
+                              progress=progress, method=method, **fit)
 
     def probe(self, mean: np.ndarray, std: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None):
         """(LinearProbe, head.json record) fitted on all training records; C tuned like the head."""
