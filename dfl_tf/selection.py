@@ -131,7 +131,7 @@ def linear_probe_score(emb, tr: np.ndarray, va: np.ndarray, seed: int = 0) -> fl
 
     from dfl_tf.heads.model import standardisation
     from dfl_tf.heads.probe import fit_probe
-    from dfl_tf.heads.selection_cv import cv_folds
+    from dfl_tf.splits import cv_folds
 
     y_tr = emb.y[tr]
     try:

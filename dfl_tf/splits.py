@@ -1,4 +1,5 @@
-"""Train/validation splits shared by backbone selection and fine-tuning.
+"""Train/validation splits shared by backbone selection and fine-tuning, and the k-fold
+cross-validation folds of head selection and the linear probe (:func:`cv_folds`).
 
 A ``split`` column of a CSV source wins (``train`` and ``val``/``valid``/``validation`` rows;
 others, e.g. ``test``, are left out); else the split is stratified and grouped by ``group`` when
@@ -7,13 +8,14 @@ samples have groups (no patient or slide in both parts); else stratified. Seeded
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from dfl_tf.errors import DflError
 
 VAL_NAMES = {"val", "valid", "validation"}
+DEFAULT_FOLDS = 5
 
 
 def split_samples(dataset: str | Path, samples, val_fraction: float = 0.25, seed: int = 0
@@ -65,3 +67,40 @@ def split_samples(dataset: str | Path, samples, val_fraction: float = 0.25, seed
             raise DflError(f"{dataset}: the split left an empty train or validation part")
     how.update({"val_fraction": float(val_fraction), "seed": int(seed), "train": len(train), "val": len(val)})
     return train, val, how
+
+
+def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = DEFAULT_FOLDS,
+             seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """``([(train_idx, val_idx)] * k', method)``: stratified k-fold, grouped when groups are known.
+
+    ``k'`` is ``k`` reduced to what the data allows (the number of groups, the largest class
+    count); at least 2 folds are needed, else :class:`DflError`. Deterministic in ``seed``.
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    use_groups = groups is not None and len(groups) == len(y) and all(g not in (None, "") for g in groups)
+    if use_groups:
+        codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+        k_eff = min(int(k), int(codes.max()) + 1, int(counts.max()))
+        method = f"{k_eff}-fold stratified, grouped by group ({int(codes.max()) + 1} groups)"
+    else:
+        k_eff = min(int(k), int(counts.max()))
+        method = f"{k_eff}-fold stratified"
+    if k_eff < 2:
+        raise DflError(f"cross-validation needs at least 2 folds; the data allow {k_eff} "
+                       f"({'groups' if use_groups else 'records per class'} too few)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
+        if use_groups:
+            splitter = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
+            folds = list(splitter.split(np.zeros(len(y)), y, codes))
+        else:
+            splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
+            folds = list(splitter.split(np.zeros(len(y)), y))
+    folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in folds if len(b)]
+    return folds, method

@@ -115,7 +115,7 @@ def fit_probe(X: np.ndarray, y: np.ndarray, n_classes: int, mean: np.ndarray, st
             data = (np.concatenate([Z, Zv]), np.concatenate([y, y_val]),
                     [(np.arange(len(y)), np.arange(len(y), len(y) + len(y_val)))])
         else:
-            from dfl_tf.heads.selection_cv import cv_folds
+            from dfl_tf.splits import cv_folds
 
             rng = np.random.default_rng(int(seed))
             sub = np.sort(rng.permutation(len(y))[:TUNE_MAX_RECORDS])
