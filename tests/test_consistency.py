@@ -118,6 +118,23 @@ def test_small_image_x5_needs_x5_from_image(tmp_path):
     assert m["num_records"] == 4
 
 
+def test_served_centre_crop_rule_refuses_small_images(tmp_path):
+    """A model extracted with the centre-crop rule on large images refuses small ones when served
+    (bytes signature) and in predict (naming the file), as extraction would."""
+    folder = _folder(tmp_path / "imgs", "png", side=128, per_class=2)
+    m = extract(folder, tmp_path / "emb", views="x20:rgb,x5:rgb", **TINY_FAST)
+    assert m["geometry"]["x5_source"] == "image" and m["geometry"]["x5_from_image"] is False
+    train_head(tmp_path / "emb", tmp_path / "head", **HEAD)
+    info = export_model([tmp_path / "head"], tmp_path / "m")
+    assert info["parity"]["passed"] and info["parity"]["bytes_samples"] == 4
+    small = _folder(tmp_path / "small", "png", side=40, per_class=1)
+    model = load_model(info["path"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image smaller than 128 px"):
+        model([(small / "a" / "0.png").read_bytes()])
+    with pytest.raises(DflError, match=r"0\.png: 40x40 px is smaller than 128 px"):
+        predict(info["path"], small, tmp_path / "p.csv", progress=False)
+
+
 # -- one recorded geometry ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
