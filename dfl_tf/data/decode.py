@@ -91,6 +91,8 @@ def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
         raise
     except Exception as exc:  # TF raises InvalidArgumentError, PIL many types, for corrupt/truncated data
         message = getattr(exc, "message", None) or str(exc)
+        if type(exc).__name__ == "UnidentifiedImageError":  # its text holds a BytesIO address: not reproducible
+            message = "not an image format Pillow or TensorFlow reads"
         message = " ".join(str(message).split())[:300]
         raise DflError(f"cannot read image {name}: {type(exc).__name__}: {message}") from None
 
