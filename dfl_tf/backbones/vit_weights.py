@@ -67,7 +67,7 @@ def detect_layout(keys) -> tuple[str, str]:
     raise DflError(f"no ViT patch embedding in the checkpoint (keys look like: {shown})")
 
 
-def canonical_state(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def canonical_state(state: dict) -> tuple[dict, dict[str, str], str]:
     """Rename a timm / hub / transformers state dict to timm names; fuse q/k/v and pack SwiGLU.
 
     Returns the canonical dict, ``canonical key -> source key(s)`` for messages, and the layout.
@@ -92,8 +92,26 @@ def canonical_state(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
             names = [f"{stem}.{p}.{leaf}" for p in parts]
             if all(n in out for n in names):
                 origin[f"{stem}.{fused}.{leaf}"] = "+".join(origin.pop(n) for n in names)
-                out[f"{stem}.{fused}.{leaf}"] = np.concatenate([out.pop(n) for n in names], axis=0)
+                out[f"{stem}.{fused}.{leaf}"] = _Concat([out.pop(n) for n in names])
     return out, origin, layout
+
+
+class _Concat:
+    """Tensors joined along axis 0 when read (q/k/v -> qkv, gate/value -> packed SwiGLU)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        shapes = [tuple(p.shape) for p in parts]
+        self.shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(s[1:] == shapes[0][1:] for s in shapes) \
+            else ("mismatched parts", *shapes)
+
+    def __call__(self) -> np.ndarray:
+        return np.concatenate([_read(p) for p in self.parts], axis=0)
+
+
+def _read(value) -> np.ndarray:
+    """An array, or the array a lazy value (safetensors tensor, concatenation) reads."""
+    return np.asarray(value) if isinstance(value, np.ndarray) else value()
 
 
 def _targets(model, config: ViTConfig) -> dict:
@@ -134,13 +152,15 @@ def _torch_shape(key: str, shape: tuple) -> tuple:
     return shape[::-1] if len(shape) == 2 else shape
 
 
-def assign_vit(model, config: ViTConfig, state: dict[str, np.ndarray], source: str, arch: str) -> str:
+def assign_vit(model, config: ViTConfig, state: dict, source: str, arch: str) -> str:
     """Copy a ViT state dict (any layout) into ``model``; returns the layout name.
 
-    Nothing is assigned unless every key and shape fits; the error names the first mismatches
-    (canonical names are timm's; the source key follows in brackets).
+    ``state`` is consumed (emptied). Nothing is assigned unless every key and shape fits; the
+    error names the first mismatches (canonical names are timm's for missing keys, the source's
+    names otherwise).
     """
     canon, origin, layout = canonical_state(state)
+    state.clear()  # consumed: each tensor is freed once assigned (ViT-g: 4.5 GB less at the peak)
     targets = _targets(model, config)
     problems = [f"missing {k}" for k in targets if k not in canon]
     for key, value in canon.items():
@@ -156,16 +176,17 @@ def assign_vit(model, config: ViTConfig, state: dict[str, np.ndarray], source: s
         raise DflError(f"{source} ({layout} layout) does not fit {arch}: {len(problems)} mismatches: {shown}{more}")
     for key in list(canon):
         variable, convert = targets[key]
-        variable.assign(np.ascontiguousarray(convert(canon.pop(key)), dtype=np.float32))
+        variable.assign(np.ascontiguousarray(convert(_read(canon.pop(key))), dtype=np.float32))
     return layout
 
 
-def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A ViT state dict from ``.safetensors`` or a torch checkpoint (nesting/prefixes unwrapped)."""
+def read_state(path: str | os.PathLike) -> dict:
+    """A ViT state dict from ``.safetensors`` (lazy tensors) or a torch checkpoint (arrays;
+    nesting and ``module.``/``backbone.`` prefixes unwrapped)."""
     from dfl_tf.backbones import safetensors_io, torch_import
 
     if safetensors_io.is_safetensors(path):
-        return safetensors_io.load_safetensors(path)
+        return safetensors_io.lazy_safetensors(path)  # read tensor by tensor while assigning
     obj = torch_import.load_checkpoint(path)
     # DINO-style files nest {"teacher": {"backbone.<key>": ...}}; transformers keys keep "encoder."
     for _ in range(5):

@@ -91,18 +91,16 @@ def vit_builder(spec_name: str, config: ViTConfig):
         from dfl_tf.backbones import safetensors_io
         from dfl_tf.backbones.vit_weights import load_vit_file
 
+        source = get_spec(spec_name).weight_source(weights) if weights is not None else None
+        converted = weight_cache.converted_path(spec_name, weights) if source is not None else None
+        # fetch first: an offline or gated download fails before a large model is built
+        raw = _raw_file(source) if converted is not None and not converted.exists() else None
         model = build_vit(config, input_size, name=spec_name)
         if weights is None:
             return model
-        source = get_spec(spec_name).weight_source(weights)
-        if source is None:
-            load_vit_file(model, config, weights, spec_name)
+        if source is None or converted.exists():
+            load_vit_file(model, config, weights if source is None else converted, spec_name)
             return model
-        converted = weight_cache.converted_path(spec_name, weights)
-        if converted.exists():
-            load_vit_file(model, config, converted, spec_name)
-            return model
-        raw = _raw_file(source)
         load_vit_file(model, config, raw, spec_name)
         if not safetensors_io.is_safetensors(raw):  # cache the slow pickle conversion once
             atomic_save_weights(model, converted)
@@ -199,12 +197,12 @@ register_vit("phikon_v2", _vit(16, 1024, 24, 16, 14, layer_scale=True),
              {"phikon_v2": _hub("phikon_v2", "owkin/phikon-v2", "model.safetensors", _OWKIN)},
              "owkin/phikon-v2 model card (Dinov2Model, last_hidden_state[:, 0]) and config.json",
              "Owkin Phikon-v2 ViT-L/16 (DINOv2 on PANCAN-XL), transformers Dinov2 layout")
-register_vit("hibou_b", _vit(14, 768, 12, 12, 16, layer_scale=True, registers=4, interp_offset=0.1,
-                             mean=HIBOU_MEAN, std=HIBOU_STD),
+register_vit("hibou_b", _vit(14, 768, 12, 12, 16, mlp_hidden=2048, mlp="swiglu", layer_scale=True, registers=4,
+                             interpolation="bicubic_aa", mean=HIBOU_MEAN, std=HIBOU_STD),
              {"hibou": _hub("hibou", "histai/hibou-b", "model.safetensors", "Apache-2.0 (histai/hibou-b)")},
-             "histai/hibou-b config.json + preprocessor_config.json (custom Dinov2 with 4 registers, "
-             "pooler_output = normed class token; transformers-4.x style +0.1 offset interpolation)",
-             "HistAI Hibou-B ViT-B/14 with registers")
+             "HistAI/hibou hibou/models/__init__.py build_model (vit_base, patch 14, img 224, layerscale 1e-5, "
+             "swiglufused, 4 registers, interpolate_offset 0, antialias) and example.ipynb mean/std; "
+             "embedding = pooler_output = normed class token", "HistAI Hibou-B ViT-B/14, SwiGLU, 4 registers")
 register_vit("uni", _vit(16, 1024, 24, 16, 14, layer_scale=True, interpolation="bicubic_aa"),
              {"uni": _hub("uni", "MahmoodLab/UNI", "pytorch_model.bin", _NC_ND, gated=True)},
              "MahmoodLab/UNI model card: timm vit_large_patch16_224, init_values 1e-5, num_classes 0, "
