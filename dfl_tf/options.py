@@ -158,6 +158,12 @@ def takes_options(*, exclude: Sequence[str] = (), only: Sequence[str] | None = N
             return func(*args, options=options, **kwargs)
 
         wrapper.option_fields = accepted  # type: ignore[attr-defined]
+        # help() and IDEs show the accepted fields as keyword-only parameters, with their defaults
+        signature = inspect.signature(func)
+        extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                 for f in dataclasses.fields(ExtractOptions) if f.name in accepted]
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*signature.parameters.values(), *extra])
         return wrapper
 
     return decorate

@@ -3,6 +3,7 @@ the CLI flags and the YAML configs."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 
@@ -28,8 +29,11 @@ def test_validated_and_normalised_once():
     assert opts.replace(fit="pad").fit == "pad" and opts.fit == "scale"
     with pytest.raises(DflError, match="unknown fit"):
         opts.replace(fit="crop")
-    assert set(opts.records_settings()) == {"backbone", "weights", "views", "input_size", "fit", "pad_to",
-                                            "precision", "dtype", "mpp", "patch_size", "slide_mpp"}
+    records = opts.records_settings()  # what changes the embeddings (selection's cache key): not run settings
+    assert {"backbone", "weights", "views", "input_size", "fit", "pad_to", "precision", "dtype", "mpp",
+            "patch_size", "slide_mpp"} <= set(records)
+    assert not {"batch_size", "shard_size", "workers", "jit", "skip_bad", "devices"} & set(records)
+    assert records["views"] == ["x20:rgb", "x5:gray"]  # JSON-ready
 
 
 def test_public_functions_take_options_or_keywords(tmp_path, image_folder):
@@ -41,6 +45,8 @@ def test_public_functions_take_options_or_keywords(tmp_path, image_folder):
     assert set(extract.option_fields) == set(extract_beam.option_fields) == set(FIELDS)
     assert set(select_backbones.option_fields) == set(SELECT_FIELDS)
     assert set(finetune.option_fields) == set(FINETUNE_FIELDS)
+    shown = inspect.signature(finetune).parameters  # help() shows the accepted fields with their defaults
+    assert shown["views"].default == ("x20:rgb",) and "dtype" not in shown and "options" in shown
 
     kw = {k: v for k, v in TINY_FAST.items() if k != "progress"}
     by_keywords = extract(image_folder, tmp_path / "a", progress=False, **kw)
