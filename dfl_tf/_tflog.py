@@ -2,8 +2,8 @@
 
 TensorFlow writes start-up lines to stderr while it is imported (absl's "All log messages before
 absl::InitializeLog() is called...", the oneDNN notice, CPU feature notes), once per native
-library that logs, so they arrive twice. ``TF_CPP_MIN_LOG_LEVEL`` hides the later C++ logs but
-not these, because they are written before TensorFlow reads it. :func:`import_tensorflow`
+library that logs, so they arrive twice. ``TF_CPP_MIN_LOG_LEVEL`` hides the later C++ logs
+(:func:`set_log_env`) but not these, because they are written before TensorFlow reads it. :func:`import_tensorflow`
 imports TensorFlow once, up front, with the process's stderr (file descriptor 2) captured, and
 replays the capture only when the import fails; afterwards TensorFlow's and absl's Python
 loggers are set to errors only. Stderr then carries dfl's own messages, progress and errors.
@@ -22,10 +22,11 @@ _USER_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 
 
 def set_log_env(verbose: bool) -> None:
-    """The C++ log level TensorFlow reads when it is imported: the user's own setting, else
-    2 (errors and warnings from our side only), or 0 (everything) with ``verbose``."""
+    """The C++ log level TensorFlow reads when it is imported: the user's own setting, else 3
+    (fatal only: TensorFlow's run-time "E" lines, e.g. oneDNN's float16 fallback note, are not
+    errors of the command; real failures reach dfl as exceptions), or 0 (all) with ``verbose``."""
     if _USER_LEVEL is None:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "2"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
 
 
 @contextlib.contextmanager

@@ -50,18 +50,32 @@ def test_missing_input_is_one_line_error(tmp_path):
         assert result.output.startswith("error: ") and result.output.count("\n") == 1 and "nope" in result.output
 
 
-def test_quiet_stderr_unless_verbose():
-    """TensorFlow's start-up lines (absl, oneDNN) reach stderr only with `dfl --verbose`."""
+def test_quiet_stderr_unless_verbose(tmp_path):
+    """TensorFlow's start-up lines (absl, oneDNN) and run-time notes reach stderr only with
+    `dfl --verbose`; stderr otherwise holds dfl's own messages."""
     import os
     import subprocess
     import sys
 
+    import numpy as np
+    from emb_utils import make_embedding_dir
+
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
     script = "import sys; from dfl_tf.cli import main; sys.exit(main())"
-    quiet = subprocess.run([sys.executable, "-c", script, "backbones"], env=env, capture_output=True, text=True)
+
+    def dfl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+
+    quiet = dfl("backbones")
     assert quiet.returncode == 0 and "resnet50" in quiet.stdout
     assert quiet.stderr == ""
-    loud = subprocess.run([sys.executable, "-c", script, "--verbose", "backbones", "--json"], env=env,
-                          capture_output=True, text=True)
+    loud = dfl("--verbose", "backbones", "--json")
     assert loud.returncode == 0 and json.loads(loud.stdout)
     assert re.search(r"absl|oneDNN|tensorflow", loud.stderr, re.I), loud.stderr
+    # a command that runs TensorFlow ops (float16 records): only dfl's own note on stderr
+    rng = np.random.default_rng(0)
+    make_embedding_dir(tmp_path / "emb", rng.normal(size=(16, 8)), np.arange(16) % 2, ["a", "b"])
+    train = dfl("train", str(tmp_path / "emb"), "--out", str(tmp_path / "head"), "--epochs", "1", "--hidden", "0",
+                "--no-progress")
+    assert train.returncode == 0, train.stderr
+    assert [line for line in train.stderr.splitlines() if not line.startswith("note: ")] == []
