@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from dfl_tf.backbones.vit import ViTConfig, build_vit, resize_matrix  # noqa: E402
-from dfl_tf.backbones.vit_weights import import_vit_weights, load_vit_file  # noqa: E402
+from dfl_tf.backbones.converter import import_vit_weights  # noqa: E402
+from dfl_tf.backbones.vit_weights import load_vit_file  # noqa: E402
 from dfl_tf.backbones.vit_zoo import CONFIGS  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 from vit_refs import RefViT, randomise  # noqa: E402

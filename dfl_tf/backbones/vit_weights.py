@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dfl_tf._io import atomic_save_weights
 from dfl_tf.backbones.vit import ViTConfig
 from dfl_tf.errors import DflError
 
@@ -217,37 +216,3 @@ def load_vit_file(model, config: ViTConfig, path: str | os.PathLike, arch: str) 
         torch_import.load_weights_file(model, [], str(path), arch, arch)
         return
     assign_vit(model, config, read_state(path), Path(path).name, arch)
-
-
-def vit_archs() -> tuple[str, ...]:
-    """Registry names of the ViTs, usable as ``dfl import-weights --arch``."""
-    from dfl_tf.backbones.vit_zoo import CONFIGS
-
-    return tuple(sorted(CONFIGS))
-
-
-def import_vit_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathLike) -> Path:
-    """Convert a ViT checkpoint (safetensors or torch; timm, hub or transformers keys) to ``.weights.h5``.
-
-    The Keras model is built at the checkpoint's own grid, so the file loads at any input size.
-    """
-    import keras
-
-    from dfl_tf.backbones.vit import build_vit
-    from dfl_tf.backbones.vit_zoo import CONFIGS
-
-    if arch not in CONFIGS:
-        raise DflError(f"unknown ViT architecture '{arch}' (choose from {', '.join(sorted(CONFIGS))})")
-    config, out = CONFIGS[arch], Path(out)
-    if not out.name.endswith(".weights.h5"):
-        raise DflError(f"output file name must end in .weights.h5 (got {out.name})")
-    state = read_state(checkpoint)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        model = build_vit(config, config.grid * config.patch, name=arch)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    assign_vit(model, config, state, Path(checkpoint).name, arch)
-    del state
-    return atomic_save_weights(model, out)
