@@ -187,6 +187,21 @@ def test_geometry_recorded_and_carried_to_predict(tmp_path, slide):
         predict(info["path"], other, tmp_path / "p3.csv", progress=False)
 
 
+def test_trained_read_defaults_and_refusals():
+    from dfl_tf.compat import trained_read
+
+    one = {"mpp": 0.5, "patch_size": 224, "mpps": [0.5], "patch_sizes": [224]}
+    assert trained_read(one, None, None, "m") == (0.5, 224)
+    assert trained_read(one, 0.5, 224, "m") == (0.5, 224)
+    with pytest.raises(DflError, match=r"^m was trained at mpp 0.5, not --mpp 1.0"):
+        trained_read(one, 1.0, None, "m")
+    mixed = {"mpp": 0.5, "patch_size": None, "mpps": [0.5], "patch_sizes": [64, 96]}
+    with pytest.raises(DflError, match=r"several patch sizes \[64, 96\]: pass --size"):
+        trained_read(mixed, None, None, "m")
+    assert trained_read(mixed, None, 96, "m") == (0.5, 96)
+    assert trained_read({"mpp": None, "patch_size": None}, None, None, "m") == (None, None)  # trained on images
+
+
 # -- one compatibility check -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
