@@ -48,7 +48,7 @@ def run(cfg: dict) -> Section:
     ensure_backbone(name)
     peak = matmul_gflops(cfg["matmul_n"], repeats=3)
     log(f"[backbone] matmul float32 {cfg['matmul_n']}^2: {peak:.1f} GFLOP/s")
-    rows = []
+    rows, data = [], []
     configs = [(s, p, False) for s in cfg["sizes"] for p in cfg["precisions"]]
     if cfg.get("jit"):
         configs.append((cfg["sizes"][0], "float32", True))
@@ -58,10 +58,12 @@ def run(cfg: dict) -> Section:
         achieved = r * gf if gf else None
         rows.append([name, size, precision, "on" if jit else "off", batch, fmt(r),
                      fmt(achieved) if gf else "-", pct(achieved / peak) if gf else "-"])
+        data.append({"backbone": name, "size": size, "precision": precision, "jit": jit, "batch": batch,
+                     "img_per_s": r, "roofline_fraction": achieved / peak if gf else None})
         log(f"[backbone] {name} {size}px {precision} jit={jit}: {r:.1f} img/s")
     body = (f"{__doc__.strip()}\n\nMeasured float32 matmul ({cfg['matmul_n']} x {cfg['matmul_n']}): "
             f"**{peak:.1f} GFLOP/s**. Batch {batch}, median of {repeats} runs after a warm-up, "
             f"configurations timed round-robin.\n\n"
             + table(["backbone", "size", "precision", "jit", "batch", "img/s", "GFLOP/s", "% of roofline"], rows)
             + "\n\n" + NOTE)
-    return Section(TITLE, body)
+    return Section(TITLE, body, data={"rows": data, "matmul_gflops": peak})

@@ -234,10 +234,11 @@ HEADLINE_KEYS = ("resnet50_vs_torch_float32", "resnet50_vs_torch_bfloat16", "vit
                  "head_train_roofline_fraction")
 
 
-def write_json(path: Path, info: dict, sections: list[Section], command: str, keep_old: bool = False) -> Path:
+def write_json(path: Path, info: dict, sections: list[Section], command: str, keep_old: bool = False) -> dict:
     """Write results.json: machine info, ``headline`` (ratios, plain numbers; None when not measured)
     and each section's ``data``. With ``keep_old`` (a ``--only`` run) the previous file's headline
-    entries and sections that this run did not produce are kept, each section with its own date."""
+    entries and sections that this run did not produce are kept, each section with its own date.
+    Returns the written object."""
     import json
 
     old: dict = {}
@@ -266,4 +267,87 @@ def write_json(path: Path, info: dict, sections: list[Section], command: str, ke
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=1, default=float) + "\n")
     os.replace(tmp, path)
-    return path
+    return out
+
+
+README_START = "<!-- bench-summary:start (written by benchmarks/run_all.py from results.json; do not edit) -->"
+README_END = "<!-- bench-summary:end -->"
+
+
+def _rows(result: dict, title: str) -> list[dict]:
+    sec = result.get("sections", {}).get(title) or {}
+    rows = (sec.get("data") or {}).get("rows") or []
+    return list(rows.values()) if isinstance(rows, dict) else list(rows)
+
+
+def readme_summary(result: dict) -> str:
+    """The README's benchmark summary table: only figures present in ``result`` (results.json),
+    each row with the date of the run that measured it."""
+    secs = result.get("sections", {})
+
+    def date(title: str) -> str:
+        return str((secs.get(title) or {}).get("date", "-"))[:10]
+
+    def r2(x) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = ["| benchmark | result | target | run |", "|---|---|---|---|"]
+    t = "Backbone throughput vs matmul roofline"
+    bb = [r for r in _rows(result, t) if r.get("backbone") == "resnet50" and r.get("size") == 224 and not r.get("jit")]
+    if bb:
+        lines.append("| ResNet-50 224 px: " + " / ".join(r["precision"] for r in bb) + " | "
+                     + " / ".join(f"{r['img_per_s']:.1f} img/s ({pct(r['roofline_fraction'])} of float32 matmul)"
+                                  for r in bb) + f" | | {date(t)} |")
+    h = result.get("headline", {})
+    t = "dfl_tf vs PyTorch ResNet-50"
+    if h.get("resnet50_vs_torch_float32") is not None:
+        lines.append(f"| ResNet-50 vs PyTorch (same threads): float32 vs fastest layout / bfloat16 vs channels_last + "
+                     f"autocast | {r2(h['resnet50_vs_torch_float32'])}x / {r2(h.get('resnet50_vs_torch_bfloat16'))}x "
+                     f"| >= 1.0 | {date(t)} |")
+    t = "Vision Transformers: throughput and dfl_tf vs PyTorch"
+    vit = [r for r in _rows(result, t) if str(r.get("implementation", "")).startswith("dfl_tf")]
+    for model in dict.fromkeys(r["model"] for r in vit):
+        rs = [r for r in vit if r["model"] == model]
+        lines.append(f"| {model} 224 px: " + " / ".join(r["precision"] for r in rs) + " | "
+                     + " / ".join(f"{r['img_per_s']:.2f} img/s ({pct(r['roofline_fraction'])})" for r in rs)
+                     + f" | | {date(t)} |")
+    for key, label in (("vit_s16", "ViT-S/16"), ("vit_b16", "ViT-B/16")):
+        if h.get(f"{key}_vs_torch_float32") is not None:
+            lines.append(f"| {label} vs PyTorch SDPA: float32 / bfloat16 | {r2(h.get(f'{key}_vs_torch_float32'))}x / "
+                         f"{r2(h.get(f'{key}_vs_torch_bfloat16'))}x | >= 1.0 | {date(t)} |")
+    t = "Extraction pipeline efficiency (extract vs backbone-only)"
+    if h.get("slide_extract_efficiency") is not None:
+        lines.append(f"| `extract` vs backbone-only: image folder / slide tiles | "
+                     f"{pct(h.get('folder_extract_efficiency') or 0)} / {pct(h['slide_extract_efficiency'])} "
+                     f"| 90 % / 95 % | {date(t)} |")
+    t = "Slide reader vs raw OpenSlide"
+    if h.get("reader_vs_openslide") is not None:
+        lines.append(f"| slide reader vs raw `openslide.read_region` loop (worst row); tiles/s per core x20 / "
+                     f"x20 + x5 | {r2(h['reader_vs_openslide'])}x; {h.get('reader_tiles_per_s_per_core_x20', '-')} / "
+                     f"{h.get('reader_tiles_per_s_per_core_x20_x5', '-')} | >= 0.9 | {date(t)} |")
+    t = "Heads: training throughput vs read speed"
+    heads = _rows(result, t)
+    if heads:
+        lines.append("| head training (hidden 256, in memory), FLOP-based, vs float32 matmul | "
+                     + " / ".join(f"{pct(r['roofline_fraction'])} ({r['train_per_s']:,.0f} emb/s, {r['dim']}-d, "
+                                  f"noise {'0.1' if r.get('noise') is None else r['noise']})"
+                                  for r in heads) + f" | >= 50 % | {date(t)} |")
+    lines.append("| fine-tuning vs heads, shards, peak memory, serving latency | see `benchmarks/results.md` | | |")
+    m = result.get("machine", {})
+    head = (f"Last `make bench` summary ({m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average "
+            f"{m.get('load', '?')} at start, {m.get('load_end', '?')} at end; {result.get('command', '')}):")
+    return "\n".join([README_START, head, "", *lines, README_END])
+
+
+def update_readme(path: Path, result: dict) -> bool:
+    """Replace the marked summary block in ``path`` (README.md); False when it has no markers."""
+    text = path.read_text() if path.exists() else ""
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        return False
+    new = text[:i] + readme_summary(result) + text[j + len(README_END):]
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(new)
+        os.replace(tmp, path)
+    return True

@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Section, load_avg, log, machine_info, write_json, write_results  # noqa: E402
+from common import ROOT, Section, load_avg, log, machine_info, update_readme, write_json, write_results  # noqa: E402
 
 BENCHES = ("backbone", "vit", "torch", "extract", "reader", "heads", "finetune", "shards", "memory", "serving")
+DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
 VIT_FULL = {"ViT-S/16": 32, "ViT-B/16": 16, "ViT-L/14": 4}  # model -> batch
 
 
@@ -36,7 +37,7 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
             "vit": dict(size=224, models=VIT_FULL, torch=["ViT-S/16", "ViT-B/16"], precisions=["float32", "bfloat16"],
                         repeats=3, matmul_n=4096),
             "reader": dict(size=224, n=200, repeats=3, slide_side=4096),
-            "heads": dict(n=100_000, dims=[2048], batch=256, hidden=256, matmul_n=4096),
+            "heads": dict(n=100_000, dims=[2048], batch=256, hidden=256, matmul_n=4096, noise=[None, 0.0]),
             "finetune": dict(backbone="resnet50", size=224, n=64, batch=16, n_large=20000, steady=True),
             "shards": dict(dims=[2048], n=20000, repeats=3),
             "memory": dict(backbone="resnet50", size=32, counts=[1000, 10000]),
@@ -51,7 +52,7 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
             "vit": dict(size=224, models={"ViT-S/16": 16, "ViT-B/16": 8}, torch=["ViT-S/16", "ViT-B/16"],
                         precisions=["float32", "bfloat16"], repeats=2, matmul_n=1024),
             "reader": dict(size=224, n=60, repeats=2, slide_side=2048),
-            "heads": dict(n=20_000, dims=[2048], batch=256, hidden=256, matmul_n=1024),
+            "heads": dict(n=20_000, dims=[2048], batch=256, hidden=256, matmul_n=1024, noise=[None, 0.0]),
             "finetune": dict(backbone="resnet50", size=64, n=32, batch=8, n_large=5000),
             "shards": dict(dims=[2048], n=5000, repeats=2),
             "memory": dict(backbone="resnet50", size=32, counts=[200, 2000]),
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tiny", action="store_true", help="minimal sizes and a toy backbone (smoke test)")
     parser.add_argument("--only", nargs="+", choices=BENCHES, help="run only these benchmarks")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (median reported)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="results file (the default, benchmarks/results.md, also updates README's summary)")
     parser.add_argument("--json", type=Path, help="machine-readable results (default: --out with .json)")
     args = parser.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -118,9 +120,11 @@ def main(argv: list[str] | None = None) -> Path:
     command = (f"`{' '.join(['benchmarks/run_all.py', *flags])}` (mode {mode}, "
                f"total {time.perf_counter() - t_all:.0f} s)")
     path = write_results(args.out, info, sections, command)
-    json_path = write_json(args.json or args.out.with_suffix(".json"), info, sections, command,
-                           keep_old=bool(args.only))
+    json_path = args.json or args.out.with_suffix(".json")
+    result = write_json(json_path, info, sections, command, keep_old=bool(args.only))
     log(f"wrote {path} and {json_path}")
+    if mode != "tiny" and args.out.resolve() == DEFAULT_OUT.resolve() and update_readme(ROOT / "README.md", result):
+        log("updated the benchmark summary in README.md")
     return path
 
 

@@ -42,3 +42,12 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     for key in ("slide_extract_efficiency", "reader_vs_openslide", "head_train_roofline_fraction"):
         assert isinstance(headline[key], float) and headline[key] > 0, key
     assert result["sections"]["Slide reader vs raw OpenSlide"]["data"]["rows"]
+    # the README summary block is rebuilt from the JSON, between its markers only
+    import common
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{common.README_START}\nold\n{common.README_END}\nrest\n")
+    assert common.update_readme(readme, result)
+    summary = readme.read_text()
+    assert summary.startswith("intro\n") and summary.endswith("rest\n") and "\nold\n" not in summary
+    assert "| slide reader vs raw `openslide.read_region` loop" in summary and "| head training" in summary
