@@ -40,10 +40,9 @@ def extract(
 
     ``source`` is an image folder, an image CSV manifest or a slide coordinates CSV (see
     :mod:`dfl_tf.data.sources`). ``options``: an :class:`~dfl_tf.options.ExtractOptions`
-    (backbone, weights, views, input_size, fit, pad_to, batch_size, precision, dtype,
-    shard_size, skip_bad, mpp, patch_size, slide_mpp, workers, jit, devices); its fields may
-    also be passed as keyword arguments (``extract(src, out, backbone="resnet50")``), which
-    override those of ``options``. ``split``: only CSV rows of that split; ``classes``: the
+    (backbone, weights, views, input size, fit, batch size, precision, storage dtype, slide
+    read, ...: its fields, listed in the signature); they may also be passed as keyword
+    arguments (``extract(src, out, backbone="resnet50")``), which override those of ``options``. ``split``: only CSV rows of that split; ``classes``: the
     class list to use. ``model`` passes an already built backbone (then ``backbone``,
     ``weights``, ``input_size`` and ``precision`` are ignored). ``devices``: mirror the backbone
     over several devices (see :mod:`dfl_tf.distribute`). ``runner="beam"`` runs the same
