@@ -42,10 +42,11 @@ def extract(
     :mod:`dfl_tf.data.sources`). ``options``: an :class:`~dfl_tf.options.ExtractOptions`
     (backbone, weights, views, input size, fit, batch size, precision, storage dtype, slide
     read, ...: its fields, listed in the signature); they may also be passed as keyword
-    arguments (``extract(src, out, backbone="resnet50")``), which override those of ``options``. ``split``: only CSV rows of that split; ``classes``: the
-    class list to use. ``model`` passes an already built backbone (then ``backbone``,
-    ``weights``, ``input_size`` and ``precision`` are ignored). ``devices``: mirror the backbone
-    over several devices (see :mod:`dfl_tf.distribute`). ``runner="beam"`` runs the same
+    arguments (``extract(src, out, backbone="resnet50")``), which override those of ``options``.
+    ``split``: only CSV rows of that split; ``classes``: the class list to use. ``model``
+    passes an already built backbone (then ``backbone``, ``weights``, ``input_size`` and
+    ``precision`` are ignored). ``devices``: mirror the backbone over several devices (see
+    :mod:`dfl_tf.distribute`). ``runner="beam"`` runs the same
     extraction as an Apache Beam pipeline with ``beam_options`` (``KEY=VALUE``; see
     :mod:`dfl_tf.beam_runner`): same shards, same manifest.
     """
