@@ -42,9 +42,14 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
                 weight_decay: Sequence[float], dropout: float = 0.0, feature_dropout: float = 0.0,
                 lr: float = 1e-3, epochs: int = 50, batch_size: int = 256, loss: str = "focal",
                 gamma: float = 2.0, alpha: float = 0.25, class_weights: np.ndarray | None = None,
-                seed: int = 0) -> list[np.ndarray]:
+                seed: int = 0, zero_output: Sequence[bool] | bool = True,
+                init_weights: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """Train ``G = len(train_sets)`` heads on rows ``train_sets[g]`` of ``X`` (model ``g`` with
-    ``noise[g]`` and ``weight_decay[g]``); return each one's probabilities on ``X[eval_sets[g]]``."""
+    ``noise[g]`` and ``weight_decay[g]``); return each one's probabilities on ``X[eval_sets[g]]``.
+
+    ``zero_output`` (per model or for all): zero output kernel as :func:`build_head` (False:
+    Glorot, as heads were initialised before; for the study). ``init_weights``: starting
+    kernels then biases, each with a leading ``G`` axis (tests: the same start as a Keras head)."""
     import tensorflow as tf
 
     X = np.asarray(X, np.float32)
@@ -63,9 +68,13 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
 
     shapes = [(dim, H), (H, C)] if H > 0 else [(dim, C)]
     # as build_head: Glorot hidden kernel, zero output kernel
-    kernels = [tf.Variable(glorot(a, b) if i < len(shapes) - 1 else np.zeros((G, a, b), np.float32))
-               for i, (a, b) in enumerate(shapes)]
+    zero = np.broadcast_to(np.asarray(zero_output, bool), (G,))
+    kernels = [tf.Variable(glorot(a, b) if i < len(shapes) - 1 else np.where(zero[:, None, None], 0.0, glorot(a, b))
+                           .astype(np.float32)) for i, (a, b) in enumerate(shapes)]
     biases = [tf.Variable(np.zeros((G, b), np.float32)) for _, b in shapes]
+    if init_weights is not None:
+        for var, value in zip(kernels + biases, init_weights):
+            var.assign(np.asarray(value, np.float32))
     params = kernels + biases
     m_s = [tf.Variable(tf.zeros_like(p)) for p in params]
     v_s = [tf.Variable(tf.zeros_like(p)) for p in params]

@@ -47,11 +47,12 @@ class ValidationCallback(keras.callbacks.Callback):
         out = {"val_loss": float(keras.ops.convert_to_numpy(self.loss_fn(onehot, probs))),
                "val_accuracy": float(skm.accuracy_score(self.y, pred)),
                "val_balanced_accuracy": float(skm.balanced_accuracy_score(self.y, pred))}
-        if self.monitor not in out:
+        wanted = self.requested_monitor  # still logged after a fallback to val_loss
+        if wanted not in out:
             m = compute_metrics(self.y, probs, [str(c) for c in range(self.n_classes)])
             key = {"val_f1_macro": "f1_macro", "val_cohen_kappa": "cohen_kappa",
-                   "val_roc_auc": "roc_auc_macro_ovr", "val_pr_auc": "pr_auc_macro"}[self.monitor]
-            out[self.monitor] = float("nan") if m[key] is None else float(m[key])
+                   "val_roc_auc": "roc_auc_macro_ovr", "val_pr_auc": "pr_auc_macro"}[wanted]
+            out[wanted] = float("nan") if m[key] is None else float(m[key])
         return out
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

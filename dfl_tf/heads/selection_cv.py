@@ -21,10 +21,13 @@ from dfl_tf.splits import DEFAULT_FOLDS, cv_folds  # noqa: F401  (the folds live
 SMALL_N = 2000
 SMALL_PER_CLASS = 50
 #: the candidates of the selection (product of the lists); chosen by benchmarks/bench_heads_study.py
-DEFAULT_GRID: dict[str, list[float]] = {"weight_decay": [1e-4, 1.0], "noise": [0.1, 0.5, 1.0]}
+DEFAULT_GRID: dict[str, list[float]] = {"hidden": [256, 0], "weight_decay": [1e-4, 1.0], "noise": [0.1, 0.5, 1.0]}
+#: the choice recorded when the linear-probe reference beats every head candidate
+PROBE_CHOICE = "linear probe"
 SELECT_MODES = ("auto", "always", "never")
 #: AdamW weight decay of the default head (when no selection runs); chosen by the study
 DEFAULT_WEIGHT_DECAY = 1e-4
+DEFAULT_HIDDEN = 256
 
 
 def is_small(counts: Sequence[int]) -> bool:
@@ -36,7 +39,7 @@ def is_small(counts: Sequence[int]) -> bool:
 
 def grid_candidates(grid: dict[str, Sequence[float]] | None, fixed: dict[str, bool] | None = None
                     ) -> list[dict[str, float]]:
-    """The product of a grid ``{"weight_decay": [...], "noise": [...]}`` as a list of settings.
+    """The product of a grid ``{"hidden": [...], "weight_decay": [...], "noise": [...]}`` as a list of settings.
 
     Keys marked True in ``fixed`` (values the user gave explicitly) are left out; [] when none
     is left.
@@ -58,6 +61,10 @@ def grid_candidates(grid: dict[str, Sequence[float]] | None, fixed: dict[str, bo
             raise DflError(f"cv_grid.{key} must be a list of numbers, got {grid[key]!r}") from exc
         if not vals or any(v < 0 for v in vals):
             raise DflError(f"cv_grid.{key} must be a non-empty list of numbers >= 0, got {grid[key]!r}")
+        if key == "hidden":
+            if any(v != int(v) for v in vals):
+                raise DflError(f"cv_grid.hidden must be a list of integers >= 0, got {grid[key]!r}")
+            vals = [int(v) for v in vals]
         if key == "noise" and any(v > 1 for v in vals):
             raise DflError(f"cv_grid.noise values must be in [0, 1] (std on standardised features), got {vals}")
         if (fixed or {}).get(key):
@@ -116,15 +123,17 @@ def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, folds: Sequence
     t0 = time.time()
     feature_dropout = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
     base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
-    pairs = [(c, f) for c in range(len(candidates)) for f in range(len(folds))]
-    probs = fit_predict(X, y, n_classes, [folds[f][0] for _, f in pairs], [folds[f][1] for _, f in pairs],
-                        hidden=hidden, feature_dropout=feature_dropout,
-                        noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
-                        weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
-                        seed=seed, **fit)
     fold_scores = np.zeros((len(candidates), len(folds)))
-    for (c, f), p in zip(pairs, probs):
-        fold_scores[c, f] = balanced_accuracy_score(y[folds[f][1]], p.argmax(axis=1))
+    for h in sorted({int(c.get("hidden", hidden)) for c in candidates}):  # one batched run per architecture
+        pairs = [(c, f) for c in range(len(candidates)) if int(candidates[c].get("hidden", hidden)) == h
+                 for f in range(len(folds))]
+        probs = fit_predict(X, y, n_classes, [folds[f][0] for _, f in pairs], [folds[f][1] for _, f in pairs],
+                            hidden=h, feature_dropout=feature_dropout,
+                            noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
+                            weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
+                            seed=seed, **fit)
+        for (c, f), p in zip(pairs, probs):
+            fold_scores[c, f] = balanced_accuracy_score(y[folds[f][1]], p.argmax(axis=1))
     result = select_settings(candidates, fold_scores, progress=progress)
     return {"performed": True, "method": method, "folds": len(folds), "records": int(len(y)),
             "metric": "balanced_accuracy", **result, "seconds": round(time.time() - t0, 2)}
@@ -165,17 +174,35 @@ class SmallData:
         return self._arrays
 
     def select(self, candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *,
-               progress: bool = False, **fit: Any) -> dict[str, Any]:
-        """Cross-validate ``candidates`` on the training set; the record for head.json."""
+               mean: np.ndarray, std: np.ndarray, progress: bool = False, **fit: Any) -> dict[str, Any]:
+        """Cross-validate ``candidates`` on the training set; the record for head.json.
+
+        The linear probe is tuned on the same folds; when ``hidden`` is selected too (not given)
+        and the probe's best score beats every head candidate's, the choice is
+        ``{"model": "linear probe"}`` (the head then takes the probe's
+        weights: a linear head that is exactly the probe).
+        """
         X, y, groups = self._load()
         self.folds, method = cv_folds(y, groups, self.k, self.seed)
-        return cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
-                              progress=progress, method=method, **fit)
+        result = cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
+                                progress=progress, method=method, **fit)
+        self._probe = self.probe(mean, std, None, None)
+        best_probe = max(s["mean"] for s in self._probe[1]["scores"])
+        best_head = max(s["mean"] for s in result["scores"])
+        result["linear_probe_cv"] = best_probe
+        if best_probe > best_head and all("hidden" in c for c in candidates):  # only when hidden is not given
+            result["choice"] = {"model": PROBE_CHOICE, "C": self._probe[1]["C"]}
+            if progress:
+                print(f"cv: linear probe {best_probe:.4f} beats every head candidate (best {best_head:.4f}): "
+                      "the head takes the probe's weights", file=sys.stderr)
+        return result
 
     def probe(self, mean: np.ndarray, std: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None):
         """(LinearProbe, head.json record) fitted on all training records; C tuned like the head."""
         from dfl_tf.heads.probe import fit_probe
 
+        if getattr(self, "_probe", None) is not None:
+            return self._probe
         if not self.data.in_memory:
             print("note: linear probe skipped: the training set is streamed (larger than cache_gb)",
                   file=sys.stderr)

@@ -15,8 +15,6 @@ Small training sets get their regularisation chosen by cross-validation first
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import shutil
@@ -38,10 +36,11 @@ from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
+from dfl_tf.heads.inputs import check_out, class_weights, history_csv, load_val, refuse_non_finite
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation
-from dfl_tf.heads.selection_cv import (DEFAULT_FOLDS, DEFAULT_WEIGHT_DECAY, SELECT_MODES, SmallData,
-                                       grid_candidates, make_optimizer)
+from dfl_tf.heads.selection_cv import (DEFAULT_FOLDS, DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE,
+                                       SELECT_MODES, SmallData, grid_candidates, make_optimizer)
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import DTYPES, record_dataset
 
@@ -173,28 +172,6 @@ class _TrainData:
         return ds, steps
 
 
-def refuse_non_finite(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
-    """Raise :class:`DflError` naming the first record (id, shard) with a NaN/inf embedding value."""
-    manifest = manifest or load_manifest(emb_dir)
-    for shard in manifest["shards"]:
-        one = {**manifest, "shards": [shard]}
-        for batch in record_dataset(emb_dir, batch_size=4096, with_meta=True, manifest=one):
-            bad = np.flatnonzero(~np.isfinite(batch["embedding"].numpy()).all(axis=1))
-            if len(bad):
-                sid = batch["id"].numpy()[bad[0]].decode("utf-8", "replace")
-                raise DflError(f"{emb_dir}: record '{sid}' in shard {shard['file']} has a non-finite (NaN/inf) "
-                               f"embedding ({len(bad)} such records in that batch); re-extract or drop it")
-
-
-def _load_val(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
-    from dfl_tf.store.shards import load_embeddings
-
-    data = load_embeddings(emb_dir)
-    if not np.isfinite(data.X).all():
-        refuse_non_finite(emb_dir, data.manifest)
-    keep = data.y >= 0
-    return data.X[keep], data.y[keep], int((~keep).sum())
-
 
 # --------------------------------------------------------------------------------------------
 # train_head
@@ -208,41 +185,12 @@ def steps_per_execution(steps: int, cap: int = 32) -> int:
     return max(d for d in range(1, max(1, min(cap, steps)) + 1) if steps % d == 0)
 
 
-def _class_weights(class_weight: Any, counts: np.ndarray, classes: Sequence[str]) -> np.ndarray | None:
-    if class_weight in (None, "none", "None", False):
-        return None
-    if class_weight == "balanced":
-        n, C = counts.sum(), len(counts)
-        return np.where(counts > 0, n / (C * np.maximum(counts, 1)), 0.0).astype(np.float32)
-    if isinstance(class_weight, Mapping):
-        unknown = set(map(str, class_weight)) - set(classes)
-        if unknown:
-            raise DflError(f"class_weight names unknown classes {sorted(unknown)} (classes: {list(classes)})")
-        return np.array([float(class_weight.get(c, 1.0)) for c in classes], np.float32)
-    raise DflError(f"class_weight must be none, 'balanced' or a mapping class -> weight, got {class_weight!r}")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DflError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-
-
-def _history_csv(history: dict[str, list]) -> str:
-    keys = sorted(history)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["epoch"] + keys)
-    for i in range(len(history[keys[0]]) if keys else 0):
-        writer.writerow([i + 1] + [f"{float(history[k][i]):.8g}" for k in keys])
-    return buf.getvalue()
-
-
 @locks_output("train", inside=False)  # HEAD_DIR is replaced whole: lock beside it
 def train_head(
     train: str | Path,
     out: str | Path,
     val: str | Path | None = None,
-    hidden: int = 256,
+    hidden: int | None = None,
     dropout: float = 0.0,
     noise: float | None = None,
     augment: Sequence[Any] | None = None,
@@ -297,13 +245,14 @@ def train_head(
     """
     t0 = time.time()
     out = Path(out)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     if loss in ("ce", "categorical_crossentropy", "cross-entropy"):
         loss = "crossentropy"
     if loss not in LOSSES:
         raise DflError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if monitor not in MONITORS:
         raise DflError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    hidden_given, hidden = hidden is not None, DEFAULT_HIDDEN if hidden is None else hidden
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("hidden", hidden, 0),
                              ("patience", patience, 0)):
         if int(value) < low:
@@ -318,7 +267,8 @@ def train_head(
         (e if isinstance(e, str) else e.get("name") if isinstance(e, Mapping) else None) == "noise"
         for e in augment or [])
     specs = resolve_augment(augment, noise)
-    candidates = grid_candidates(cv_grid, fixed={"weight_decay": weight_decay is not None, "noise": noise_given})
+    candidates = grid_candidates(cv_grid, fixed={"weight_decay": weight_decay is not None, "noise": noise_given,
+                                                 "hidden": hidden_given})
 
     tm = load_manifest(train)
     classes = list(tm["classes"])
@@ -341,11 +291,11 @@ def train_head(
         _note(f"{train}: {data.unlabeled} unlabeled records dropped from training")
     if data.num == 0:
         raise DflError(f"{train}: no labeled records to train on")
-    cw = _class_weights(class_weight, data.counts, classes)
+    cw = class_weights(class_weight, data.counts, classes)
     Xv = yv = None
     val_unlabeled = 0
     if val is not None:
-        Xv, yv, val_unlabeled = _load_val(val)
+        Xv, yv, val_unlabeled = load_val(val)
         if val_unlabeled:
             _note(f"{val}: {val_unlabeled} unlabeled records dropped from validation")
         if len(yv) == 0:
@@ -360,15 +310,20 @@ def train_head(
     weight_decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else float(weight_decay)
     selection: dict[str, Any] = {"performed": False, "reason": small.reason}
     if small.selecting:
-        selection = small.select(candidates, specs, hidden=int(hidden), dropout=float(dropout), lr=float(lr),
+        selection = small.select(candidates, specs, mean=data.mean, std=data.std, hidden=int(hidden),
+                                 dropout=float(dropout), lr=float(lr),
                                  epochs=int(epochs), batch_size=int(batch_size), loss=loss, gamma=float(gamma),
                                  alpha=float(alpha), class_weights=cw, weight_decay=weight_decay,
                                  progress=progress)
         weight_decay = selection["choice"].get("weight_decay", weight_decay)
+        hidden = int(selection["choice"].get("hidden", hidden))
         if "noise" in selection["choice"]:
             noise = selection["choice"]["noise"]
             specs = resolve_augment(specs, noise)
-    probe_model, probe_info = small.probe(data.mean, data.std, Xv, yv) if probe else (None, None)
+        if selection["choice"].get("model") == PROBE_CHOICE:  # the head becomes the probe (linear)
+            hidden, noise, specs = 0, 0.0, []
+    probe_model, probe_info = (small.probe(data.mean, data.std, Xv, yv) if probe or selection["performed"]
+                               else (None, None))
 
     keras.utils.set_random_seed(int(seed))
     strategy = resolve_strategy(devices)  # MirroredStrategy over several GPUs (or given devices)
@@ -389,12 +344,17 @@ def train_head(
         log_root = Path(logdir) if logdir else tmp / "logs"
         valcb = ValidationCallback(Xv, yv, len(classes), loss_fn, monitor, int(patience) if val else 0,
                                    batch_size=max(int(batch_size), 2048))
-        history = model.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
-                            callbacks=[valcb, TensorBoardLogger(log_root, histogram_freq), *(callbacks or [])],
-                            verbose=2 if progress else 0, shuffle=False)
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        epochs_run = len(next(iter(hist.values()))) if hist else 0
-        best_epoch = valcb.best_epoch if val is not None else epochs_run
+        if (selection.get("choice") or {}).get("model") == PROBE_CHOICE:
+            # cross-validation preferred the probe: a linear head with its weights, no training
+            model.get_layer("probabilities").set_weights([probe_model.W.T, probe_model.b])
+            hist, epochs_run, best_epoch = {}, 0, 0
+        else:
+            history = model.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
+                                callbacks=[valcb, TensorBoardLogger(log_root, histogram_freq), *(callbacks or [])],
+                                verbose=2 if progress else 0, shuffle=False)
+            hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+            epochs_run = len(next(iter(hist.values()))) if hist else 0
+            best_epoch = valcb.best_epoch if val is not None else epochs_run
 
         threshold, threshold_from = None, None
         if val is not None:
@@ -447,7 +407,7 @@ def train_head(
             "monitor": valcb.monitor if val is not None else None,
             "monitor_fallback": valcb.fallback,
             "selection": selection,
-            "linear_probe": probe_info,
+            "linear_probe": probe_info if probe else None,
             "train": {"path": str(Path(train).resolve()), "records": data.num, "unlabeled_dropped": data.unlabeled,
                       "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
             "val": None if val is None else {
@@ -458,10 +418,10 @@ def train_head(
             "dfl_tf_version": __version__,
         }
         model.save(tmp / HEAD_FILE)
-        if probe_model is not None:
+        if probe_model is not None and probe:
             probe_model.save(tmp)
         atomic_write_json(tmp / HEAD_JSON, info)
-        atomic_write_text(tmp / "history.csv", _history_csv(hist))
+        atomic_write_text(tmp / "history.csv", history_csv(hist))
         atomic_write_json(tmp / "metrics.json", metrics)
         replace_dir(tmp, out)
     except BaseException:

@@ -1,0 +1,69 @@
+"""Inputs of head training: checks and small helpers shared by :mod:`dfl_tf.heads.train`."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dfl_tf.errors import DflError
+from dfl_tf.store.manifest import load_manifest
+from dfl_tf.store.shards import record_dataset
+
+
+def refuse_non_finite(emb_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Raise :class:`DflError` naming the first record (id, shard) with a NaN/inf embedding value."""
+    manifest = manifest or load_manifest(emb_dir)
+    for shard in manifest["shards"]:
+        one = {**manifest, "shards": [shard]}
+        for batch in record_dataset(emb_dir, batch_size=4096, with_meta=True, manifest=one):
+            bad = np.flatnonzero(~np.isfinite(batch["embedding"].numpy()).all(axis=1))
+            if len(bad):
+                sid = batch["id"].numpy()[bad[0]].decode("utf-8", "replace")
+                raise DflError(f"{emb_dir}: record '{sid}' in shard {shard['file']} has a non-finite (NaN/inf) "
+                               f"embedding ({len(bad)} such records in that batch); re-extract or drop it")
+
+
+def load_val(emb_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """(X, y, unlabeled count) of the labeled validation records; non-finite embeddings refused."""
+    from dfl_tf.store.shards import load_embeddings
+
+    data = load_embeddings(emb_dir)
+    if not np.isfinite(data.X).all():
+        refuse_non_finite(emb_dir, data.manifest)
+    keep = data.y >= 0
+    return data.X[keep], data.y[keep], int((~keep).sum())
+
+
+def class_weights(class_weight: Any, counts: np.ndarray, classes: Sequence[str]) -> np.ndarray | None:
+    """Per-class loss weights from ``class_weight`` (None, ``"balanced"`` or {class: weight})."""
+    if class_weight in (None, "none", "None", False):
+        return None
+    if class_weight == "balanced":
+        n, C = counts.sum(), len(counts)
+        return np.where(counts > 0, n / (C * np.maximum(counts, 1)), 0.0).astype(np.float32)
+    if isinstance(class_weight, Mapping):
+        unknown = set(map(str, class_weight)) - set(classes)
+        if unknown:
+            raise DflError(f"class_weight names unknown classes {sorted(unknown)} (classes: {list(classes)})")
+        return np.array([float(class_weight.get(c, 1.0)) for c in classes], np.float32)
+    raise DflError(f"class_weight must be none, 'balanced' or a mapping class -> weight, got {class_weight!r}")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless ``overwrite``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DflError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+
+
+def history_csv(history: dict[str, list]) -> str:
+    """history.csv text: one row per epoch, one column per logged metric."""
+    keys = sorted(history)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["epoch"] + keys)
+    for i in range(len(history[keys[0]]) if keys else 0):
+        writer.writerow([i + 1] + [f"{float(history[k][i]):.8g}" for k in keys])
+    return buf.getvalue()
