@@ -51,6 +51,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {write_error(exc.filename or 'output', exc)}", err=True)
             sys.exit(2)
+        except Exception as exc:  # noqa: BLE001 - only TF's DataLossError is handled, the rest re-raised
+            if type(exc).__name__ != "DataLossError":
+                raise
+            detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+            click.echo(f"error: corrupt data in a shard ({detail}); it changed after its last check: delete the "
+                       "embedding directory's .verified.json and rerun to have the shard named", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

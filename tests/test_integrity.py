@@ -124,3 +124,29 @@ def test_rerun_redoes_a_corrupt_shard_without_deleting_it(image_folder, tmp_path
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     assert [name for name in after if after[name] != before[name]] == [bad.name]
     assert again["shards"] == first["shards"] and verify_shards(out) == []
+
+
+def test_corruption_after_the_cached_check_is_one_line(emb):
+    """Bit rot that keeps size and mtime slips past the cache; TF's record CRC still stops it."""
+    load_embeddings(emb)  # verified and cached
+    shard = emb / "shard-00001.tfrecord"
+    stat = shard.stat()
+    _zero(shard, at=100, n=64)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    integrity._memory.clear()
+    import click
+
+    from dfl_tf.store.shards import record_dataset
+
+    @click.command()
+    def read() -> None:  # any stage reading the shards, under the real CLI group
+        for _ in record_dataset(emb, batch_size=8):
+            pass
+
+    main.add_command(read, "read-shards-test")
+    try:
+        result = CliRunner().invoke(main, ["read-shards-test"])
+    finally:
+        main.commands.pop("read-shards-test")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: corrupt data in a shard" in result.output and ".verified.json" in result.output
