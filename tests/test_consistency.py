@@ -69,20 +69,44 @@ def test_python_and_graph_decoders_agree(tmp_path):
         decode_bytes(files["420.jpg"].read_bytes()[:200], "broken.jpg")
 
 
-@pytest.mark.parametrize("ext", ["jpg", "png"])
-def test_embed_on_file_bytes_equals_stored_float32(tmp_path, ext):
-    """The bytes signature on a file gives the embedding extraction stored for it."""
-    folder = _folder(tmp_path / "imgs", ext, side=48, **({"quality": 80} if ext == "jpg" else {}))
-    extract(folder, tmp_path / "emb", dtype="float32", **TINY_FAST)
-    train_head(tmp_path / "emb", tmp_path / "head", **HEAD)
-    info = export_model([tmp_path / "head"], tmp_path / "m", parity_samples=6)
-    assert info["parity"]["passed"] and info["parity"]["bytes_samples"] == 6
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict:
+    """JPEG and PNG files of 128 px, x20 + x5 from the image itself (centre-crop rule), float32
+    storage; a head and its export."""
+    root = tmp_path_factory.mktemp("served")
+    folder = _folder(root / "imgs", "png", side=128, per_class=2)
+    for c in ("a", "b"):
+        for i in range(2):
+            Image.open(folder / c / f"{i}.png").save(folder / c / f"{i}.jpg", quality=80)
+    m = extract(folder, root / "emb", views="x20:rgb,x5:rgb", dtype="float32", **TINY_FAST)
+    train_head(root / "emb", root / "head", **HEAD)
+    info = export_model([root / "head"], root / "m", parity_samples=8)
+    return {"root": root, "manifest": m, "info": info}
+
+
+def test_embed_on_file_bytes_equals_stored_float32(served):
+    """The bytes signature on a JPEG or PNG file gives the embedding extraction stored for it."""
+    info = served["info"]
+    assert info["parity"]["passed"] and info["parity"]["bytes_samples"] == 8
     assert info["parity"]["bytes_max_rel_diff_embedding_vs_stored"] <= 1e-4
-    emb = load_embeddings(tmp_path / "emb")
-    served = load_model(info["path"]).embed([Path(s).read_bytes() for s in emb.sources])
-    scale = np.abs(emb.X).max()
-    assert np.abs(served - emb.X).max() <= 1e-4 * scale
+    emb = load_embeddings(served["root"] / "emb")
+    assert sorted(Path(s).suffix for s in emb.sources) == [".jpg"] * 4 + [".png"] * 4
+    got = load_model(info["path"]).embed([Path(s).read_bytes() for s in emb.sources])
+    assert np.abs(got - emb.X).max() <= 1e-4 * np.abs(emb.X).max()
     assert info["decoder"].startswith("dfl-decode-1") and info["geometry"]["decoder"] == info["decoder"]
+
+
+def test_served_centre_crop_rule_refuses_small_images(served, tmp_path):
+    """A model extracted with the centre-crop rule on large images refuses small ones when served
+    (bytes signature) and in predict (naming the file), as extraction would."""
+    geo = served["manifest"]["geometry"]
+    assert geo["x5_source"] == "image" and geo["x5_from_image"] is False and geo["context"] == "centre-crop"
+    small = _folder(tmp_path / "small", "png", side=40, per_class=1)
+    model = load_model(served["info"]["path"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image smaller than 128 px"):
+        model([(small / "a" / "0.png").read_bytes()])
+    with pytest.raises(DflError, match=r"0\.png: 40x40 px is smaller than 128 px"):
+        predict(served["info"]["path"], small, tmp_path / "p.csv", progress=False)
 
 
 # -- views never collapse ----------------------------------------------------------------------
@@ -118,23 +142,6 @@ def test_small_image_x5_needs_x5_from_image(tmp_path):
     assert m["num_records"] == 4
 
 
-def test_served_centre_crop_rule_refuses_small_images(tmp_path):
-    """A model extracted with the centre-crop rule on large images refuses small ones when served
-    (bytes signature) and in predict (naming the file), as extraction would."""
-    folder = _folder(tmp_path / "imgs", "png", side=128, per_class=2)
-    m = extract(folder, tmp_path / "emb", views="x20:rgb,x5:rgb", **TINY_FAST)
-    assert m["geometry"]["x5_source"] == "image" and m["geometry"]["x5_from_image"] is False
-    train_head(tmp_path / "emb", tmp_path / "head", **HEAD)
-    info = export_model([tmp_path / "head"], tmp_path / "m")
-    assert info["parity"]["passed"] and info["parity"]["bytes_samples"] == 4
-    small = _folder(tmp_path / "small", "png", side=40, per_class=1)
-    model = load_model(info["path"])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="image smaller than 128 px"):
-        model([(small / "a" / "0.png").read_bytes()])
-    with pytest.raises(DflError, match=r"0\.png: 40x40 px is smaller than 128 px"):
-        predict(info["path"], small, tmp_path / "p.csv", progress=False)
-
-
 # -- one recorded geometry ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -145,7 +152,8 @@ def slide(tmp_path_factory) -> Path:
 
 
 def _coords(path: Path, slide: Path, sizes: list[int], mpp: str = "") -> Path:
-    rows = [{"slide": slide.name, "x": 160 + 80 * i, "y": 200, "label": "ab"[i % 2], "size": s, "mpp": mpp}
+    rows = [{"slide": slide.name, "x": 160 + 80 * i, "y": 200, "label": "ab"[i % 2], "size": s, "mpp": mpp,
+             "group": f"g{i}"}
             for i, s in enumerate(sizes)]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -207,7 +215,7 @@ def test_trained_read_defaults_and_refusals():
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("compat")
-    return extract(_folder(root / "imgs", "png", per_class=1), root / "emb", **TINY_FAST)
+    return extract(_folder(root / "imgs", "png", per_class=3), root / "emb", **TINY_FAST)
 
 
 MUTATIONS = {
