@@ -34,11 +34,15 @@ def _slide_read(manifest: dict[str, Any]) -> SlideRead:
                      slide_mpp=read.get("slide_mpp"))
 
 
-def _file_bytes(sample: Any, context: bool) -> tuple[bytes, bytes | None] | None:
+def _file_bytes(sample: Any, context: bool, pixels: tuple[np.ndarray, np.ndarray | None]
+                ) -> tuple[bytes, bytes | None] | None:
     """The encoded file (and context file) of an image sample when the bytes signatures read its
-    format; None for slide samples and formats only Pillow reads (e.g. TIFF)."""
+    format (None for formats only Pillow reads, e.g. TIFF); slide samples: their tiles as PNG
+    (lossless), as a client sending tiles would."""
     if sample.slide is not None:
-        return None
+        image, ctx_pixels = pixels
+        png = [tf.io.encode_png(tf.constant(a)).numpy() if a is not None else None for a in (image, ctx_pixels)]
+        return png[0], png[1] if context else None
     data = Path(sample.source).read_bytes()
     ctx = Path(sample.context).read_bytes() if context else None
     if not tf_decodable(data) or (ctx is not None and not tf_decodable(ctx)):
@@ -52,7 +56,7 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
 
     For each sample, (1) the pixel signatures (``serve_pixels``, ``embed_pixels``) on the pixels
     extraction decoded and (2) the bytes signatures (``serving_default``, ``embed``) on the sample's
-    own file (image sources in a format they read): their embeddings against the stored ones
+    own file (image sources in a format they read; slide tiles encoded as PNG): their embeddings against the stored ones
     (within storage rounding), their probabilities against the Python backbone + heads on the same
     pixels (max abs diff <= ``tolerance``).
     """
@@ -87,7 +91,7 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
                                               None if context is None else tf.constant(context[None]))).numpy()
         python_emb.append(emb[0])
         python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
-        encoded = _file_bytes(sample, graph.separate_context)
+        encoded = _file_bytes(sample, graph.separate_context, (image, context))
         if encoded is not None:
             inputs = {"image_bytes": tf.constant([encoded[0]])}
             if graph.separate_context:
@@ -114,9 +118,10 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
             np.abs(np.stack(bytes_emb) - stored[bytes_rows]).max() / scale)
         result["bytes_max_abs_diff_probabilities"] = float(
             np.abs(np.stack(bytes_probs) - python_probs[bytes_rows]).max())
+        if manifest.get("source", {}).get("kind") == "slides":
+            result["bytes_note"] = "slide samples: their tiles sent as PNG"
     else:
-        result["bytes_note"] = ("slide samples: no files for the bytes signatures" if manifest.get("source", {})
-                                .get("kind") == "slides" else "no sample in a format the bytes signatures read")
+        result["bytes_note"] = "no sample in a format the bytes signatures read"
     checks = [
         ("probabilities (serve_pixels vs Python)", result["max_abs_diff_probabilities"], tolerance),
         ("probabilities (serving_default on the files vs Python)", result.get("bytes_max_abs_diff_probabilities"),

@@ -183,6 +183,7 @@ def test_geometry_recorded_and_carried_to_predict(tmp_path, slide):
     train_head(tmp_path / "emb", tmp_path / "head", val=tmp_path / "emb", **HEAD)
     info = export_model([tmp_path / "head"], tmp_path / "m")
     assert (info["mpp"], info["patch_size"]) == (0.5, 64) and info["geometry"] == geo
+    assert info["parity"]["bytes_samples"] == 4 and info["parity"]["bytes_note"].startswith("slide samples")
     # the same CSV without size/mpp columns: predict reads at the recorded geometry
     plain = tmp_path / "plain.csv"
     plain.write_text("slide,x,y\n" + "".join(f"{slide},{160 + 80 * i},200\n" for i in range(2)))
