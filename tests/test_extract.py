@@ -301,7 +301,7 @@ def test_partial_context_column_refused(tmp_path):
 
 
 def test_16bit_images_decode_as_in_serving(tmp_path):
-    """Pillow in extraction and tf.io.decode_image in the exported graph give the same pixels."""
+    """The shared decoder (extraction) and tf.io.decode_image (what the graph runs for PNG) agree."""
     from dfl_tf.data.sources import read_image
 
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
