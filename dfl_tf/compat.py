@@ -9,15 +9,16 @@ check (head vs its embeddings) and predict/heatmap (model vs source).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from dfl_tf.errors import DflError
+
+if TYPE_CHECKING:
+    from dfl_tf.data.sources import SampleSet
 
 #: Fields two artefacts must agree on, in the order they are checked.
 FIELDS = ("backbone fingerprint", "views", "dim", "input size", "fit", "pad_to", "context", "mpp", "patch size",
           "precision", "decoder")
-#: Plausible level-0 resolutions; outside it the metadata is taken for wrong (e.g. 600 dpi = 42 um/px).
-MPP_RANGE = (0.05, 20.0)
 
 
 def _geometry(artefact: dict[str, Any]) -> dict[str, Any] | None:
@@ -137,7 +138,7 @@ def trained_read(geo: dict[str, Any], mpp: float | None, size: int | None, what:
 
 
 def read_geometry(*, input_size: int, fit: str, pad_to: int | None, context: str, views: Sequence[str],
-                  precision: str, samples: Any, mpp: float, patch_size: int, slide_mpp: float | None,
+                  precision: str, samples: "SampleSet", mpp: float, patch_size: int, slide_mpp: float | None,
                   allow_mixed_geometry: bool = False, x5_from_image: bool = False) -> dict[str, Any]:
     """The geometry record of an extraction (see the module docstring).
 
