@@ -18,9 +18,9 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from dfl_tf.data.view_spec import FITS, check_fit, parse_views, views_to_strings
 from dfl_tf.errors import DflError
 
-FITS = ("scale", "pad", "pad-scale")
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 STORAGE_DTYPES = ("float16", "float32")
 
@@ -66,14 +66,12 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         from dfl_tf.data.slides import parse_magnification
-        from dfl_tf.data.views import parse_views, views_to_strings
 
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
         put("views", tuple(views_to_strings(parse_views(self.views))))
-        if self.fit not in FITS:
-            raise DflError(f"unknown fit '{self.fit}' (choose from {', '.join(FITS)})")
+        check_fit(self.fit)
         if self.precision not in PRECISIONS:
             raise DflError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
         if self.dtype not in STORAGE_DTYPES:

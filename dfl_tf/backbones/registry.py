@@ -20,8 +20,8 @@ import numpy as np
 
 from dfl_tf.backbones.base import Backbone
 from dfl_tf.errors import DflError
+from dfl_tf.options import PRECISIONS
 
-PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 
 
 @dataclass(frozen=True)

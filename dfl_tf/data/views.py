@@ -27,62 +27,25 @@ Views never collapse silently:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import tensorflow as tf
 
+from dfl_tf.data.view_spec import (  # noqa: F401  (the specs live there; public here too)
+    COLOURS,
+    FITS,
+    ZOOMS,
+    View,
+    check_fit,
+    needs_context,
+    parse_views,
+    views_to_strings,
+)
 from dfl_tf.errors import DflError
 
-ZOOMS = ("x20", "x5")
-COLOURS = ("rgb", "gray")
-FITS = ("scale", "pad", "pad-scale")
 PAD_VALUE = 255.0
 #: The x5 field covers CONTEXT_FACTOR times the side of the x20 field.
 CONTEXT_FACTOR = 4
-
-
-@dataclass(frozen=True)
-class View:
-    zoom: str
-    colour: str
-
-    def __str__(self) -> str:
-        return f"{self.zoom}:{self.colour}"
-
-
-def parse_views(spec: str | Sequence[str]) -> tuple[View, ...]:
-    """Parse ``"x20:rgb,x5:gray"`` (or a list of such strings) into views, order kept."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    views = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
-        zoom, _, colour = item.partition(":")
-        colour = colour or "rgb"
-        if zoom not in ZOOMS or colour not in COLOURS:
-            raise DflError(f"unknown view '{item}' (views are x20:rgb, x20:gray, x5:rgb, x5:gray)")
-        view = View(zoom, colour)
-        if view in views:
-            raise DflError(f"view '{item}' is listed twice")
-        views.append(view)
-    if not views:
-        raise DflError("no views given (e.g. --views x20:rgb,x5:rgb)")
-    return tuple(views)
-
-
-def views_to_strings(views: Sequence[View]) -> list[str]:
-    return [str(v) for v in views]
-
-
-def needs_context(views: Sequence[View]) -> bool:
-    return any(v.zoom == "x5" for v in views)
-
-
-def check_fit(fit: str) -> str:
-    if fit not in FITS:
-        raise DflError(f"unknown fit '{fit}' (choose from {', '.join(FITS)})")
-    return fit
 
 
 def x5_source(views: Sequence[View], context: str, source_kind: str) -> str | None:

@@ -15,10 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import sha256_file, write_error
+from dfl_tf.options import STORAGE_DTYPES
 from dfl_tf.store.integrity import check_shards, shard_problems
 from dfl_tf.store.manifest import load_manifest
 
-DTYPES = {"float16": np.float16, "float32": np.float32}
+DTYPES = {name: getattr(np, name) for name in STORAGE_DTYPES}  # storage name -> numpy type
 
 
 def _bytes(value: str | bytes) -> tf.train.Feature:
