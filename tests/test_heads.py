@@ -46,11 +46,11 @@ def test_separable_head_and_head_dir(trained, dirs):
     assert len(info["standardisation"]["mean"]) == 16 and 0 < info["threshold"] < 1
     assert info["train"]["unlabeled_dropped"] == 4 and info["train"]["records"] == 296
     # 296 records: a small training set, so weight decay and noise std come from cross-validation
+    # (hidden is given, so only weight decay x noise std: 6 candidates, and no probe fallback)
     choice = info["selection"]["choice"]
-    assert info["selection"]["performed"] and len(info["selection"]["scores"]) == 12
-    if "noise" in choice:  # else the linear probe won and the head took its weights
-        assert info["settings"]["augment"] == [{"name": "noise", "std": choice["noise"]}]
-        assert info["settings"]["weight_decay"] == choice["weight_decay"]
+    assert info["selection"]["performed"] and len(info["selection"]["scores"]) == 6
+    assert info["settings"]["augment"] == [{"name": "noise", "std": choice["noise"]}]
+    assert info["settings"]["weight_decay"] == choice["weight_decay"] and info["settings"]["hidden"] == 32
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 12 and info["seed"] == 3
     rows = list(csv.DictReader((head / "history.csv").open()))
     assert len(rows) == info["epochs_run"]

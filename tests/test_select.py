@@ -95,6 +95,7 @@ def test_ranking_outputs_maps_projector_and_cache(setup, tmp_path, monkeypatch):
         for key in ("balanced_accuracy", "cohen_kappa", "f1_weighted"):
             assert set(r[key]) == {"mean", "std", "values"}
         assert r["records"] == {"train": 24, "val": 8, "missing": 0}
+        assert 0.0 <= r["probe_balanced_accuracy"] <= 1.0  # the linear-probe reference, same split
     assert res["split"]["method"] == "stratified" and res["split"]["val"] == 8
 
     # files: results.json == return value, csv rows, markdown table
@@ -103,7 +104,8 @@ def test_ranking_outputs_maps_projector_and_cache(setup, tmp_path, monkeypatch):
         table = list(csv.DictReader(fh))
     assert [t["backbone"] for t in table] == res["ranking"]
     md = (out / "table.md").read_text()
-    assert "| rank | backbone | bal. acc | kappa | weighted F1 | kNN acc |" in md
+    assert "| rank | backbone | bal. acc | probe bal. acc | kappa | weighted F1 | kNN acc |" in md
+    assert all(t["probe_balanced_accuracy"] for t in table)
     assert "(random init control)" in md and not list(out.glob(".*tmp*"))
 
     # maps.png: a real, non-uniform image

@@ -187,10 +187,11 @@ class SmallData:
         result = cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
                                 progress=progress, method=method, **fit)
         self._probe = self.probe(mean, std, None, None)
-        best_probe = max(s["mean"] for s in self._probe[1]["scores"])
+        best_probe = max((s["mean"] for s in self._probe[1].get("scores", [])), default=None)
         best_head = max(s["mean"] for s in result["scores"])
         result["linear_probe_cv"] = best_probe
-        if best_probe > best_head and all("hidden" in c for c in candidates):  # only when hidden is not given
+        if (best_probe is not None and best_probe > best_head
+                and all("hidden" in c for c in candidates)):  # only when hidden is not given
             result["choice"] = {"model": PROBE_CHOICE, "C": self._probe[1]["C"]}
             if progress:
                 print(f"cv: linear probe {best_probe:.4f} beats every head candidate (best {best_head:.4f}): "
