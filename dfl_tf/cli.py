@@ -197,16 +197,30 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--out", required=True, type=click.Path(), help="Head directory to write.")
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units (0: linear softmax head).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout after the hidden layer.")
-@click.option("--noise", type=float, default=None, help="Feature-noise std (default 0.1; 0 disables it).")
+@click.option("--noise", type=float, default=None,
+              help="Feature-noise std in [0, 1] (default: chosen by --select on small training sets, else 0.1; "
+                   "0 disables it).")
+@click.option("--weight-decay", type=float, default=None,
+              help="AdamW decoupled weight decay on the kernels (0: Adam; default: chosen by --select on small "
+                   "training sets, else 1e-4).")
+@click.option("--select", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Choose weight decay and noise std by cross-validation on the training set (auto: when it "
+                   "has < 2,000 records or < 50 in a class); the grid is the config key cv_grid.")
+@click.option("--cv-folds", type=int, default=5, show_default=True,
+              help="Folds of that cross-validation (stratified, grouped by group).")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Also fit the linear-probe reference (LogisticRegression, probe.npz).")
+@click.option("--positive-class", default=None,
+              help="Two-class tasks: the positive class (threshold, PR curve, GeoJSON; default: the second class).")
 @click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
               help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
 @click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
 @click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
 @click.option("--epochs", type=int, default=50, show_default=True, help="Maximum epochs.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam(W) learning rate.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Training batch size.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of init, shuffling and noise (same seed, same weights).")
+              help="Seed of init, shuffling, noise and cross-validation folds (same seed, same weights).")
 @click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (0: off).")
 @click.option("--monitor", type=click.Choice(["val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
               "val_cohen_kappa", "val_roc_auc", "val_pr_auc"]), default="val_balanced_accuracy", show_default=True,
@@ -231,6 +245,11 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
             f"{m['balanced_accuracy']:.4f}")
     if summary["threshold"] is not None:
         line += f", threshold {summary['threshold']:.4f}"
+    if (summary.get("selection") or {}).get("performed"):
+        chosen = ", ".join(f"{k} {v:g}" for k, v in summary["selection"]["choice"].items())
+        line += f"; cross-validation chose {chosen}"
+    if (summary.get("linear_probe") or {}).get("C") is not None:
+        line += f"; linear probe C {summary['linear_probe']['C']:g}"
     click.echo(f"{line} -> {summary['out']}")
 
 
