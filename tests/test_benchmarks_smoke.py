@@ -51,3 +51,7 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     summary = readme.read_text()
     assert summary.startswith("intro\n") and summary.endswith("rest\n") and "\nold\n" not in summary
     assert "| slide reader vs raw `openslide.read_region` loop" in summary and "| head training" in summary
+    # ...and quotes each figure as results.md prints it (what tests/test_docs.py checks on the real files)
+    from test_docs import summary_mismatches
+
+    assert not summary_mismatches(summary, text)

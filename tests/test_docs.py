@@ -195,3 +195,32 @@ def test_flags_named_in_prose_exist():
                  for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span)}
         unknown = named - known - OTHER_TOOLS_FLAGS
         assert not unknown, f"{doc.relative_to(ROOT)} names flags no dfl command has: {sorted(unknown)}"
+
+
+NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(?=[x%k]?(?![A-Za-z0-9]))")
+
+
+def _numbers(text: str) -> set[str]:
+    return {m.replace(",", "") for m in NUMBER.findall(text)}
+
+
+def summary_mismatches(readme: str, results_md: str) -> list[str]:
+    """Figures and run dates in README's bench-summary block that results.md does not print."""
+    block = readme.split("<!-- bench-summary:start", 1)[1].split("<!-- bench-summary:end -->", 1)[0]
+    printed, problems = _numbers(results_md), []
+    rows = [line.split("|") for line in block.splitlines() if line.startswith("|")][2:]  # after header + rule
+    for cells in rows:
+        missing = _numbers(cells[2]) - printed
+        if missing:
+            problems.append(f"row '{cells[1].strip()}' quotes {sorted(missing)}, not in results.md")
+        run = cells[4].strip() if len(cells) > 5 else ""
+        if run not in ("", "-") and run not in results_md:
+            problems.append(f"row '{cells[1].strip()}': run date {run} not in results.md")
+    return problems
+
+
+def test_readme_benchmark_summary_quotes_results_md():
+    """The README's benchmark summary quotes only figures (and run dates) that benchmarks/results.md prints."""
+    problems = summary_mismatches((ROOT / "README.md").read_text(),
+                                  (ROOT / "benchmarks" / "results.md").read_text())
+    assert not problems, problems
