@@ -1,8 +1,9 @@
 """Heads trained on stored embeddings: model builder, feature-space augmentations, training.
 
-``dfl_tf.heads.model`` (build_head, load_head, Standardize), ``dfl_tf.heads.augment``
-(FeatureNoise, ScaledFeatureNoise, FeatureDropout, mixup) and ``dfl_tf.heads.train``
-(train_head). Submodules are imported lazily.
+``dfl_tf.heads.model`` (build_head, load_head), ``dfl_tf.heads.augment`` (noise, scaled noise,
+feature dropout, mixup), ``dfl_tf.heads.train`` (train_head), ``dfl_tf.heads.selection_cv``
+(small-data cross-validation; fits batched by ``dfl_tf.heads.batched``) and
+``dfl_tf.heads.probe`` (the linear-probe reference). Submodules are imported lazily.
 """
 from __future__ import annotations
 
