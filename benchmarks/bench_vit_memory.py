@@ -89,7 +89,8 @@ def hwm():
             return int(line.split()[1]) / 1024
 from dfl_tf import export_model, train_head
 emb = tmp / "emb_float32"
-train_head(emb, tmp / "head", val=emb, epochs=1, hidden=0, progress=False)
+if not (tmp / "head" / "head.json").exists():
+    train_head(emb, tmp / "head", val=emb, epochs=1, hidden=0, progress=False)
 t0 = time.perf_counter()
 info = export_model([tmp / "head"], tmp / "export")
 print(json.dumps({"export_s": time.perf_counter() - t0, "parity": info["parity"]["passed"], "peak_mib": hwm()}))
@@ -117,6 +118,8 @@ def main() -> None:
     if not ckpt.exists():
         print(json.dumps({"checkpoint": _child(WRITE, args.name, str(ckpt))}), flush=True)
     for precision in args.precisions.split(","):
+        if (tmp / f"emb_{precision}" / "manifest.json").exists():
+            continue  # measured by an earlier run into the same --tmp
         print(json.dumps(_child(EXTRACT, args.name, str(ckpt), str(args.images), str(tmp), precision)), flush=True)
     if args.export:
         print(json.dumps(_child(EXPORT, args.name, str(ckpt), str(tmp))), flush=True)
