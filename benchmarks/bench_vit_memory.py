@@ -100,7 +100,7 @@ print(json.dumps({"export_s": time.perf_counter() - t0, "parity": info["parity"]
 def _child(code: str, *args: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
+        raise RuntimeError(f"child exited with {proc.returncode}: {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -42,6 +42,7 @@ def _check(config: ViTConfig, weights_file, reference, sizes) -> None:
         assert ours.shape == ref.shape
         scale = float(np.abs(ref).max())
         diff = float(np.abs(ours - ref).max())
+        print(f"{size}px: max abs diff {diff:.2e} = {diff / scale:.1e} of the embedding scale")  # pytest -s
         assert diff <= TOL * scale, f"{size}px: max abs diff {diff:.2e} > {TOL:g} x scale {scale:.3f}"
 
 
