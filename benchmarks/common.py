@@ -333,12 +333,13 @@ def readme_summary(result: dict) -> str:
     if heads:
         lines.append("| head training (hidden 256, in memory), FLOP-based, vs float32 matmul | "
                      + " / ".join(f"{pct(r['roofline_fraction'])} ({r['train_per_s']:,.0f} emb/s, {r['dim']}-d, "
-                                  f"noise {'0.1' if r.get('noise') is None else r['noise']})"
+                                  f"noise {'0.1' if r.get('noise') is None else format(r['noise'], 'g')})"
                                   for r in heads) + f" | >= 50 % | {date(t)} |")
     lines.append("| fine-tuning vs heads, shards, peak memory, serving latency | see `benchmarks/results.md` | | |")
     m = result.get("machine", {})
-    head = (f"Last `make bench` summary ({m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average "
-            f"{m.get('load', '?')} at start, {m.get('load_end', '?')} at end; {result.get('command', '')}):")
+    head = (f"Summary of `benchmarks/results.json` (last run: {result.get('command', '')}, {result.get('date', '?')}; "
+            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average {m.get('load', '?')} at start, "
+            f"{m.get('load_end', '?')} at end; each row dated by the run that measured it):")
     return "\n".join([README_START, head, "", *lines, README_END])
 
 
