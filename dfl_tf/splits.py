@@ -74,7 +74,8 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
     """``([(train_idx, val_idx)] * k', method)``: stratified k-fold, grouped when groups are known.
 
     ``k'`` is ``k`` reduced to what the data allows (the number of groups, the largest class
-    count); at least 2 folds are needed, else :class:`DflError`. Deterministic in ``seed``.
+    count); with a single group the folds are stratified only (``method`` says so); at least 2
+    folds are needed, else :class:`DflError`. Deterministic in ``seed``.
     """
     import warnings
 
@@ -88,6 +89,10 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
         codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
         k_eff = min(int(k), int(codes.max()) + 1, int(counts.max()))
         method = f"{k_eff}-fold stratified, grouped by group ({int(codes.max()) + 1} groups)"
+        if k_eff < 2 and int(counts.max()) >= 2:  # one group (e.g. every tile from one slide): folds cannot be grouped
+            use_groups = False
+            k_eff = min(int(k), int(counts.max()))
+            method = f"{k_eff}-fold stratified, not grouped (only {int(codes.max()) + 1} group)"
     else:
         k_eff = min(int(k), int(counts.max()))
         method = f"{k_eff}-fold stratified"

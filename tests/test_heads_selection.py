@@ -83,8 +83,11 @@ def test_cv_folds_grouped_stratified_deterministic():
     assert any(len(a[1]) != len(b[1]) or (a[1] != b[1]).any() for a, b in zip(folds, other))
     plain, method = cv_folds(y, None, k=4, seed=0)
     assert method == "4-fold stratified" and len(plain) == 4
+    # one group (every tile from one slide): stratified folds, and the method says they are not grouped
+    single, method = cv_folds(y, ["one"] * 120, k=5, seed=0)
+    assert method == "5-fold stratified, not grouped (only 1 group)" and len(single) == 5
     with pytest.raises(DflError, match="at least 2 folds"):
-        cv_folds(y, ["one"] * 120, k=5)
+        cv_folds(np.arange(3), ["one"] * 3, k=5)  # one record per class
 
 
 def test_selection_deterministic_under_seed(small_set):
