@@ -13,28 +13,30 @@ and balanced sampling are not applied in these fits.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 
 def _schedule(train_sets: Sequence[np.ndarray], epochs: int, batch_size: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(indices [steps, G, B], mask [steps, G, B]): per model, a fresh permutation every epoch."""
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per epoch, (indices [steps, G, B], mask [steps, G, B]): per model, a fresh permutation.
+
+    Generated epoch by epoch, so memory stays flat in ``epochs``."""
     rng = np.random.default_rng(int(seed))
     G = len(train_sets)
     longest = max(len(t) for t in train_sets)
     per_epoch = math.ceil(longest / batch_size)
-    idx = np.zeros((epochs * per_epoch, G, batch_size), np.int32)
-    mask = np.zeros((epochs * per_epoch, G, batch_size), np.float32)
-    for e in range(epochs):
+    for _ in range(epochs):
+        idx = np.zeros((per_epoch, G, batch_size), np.int32)
+        mask = np.zeros((per_epoch, G, batch_size), np.float32)
         for g, t in enumerate(train_sets):
             perm = rng.permutation(t)
             for s in range(math.ceil(len(t) / batch_size)):
                 part = perm[s * batch_size:(s + 1) * batch_size]
-                idx[e * per_epoch + s, g, :len(part)] = part
-                mask[e * per_epoch + s, g, :len(part)] = 1.0
-    return idx, mask
+                idx[s, g, :len(part)] = part
+                mask[s, g, :len(part)] = 1.0
+        yield idx, mask
 
 
 def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequence[np.ndarray],
@@ -58,7 +60,6 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
     means = np.stack([X[t].mean(axis=0) for t in train_sets]).astype(np.float32)
     stds = np.stack([X[t].std(axis=0) for t in train_sets])
     stds = np.where(stds < 1e-6, 1.0, stds).astype(np.float32)
-    idx_all, mask_all = _schedule(train_sets, int(epochs), int(batch_size), seed)
 
     rng = np.random.default_rng(int(seed) + 1)
 
@@ -130,8 +131,11 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
             v_.assign_add((tf.square(g_) - v_) * (1 - b2))
             p_.assign_sub(m_ * alpha_t / (tf.sqrt(v_) + eps))
 
-    for s in range(len(idx_all)):
-        train_step(tf.constant(idx_all[s]), tf.constant(mask_all[s]), tf.constant(s, tf.int64))
+    step = 0
+    for idx, mask in _schedule(train_sets, int(epochs), int(batch_size), seed):
+        for s in range(len(idx)):
+            train_step(tf.constant(idx[s]), tf.constant(mask[s]), tf.constant(step, tf.int64))
+            step += 1
 
     out = []
     for g, e in enumerate(eval_sets):
