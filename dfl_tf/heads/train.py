@@ -334,7 +334,9 @@ def train_head(
                            pre_augment=pre)
         model.compile(optimizer=make_optimizer(lr, weight_decay), loss=loss_fn,
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                      steps_per_execution=steps_per_execution(math.ceil(data.num / int(batch_size))))
+                      # several steps per call fails under MirroredStrategy (Keras 3.13): one there
+                      steps_per_execution=steps_per_execution(math.ceil(data.num / int(batch_size)))
+                      if replicas == 1 else 1)
     ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs))
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
