@@ -299,7 +299,9 @@ def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) ->
 @click.option("--backbone-weights", default=None, help="Backbone weights, if the recorded source moved.")
 @click.option("--parity-data", type=click.Path(), default=None, help="Embedding dir for the parity check.")
 @click.option("--parity-samples", type=int, default=4, show_default=True, help="0 skips the parity check.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff on probabilities.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs diff on probabilities in the parity check (default by the backbone's precision: "
+              "1e-4 float32, 2e-3 mixed_float16, 2e-2 bfloat16).")
 @click.option("--max-image-pixels", type=int, default=4096 * 4096, show_default=True,
               help="Serving refuses images whose header declares more pixels (width x height), before decoding.")
 @click.option("--max-batch", type=int, default=64, show_default=True,

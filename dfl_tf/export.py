@@ -253,7 +253,7 @@ def export_model(
     backbone_weights: str | None = None,
     parity_data: str | Path | None = None,
     parity_samples: int = 4,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, Any]:
@@ -267,7 +267,9 @@ def export_model(
         backbone_weights: where to find the backbone weights if the recorded source moved.
         parity_data: embedding directory to check parity on (default: the first head's training set).
         parity_samples: samples in the parity check (0 skips it, recorded as skipped).
-        tolerance: max abs difference allowed on probabilities (float32).
+        tolerance: max abs difference allowed on probabilities (default by the backbone's
+            precision: 1e-4 float32, 2e-3 mixed_float16, 2e-2 bfloat16; see
+            :data:`dfl_tf.parity.PRECISION_TOLERANCE`).
         max_image_pixels: the serving signatures refuse images whose header declares more pixels
             (width x height), before decoding (default 4096 x 4096).
         max_batch: the serving signatures refuse larger batches (default 64, as batching.config).

@@ -134,6 +134,23 @@ def test_failed_parity_leaves_no_version(tmp_path):
     assert _versions(tmp_path / "m") == []
 
 
+def test_bfloat16_backbone_exports_with_its_precision_tolerance(tmp_path):
+    """A bfloat16 backbone: the served embeddings equal the stored ones, and the probability check
+    uses the bfloat16 tolerance (recorded), not float32's 1e-4; a source edited after extraction
+    still fails the check."""
+    images = write_images(tmp_path / "imgs", per_class=4, size=(64, 64), seed=5)
+    extract(images, tmp_path / "emb", views="x20:rgb", **{**TINY, "input_size": 64}, precision="bfloat16")
+    train_head(tmp_path / "emb", tmp_path / "head", hidden=8, **HEAD)
+    info = export_model([tmp_path / "head"], tmp_path / "m", parity_samples=8)
+    parity = info["parity"]
+    assert parity["passed"] and parity["precision"] == "bfloat16" and parity["probability_tolerance"] == 2e-2
+    assert parity["bytes_samples"] == 8 and parity["bytes_max_rel_diff_embedding_vs_stored"] <= 2e-2
+    first = sorted(images.rglob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(first))).save(first)
+    with pytest.raises(DflError, match="parity check failed"):
+        export_model([tmp_path / "head"], tmp_path / "m2", parity_samples=8)
+
+
 def test_parity_data_from_another_view_set_refused(trained, tmp_path):
     extract(trained["images"], tmp_path / "x20", views="x20:rgb", **TINY)
     with pytest.raises(DflError, match=r"head .*tumour and embeddings .*x20 disagree on views: "

@@ -25,7 +25,6 @@ TINY = dict(backbone="tiny_vit", weights="none", input_size=48, batch_size=8, pr
 
 
 def test_tiny_vit_demo_pipeline(tmp_path):
-    # float32: the export's parity check (1e-4 on probabilities) fails for bfloat16 backbones of any kind
     overrides = {
         "data": {"width": 1000, "height": 800},
         "tile": {"size": 64, "min_tissue": 0.6},
