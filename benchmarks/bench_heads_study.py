@@ -183,8 +183,10 @@ def write(rows, raw, t_all, args, done: bool) -> bool:
     if args.no_write:
         return ok
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    body = (f"{SECTION}\n\n`benchmarks/bench_heads_study.py{' --quick' if args.quick else ''}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s in all (load average at end "
+    subset = (f" --sets {' '.join(repr(x) for x in args.sets)}` (the other rows are kept from earlier runs of the "
+              "same day, `benchmarks/heads_study.json`; column s is each set's own time)") if args.sets else "`"
+    body = (f"{SECTION}\n\n`benchmarks/bench_heads_study.py{' --quick' if args.quick else ''}{subset}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s for this run (load average at end "
             f"{load} on {os.cpu_count()} cores: times are only indicative). Balanced accuracy on held-out test "
             "data, mean ± std over seeds (synthetic sets: test n 2,000, 5,000 for n 50,000; demo: the "
             "validation tiles). Methods as in the script's docstring; `before` = the heads before issue 15 "
@@ -205,8 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-demo", action="store_true", help="Skip the demo slide's tiles.")
     parser.add_argument("--no-write", action="store_true", help="Do not update benchmarks/results.md.")
     parser.add_argument("--sets", nargs="+", default=None,
-                        help="Run only these sets (names as in SETS, e.g. 'n50 d1280 c4'); the other sets' "
-                             "results are kept from benchmarks/heads_study.json.")
+                        help="Run only these sets (names as in SETS, e.g. 'n50 d1280 c4'; 'demo' for the demo "
+                             "tiles); the other sets' results are kept from benchmarks/heads_study.json.")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "bench_heads_study"),
                         help="Where the demo tiles' embeddings are built once.")
     args = parser.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
         raw[name] = {"n": n, "seconds": round(time.time() - t0), "runs": per}
         rows.append((name, n, per, time.time() - t0))
         write(rows, raw, t_all, args, done=False)  # partial results land even if the run is cut short
-    if not args.no_demo and not args.quick and not args.sets:
+    if not args.no_demo and not args.quick and (not args.sets or "demo" in args.sets):
         t0 = time.time()
         X, y, g, Xt, yt, C = demo_embeddings(Path(args.cache))
         per = [run_set(X, y, g, Xt, yt, C, seed, 40) for seed in range(2)]
