@@ -3,6 +3,7 @@ tifffile reader for plain TIFFs OpenSlide refuses (tiled or stripped, pyramid pa
 flagged as reduced). Boxes are in level space and may run off the level (padded white)."""
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 from typing import Any
@@ -16,6 +17,12 @@ try:  # pragma: no cover - import guard
     import openslide
 except Exception:  # pragma: no cover - openslide missing or its library fails to load
     openslide = None  # type: ignore[assignment]
+try:  # pragma: no cover - import guard
+    # The C entry point behind OpenSlide.read_region: lets a read land in a numpy buffer (see
+    # _OpenSlideBackend.read); without it (another openslide-python layout) the public call is used.
+    from openslide.lowlevel import _read_region as _os_read_region
+except Exception:  # pragma: no cover
+    _os_read_region = None
 
 import tifffile
 
@@ -138,9 +145,13 @@ class _OpenSlideBackend(_Backend):
         lw, lh = self.level_dimensions[level]
         if x >= lw or y >= lh or x + w <= 0 or y + h <= 0:
             return np.full((h, w, 3), 255, np.uint8)
+        x0, y0 = int(round(x * ds)), int(round(y * ds))
+        fast = self._read_direct(level, x0, y0, w, h)
+        if fast is not None:
+            return fast
         # OpenSlide returns transparent pixels outside the slide (and in empty scan areas):
         # composite the straight-alpha RGBA onto white, in Pillow (C), then drop alpha.
-        region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        region = self.slide.read_region((x0, y0), level, (w, h))
         if region.mode == "RGBA":
             if region.getchannel("A").getextrema()[0] < 255:  # alpha only: 1/4 of getextrema()'s cost
                 white = Image.new("RGBA", region.size, (255, 255, 255, 255))
@@ -148,6 +159,32 @@ class _OpenSlideBackend(_Backend):
                 region = white
             region = region.convert("RGB")
         return _to_rgb_uint8(np.asarray(region))
+
+    def _read_direct(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray | None:
+        """The region as RGB straight from OpenSlide's premultiplied ARGB32 (BGRA bytes), or None.
+
+        Skips openslide-python's un-premultiply, the PIL image and its copies (about 0.3 ms of a
+        2 ms 224 px read). Exact where alpha is 255 (inside the slide: premultiplied = straight)
+        or 0 (outside: premultiplied RGB is 0, so c + 255 - a is white). Any other alpha (a
+        fractional slide edge) returns None: the caller then takes the Pillow route, so the
+        pixels are the same as that route's everywhere.
+        """
+        osr = getattr(self.slide, "_osr", None)
+        if _os_read_region is None or osr is None or w * h == 0:
+            return None
+        buf = np.empty((h, w), np.uint32)
+        _os_read_region(osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x0, y0, level, w, h)
+        bgra = buf.view(np.uint8).reshape(h, w, 4)
+        out = np.empty((h, w, 3), np.uint8)
+        alpha = bgra[:, :, 3]
+        if alpha.min() == 255:
+            out[:, :, 0], out[:, :, 1], out[:, :, 2] = bgra[:, :, 2], bgra[:, :, 1], bgra[:, :, 0]
+            return out
+        if np.count_nonzero((alpha != 0) & (alpha != 255)):
+            return None
+        white = 255 - alpha  # 0 inside, 255 outside; premultiplied colour + it never overflows
+        out[:, :, 0], out[:, :, 1], out[:, :, 2] = bgra[:, :, 2] + white, bgra[:, :, 1] + white, bgra[:, :, 0] + white
+        return out
 
     def thumbnail(self, max_side: int) -> np.ndarray | None:
         image = self.slide.get_thumbnail((max_side, max_side))
