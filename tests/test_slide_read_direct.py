@@ -76,3 +76,69 @@ def test_read_views_same_pixels_both_routes(even_pyramid, monkeypatch):
             np.testing.assert_array_equal(a20, b20)
             np.testing.assert_array_equal(a5, b5)
         assert (fast[1][1][:4, :4] == 255).all()  # the x5 field of a corner tile runs off the slide: white
+
+
+# --- strips: overlapping boxes along a row cut from one wider read ---------------------------------
+
+def _row_walk(reader, mpp: float, size: int, step: int) -> list[np.ndarray]:
+    """Tiles centred along three rows (top edge, middle, bottom edge), left edge to right edge."""
+    width, height = reader.dimensions
+    return [reader.read_region_at_mpp(cx, cy, mpp, size) for cy in (2, height // 2, height - 3)
+            for cx in range(0, width, step)]
+
+
+@pytest.mark.parametrize("slide,backend", [("even", "openslide"), ("even", "tifffile"), ("cmu", "openslide"),
+                                           ("odd", "openslide")])
+def test_strip_reads_equal_box_reads(slide, backend, even_pyramid, odd_pyramid, monkeypatch):
+    """x20 with overlap, x5 (exact level and resized): the same bytes with and without strips."""
+    path = {"even": even_pyramid, "odd": odd_pyramid, "cmu": str(CMU)}[slide]
+    walks = [(0.5, 32, 24), (2.0, 32, 32), (1.5, 24, 40)]  # (mpp, size, step in level-0 px)
+    with open_slide(path, backend=backend) as reader:
+        with_strips = [_row_walk(reader, *walk) for walk in walks]
+        strip_levels = set(reader._strips)
+    with monkeypatch.context() as m:
+        m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
+        with open_slide(path, backend=backend) as reader:
+            without = [_row_walk(reader, *walk) for walk in walks]
+            assert not reader._strips
+    for a_walk, b_walk in zip(with_strips, without):
+        for a, b in zip(a_walk, b_walk):
+            assert a.flags.writeable
+            np.testing.assert_array_equal(a, b)
+    # strips at every level read, except the odd slide's levels 1-2 (non-integer downsamples:
+    # OpenSlide reads them at a sub-pixel phase of its own per box, so a cut box would differ)
+    assert strip_levels == ({0} if slide == "odd" else {0} if slide == "cmu" else {0, 1, 2})
+
+
+def test_strip_tile_is_a_copy(even_pyramid):
+    """A tile cut from a strip is the caller's: writing into it leaves later tiles alone."""
+    with open_slide(even_pyramid, backend="openslide") as reader:
+        first = reader.read_region_at_mpp(200, 300, 2.0, 32)
+        second = reader.read_region_at_mpp(208, 300, 2.0, 32)  # overlaps: cut from a strip
+        assert reader._strips
+        expected = reader.read_region_at_mpp(216, 300, 2.0, 32).copy()
+        second[:] = 0
+        first[:] = 0
+        again = reader.read_region_at_mpp(216, 300, 2.0, 32)
+        np.testing.assert_array_equal(again, expected)
+
+
+def test_bad_tile_ahead_does_not_fail_the_strip_tile(tmp_path):
+    """A corrupt JPEG tile that only a strip would reach leaves the tiles before it readable (and equal)."""
+    import shutil
+
+    from test_slide_faults import BAD_TILE, TILE, _corrupt_tile
+
+    bad = tmp_path / "bad.svs"
+    shutil.copyfile(CMU, bad)
+    _corrupt_tile(bad, 0, BAD_TILE)  # level-0 x 1200..1439, y 0..239
+    xs = range(700, 1060, 40)  # boxes (+- 28 px at 2 um/px, 16 px) stay left of the bad tile
+    with open_slide(CMU) as good:
+        expected = [good.read_region_at_mpp(x, 100, 2.0, 16) for x in xs]
+    with open_slide(bad) as reader:
+        got = [reader.read_region_at_mpp(x, 100, 2.0, 16) for x in xs]
+        assert reader._no_strip_row == {0: reader._last_box[0][1]} and not reader.broken  # a strip failed
+        with pytest.raises(Exception, match="cannot read level 0 region"):
+            reader.read_region_at_mpp(BAD_TILE * TILE + 20, 100, 2.0, 16)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

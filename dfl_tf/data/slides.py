@@ -53,6 +53,11 @@ CONTEXT_FACTOR = 4.0
 _LEVEL_TOLERANCE = 0.01
 #: Objective power -> mpp: 20x is 0.5 um/px.
 _MPP_AT_1X = 10.0
+#: A strip (SlideReader._read_box) covers the box asked for plus up to STRIP_TILES - 1 more steps along
+#: the row, at most STRIP_MAX_PIXELS level pixels (2 Mpx: 6 MB of RGB; one strip per level per reader, and
+#: only readers of the slide read last keep theirs).
+STRIP_TILES = 16
+STRIP_MAX_PIXELS = 2 << 20
 #: Plausible level-0 um/px from metadata; outside it (e.g. a 600 dpi TIFF read as 42 um/px) needs --slide-mpp.
 MPP_RANGE = (0.05, 20.0)
 _log = logging.getLogger("dfl_tf.slides")
@@ -108,6 +113,10 @@ class SlideReader:
         self.level_count = len(self.level_dimensions)
         self.dimensions = self.level_dimensions[0]
         self.broken = False  # set by a failed read: the pool then closes this reader
+        # Per level: the last box read, the last strip, a row where a strip read failed (see _read_box).
+        self._last_box: dict[int, tuple[int, int, int, int]] = {}
+        self._strips: dict[int, tuple[int, int, np.ndarray]] = {}
+        self._no_strip_row: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return (f"SlideReader({self.path!r}, backend={self.backend}, mpp={self.mpp:g}, "
@@ -160,15 +169,15 @@ class SlideReader:
         top = (cy - side0 / 2.0) / ds
         scale = side / size                             # level pixels per output pixel
         if abs(scale - 1.0) < 1e-6 and abs(left - round(left)) < 1e-6 and abs(top - round(top)) < 1e-6:
-            tile = self._read(backend, level, int(round(left)), int(round(top)), size, size)
-            return tile if tile.flags.writeable else tile.copy()
+            tile, shared = self._read_box(backend, level, int(round(left)), int(round(top)), size, size)
+            return tile.copy() if shared or not tile.flags.writeable else tile
         # Lanczos support: 3 output pixels -> 3 * max(scale, 1) level pixels each side.
         margin = int(math.ceil(3.0 * max(scale, 1.0))) + 1
         bx0 = int(math.floor(left)) - margin
         by0 = int(math.floor(top)) - margin
         bx1 = int(math.ceil(left + side)) + margin
         by1 = int(math.ceil(top + side)) + margin
-        region = self._read(backend, level, bx0, by0, bx1 - bx0, by1 - by0)
+        region, _ = self._read_box(backend, level, bx0, by0, bx1 - bx0, by1 - by0)  # fromarray copies
         box = (left - bx0, top - by0, left - bx0 + side, top - by0 + side)
         image = Image.fromarray(region).resize((size, size), Image.Resampling.LANCZOS, box=box)
         return np.array(image)  # a writable copy
@@ -182,6 +191,71 @@ class SlideReader:
             _upsample_warned.add(key)
         _log.warning("%s: reading at %g um/px, finer than level 0 (%g um/px): tiles are upsampled %.2fx",
                      self.path, target_mpp, self.mpp, self.mpp / target_mpp)
+
+    def _strips_exact(self, level: int) -> bool:
+        """Whether a box cut from a wider read of ``level`` equals a read of that box, bit for bit:
+        always for tifffile; for OpenSlide when the level's downsample is an integer (level
+        coordinates stay whole; otherwise OpenSlide interpolates at a sub-pixel phase per read)."""
+        ds = self.level_downsamples[level]
+        return self.backend == "tifffile" or ds == int(ds)
+
+    def _read_box(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int
+                  ) -> tuple[np.ndarray, bool]:
+        """Read a level box; returns (pixels, shared). ``shared``: a view into the cached strip.
+
+        Neighbouring tiles visited along a row (``dfl tile``'s order) read overlapping boxes where
+        fields overlap: the x5 field is 4x the x20 one, so the x5 boxes of neighbours overlap 3/4,
+        and so do tiles cut with ``--overlap``. When a box overlaps the previous box read at this
+        level on the same rows, one wider box (a strip covering 4 to STRIP_TILES more steps) is
+        read and the following boxes are cut from it: fewer pixels decoded and painted, the same
+        pixels (only where :meth:`_strips_exact`). Boxes that do not overlap (x20 tiles without
+        overlap, shuffled orders) are read one by one as before.
+        """
+        strip = self._strips.get(level)
+        if strip is not None:
+            sx, sy, arr = strip
+            if sy == y and arr.shape[0] == h and sx <= x and x + w <= sx + arr.shape[1]:
+                return arr[:, x - sx:x - sx + w], True
+        prev = self._last_box.get(level)
+        self._last_box[level] = (x, y, w, h)
+        # Worth it where neighbours share at least a quarter of the box (not for the few pixels
+        # of Lanczos margin that tiles without overlap share).
+        if prev is not None and prev[1] == y and prev[3] == h and 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
+                and self._no_strip_row.get(level) != y and self._strips_exact(level):
+            step = x - prev[0]
+            # A run that went past its strip's end gets one twice as long, up to STRIP_TILES steps:
+            # rows that stop early (tissue edges) waste little, long rows read few strips.
+            steps = min(2 * strip[2].shape[1] // step, STRIP_TILES) if strip is not None and strip[1] == y \
+                else 4
+            width = min(w + step * (steps - 1), max(w, STRIP_MAX_PIXELS // max(h, 1)))
+            width = max(w, min(width, self.level_dimensions[level][0] - x))  # not past the level's right edge
+            try:
+                arr = self._read(backend, level, x, y, width, h)
+            except DflError:
+                # A bad tile further along the row must not fail this box: no more strips on this row,
+                # and the box alone on a fresh handle (an OpenSlide handle stays in error after a failure).
+                self._no_strip_row[level] = y
+                backend = self._reopen()
+                return self._read(backend, level, x, y, w, h), False
+            self._strips[level] = (x, y, arr)
+            return arr[:, :w], True
+        return self._read(backend, level, x, y, w, h), False
+
+    def _reopen(self) -> _Backend:
+        """Replace the backend with a freshly opened one (after a failed read)."""
+        fresh = open_slide(self.path, mpp_override=self.mpp, backend=self.backend)
+        old, self._backend, fresh._backend = self._backend, fresh._backend, None
+        if old is not None:
+            old.close()
+        self.broken = False
+        self._strips.clear()
+        return self._backend
+
+    def drop_strips(self) -> None:
+        """Free the cached strips (the pool does so for readers of slides no longer being read)."""
+        self._strips.clear()
+        self._last_box.clear()
+        self._no_strip_row.clear()
 
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
@@ -298,6 +372,7 @@ MAX_IDLE_PER_SLIDE = 8
 MAX_POOLED_SLIDES = 32
 _pool_lock = threading.Lock()
 _pool: OrderedDict = OrderedDict()  # key -> list of idle SlideReaders
+_last_key: list = [None]  # the slide whose reader came back last: only its idle readers keep strips
 
 
 @contextlib.contextmanager
@@ -322,6 +397,12 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
         with _pool_lock:
             idle = _pool.setdefault(key, [])
             _pool.move_to_end(key)
+            if _last_key[0] != key:  # another slide now: free the strips its idle readers hold
+                _last_key[0] = key
+                for other, readers in _pool.items():
+                    if other != key:
+                        for old_reader in readers:
+                            old_reader.drop_strips()
             if len(idle) < MAX_IDLE_PER_SLIDE and not reader.broken:  # a failed handle is closed
                 idle.append(reader)
                 reader = None
