@@ -212,12 +212,12 @@ class SlideReader:
         overlap, shuffled orders) are read one by one as before.
         """
         strip = self._strips.get(level)
+        prev = self._last_box.get(level)
+        self._last_box[level] = (x, y, w, h)
         if strip is not None:
             sx, sy, arr = strip
             if sy == y and arr.shape[0] == h and sx <= x and x + w <= sx + arr.shape[1]:
                 return arr[:, x - sx:x - sx + w], True
-        prev = self._last_box.get(level)
-        self._last_box[level] = (x, y, w, h)
         # Worth it where neighbours share at least a quarter of the box (not for the few pixels
         # of Lanczos margin that tiles without overlap share).
         if prev is not None and prev[1] == y and prev[3] == h and 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
