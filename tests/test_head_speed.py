@@ -1,5 +1,9 @@
-"""Head training runs several steps per compiled call (speed, issue 17) without changing the result."""
+"""Head training speed-ups (issue 17) that must not change the result: several steps per compiled call,
+the vectorised Gaussian noise sampler, the fused Adam(W) update."""
 from __future__ import annotations
+
+import numpy as np
+import pytest
 
 from emb_utils import blobs, make_embedding_dir
 
@@ -25,3 +29,81 @@ def test_multi_step_training_equals_single_step(tmp_path, monkeypatch):
     history = (tmp_path / "many" / "history.csv").read_text()
     assert history.count("\n") == 3 and history == (tmp_path / "one" / "history.csv").read_text()  # same losses
     assert many["metrics"] == one["metrics"]
+
+
+def test_gaussian_noise_sampler_is_gaussian_and_seeded():
+    """The Box-Muller sampler behind the feature noise: N(0, std) per element, a function of the seed."""
+    import tensorflow as tf
+    from scipy import stats
+
+    from dfl_tf.heads.augment import gaussian_noise
+
+    z = gaussian_noise([200, 1001], tf.constant([3, 4]), 0.1).numpy()
+    assert z.shape == (200, 1001) and z.dtype == np.float32
+    flat = z.ravel() / 0.1
+    assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
+    assert abs(stats.skew(flat)) < 0.02 and abs(stats.kurtosis(flat)) < 0.05
+    assert stats.kstest(flat, "norm").pvalue > 0.01
+    half = flat.size // 2  # Box-Muller partners (cos / sin of one pair) and neighbours are uncorrelated
+    assert abs(np.corrcoef(flat[:half], flat[half:2 * half])[0, 1]) < 0.01
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01
+    np.testing.assert_array_equal(z, gaussian_noise([200, 1001], tf.constant([3, 4]), 0.1).numpy())
+    assert not np.allclose(z, gaussian_noise([200, 1001], tf.constant([3, 5]), 0.1).numpy())
+    assert gaussian_noise([3, 5], tf.constant([1, 2])).shape == (3, 5)  # odd element count
+
+
+def test_noise_layer_fast_sampler_is_seeded_fresh_and_saves_plain(tmp_path):
+    """augment_layers' noise layer draws with the fast sampler: reproducible under the global seed, fresh
+    every call, identity at inference, saved as a plain keras.layers.GaussianNoise."""
+    import json
+    import zipfile
+
+    import keras
+
+    from dfl_tf.heads.augment import augment_layers, resolve_augment
+
+    x = np.zeros((64, 512), np.float32)
+    draws = []
+    for _ in range(2):
+        keras.utils.set_random_seed(5)
+        _, (layer,) = augment_layers(resolve_augment(None, 0.1), 512)
+        draws.append([layer(x, training=True).numpy() for _ in range(2)])
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])  # same seed, same noise
+    np.testing.assert_array_equal(draws[0][1], draws[1][1])
+    assert not np.allclose(draws[0][0], draws[0][1])  # fresh noise every step
+    assert abs(draws[0][0].std() - 0.1) < 0.005
+    np.testing.assert_array_equal(layer(x, training=False).numpy(), x)
+    model = keras.Sequential([keras.Input((512,)), layer, keras.layers.Dense(2)])
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as z:
+        config = json.loads(z.read("config.json"))
+    (noise,) = [entry for entry in config["config"]["layers"] if entry["config"]["name"] == layer.name]
+    assert (noise["module"], noise["class_name"]) == ("keras.layers", "GaussianNoise")
+    assert isinstance(keras.saving.load_model(tmp_path / "m.keras").layers[0], keras.layers.GaussianNoise)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_fused_adam_takes_the_keras_steps(weight_decay):
+    """make_optimizer's fused Adam(W) update equals Keras' own Adam(W) update."""
+    import keras
+
+    from dfl_tf.heads.selection_cv import make_optimizer
+
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(8,)).astype(np.float32)]
+    grads = [[rng.normal(size=w.shape).astype(np.float32) for w in start] for _ in range(5)]
+    plain = (keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=weight_decay) if weight_decay
+             else keras.optimizers.Adam(learning_rate=1e-2))
+    if weight_decay:
+        plain.exclude_from_weight_decay(var_names=["bias"])
+    fused = make_optimizer(1e-2, weight_decay)
+    assert type(fused) is type(plain) and "update_step" in vars(fused)  # the instance's step is the fused one
+    results = []
+    for opt in (plain, fused):
+        variables = [keras.Variable(start[0], name="kernel"), keras.Variable(start[1], name="bias")]
+        for g in grads:
+            opt.apply_gradients(zip([keras.ops.convert_to_tensor(a) for a in g], variables))
+        results.append([v.numpy() for v in variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(results[1][0], start[0])

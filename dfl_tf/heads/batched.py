@@ -54,6 +54,8 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
     kernels then biases, each with a leading ``G`` axis (tests: the same start as a Keras head)."""
     import tensorflow as tf
 
+    from dfl_tf.heads.augment import gaussian_noise
+
     X = np.asarray(X, np.float32)
     G, N, dim = len(train_sets), X.shape[0], X.shape[1]
     C, H = int(n_classes), int(hidden)
@@ -90,8 +92,7 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
     def forward(z, training: bool, step=None):
         h = z
         if training:
-            h = h + noise_t * tf.random.stateless_normal(tf.shape(h), tf.random.experimental.stateless_fold_in(
-                seed_t, step * 3))
+            h = h + noise_t * gaussian_noise(tf.shape(h), tf.random.experimental.stateless_fold_in(seed_t, step * 3))
             if feature_dropout > 0:
                 keep = tf.random.stateless_uniform(tf.shape(h), tf.random.experimental.stateless_fold_in(
                     seed_t, step * 3 + 1)) >= feature_dropout
