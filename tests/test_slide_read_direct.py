@@ -95,12 +95,12 @@ def test_strip_reads_equal_box_reads(slide, backend, even_pyramid, odd_pyramid, 
     walks = [(0.5, 32, 24), (2.0, 32, 32), (1.5, 24, 40)]  # (mpp, size, step in level-0 px)
     with open_slide(path, backend=backend) as reader:
         with_strips = [_row_walk(reader, *walk) for walk in walks]
-        strip_levels = set(reader._strips)
+        strip_levels = set(reader._strips.strips)
     with monkeypatch.context() as m:
         m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
         with open_slide(path, backend=backend) as reader:
             without = [_row_walk(reader, *walk) for walk in walks]
-            assert not reader._strips
+            assert not reader._strips.strips
     for a_walk, b_walk in zip(with_strips, without):
         for a, b in zip(a_walk, b_walk):
             assert a.flags.writeable
@@ -115,7 +115,7 @@ def test_strip_tile_is_a_copy(even_pyramid):
     with open_slide(even_pyramid, backend="openslide") as reader:
         first = reader.read_region_at_mpp(200, 300, 2.0, 32)
         second = reader.read_region_at_mpp(208, 300, 2.0, 32)  # overlaps: cut from a strip
-        assert reader._strips
+        assert reader._strips.strips
         expected = reader.read_region_at_mpp(216, 300, 2.0, 32).copy()
         second[:] = 0
         first[:] = 0
@@ -137,7 +137,7 @@ def test_bad_tile_ahead_does_not_fail_the_strip_tile(tmp_path):
         expected = [good.read_region_at_mpp(x, 100, 2.0, 16) for x in xs]
     with open_slide(bad) as reader:
         got = [reader.read_region_at_mpp(x, 100, 2.0, 16) for x in xs]
-        assert reader._no_strip_row == {0: reader._last_box[0][1]} and not reader.broken  # a strip failed
+        assert reader._strips.no_strip_row == {0: reader._strips.last_box[0][1]} and not reader.broken  # a strip failed
         with pytest.raises(Exception, match="cannot read level 0 region"):
             reader.read_region_at_mpp(BAD_TILE * TILE + 20, 100, 2.0, 16)
     for a, b in zip(got, expected):

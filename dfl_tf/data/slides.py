@@ -36,6 +36,7 @@ from PIL import Image
 
 from ..errors import DflError
 from .slide_backends import _Backend, _OpenSlideBackend, _TiffFileBackend, openslide
+from .slide_strips import StripCache
 
 __all__ = [
     "SlideReader",
@@ -53,11 +54,6 @@ CONTEXT_FACTOR = 4.0
 _LEVEL_TOLERANCE = 0.01
 #: Objective power -> mpp: 20x is 0.5 um/px.
 _MPP_AT_1X = 10.0
-#: A strip (SlideReader._read_box) covers the box asked for plus up to STRIP_TILES - 1 more steps along
-#: the row, at most STRIP_MAX_PIXELS level pixels (2 Mpx: 6 MB of RGB; one strip per level per reader, and
-#: only readers of the slide read last keep theirs).
-STRIP_TILES = 16
-STRIP_MAX_PIXELS = 2 << 20
 #: Plausible level-0 um/px from metadata; outside it (e.g. a 600 dpi TIFF read as 42 um/px) needs --slide-mpp.
 MPP_RANGE = (0.05, 20.0)
 _log = logging.getLogger("dfl_tf.slides")
@@ -113,10 +109,7 @@ class SlideReader:
         self.level_count = len(self.level_dimensions)
         self.dimensions = self.level_dimensions[0]
         self.broken = False  # set by a failed read: the pool then closes this reader
-        # Per level: the last box read, the last strip, a row where a strip read failed (see _read_box).
-        self._last_box: dict[int, tuple[int, int, int, int]] = {}
-        self._strips: dict[int, tuple[int, int, np.ndarray]] = {}
-        self._no_strip_row: dict[int, int] = {}
+        self._strips = StripCache()  # overlapping boxes along a row cut from one wider read
 
     def __repr__(self) -> str:
         return (f"SlideReader({self.path!r}, backend={self.backend}, mpp={self.mpp:g}, "
@@ -201,45 +194,9 @@ class SlideReader:
 
     def _read_box(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int
                   ) -> tuple[np.ndarray, bool]:
-        """Read a level box; returns (pixels, shared). ``shared``: a view into the cached strip.
-
-        Neighbouring tiles visited along a row (``dfl tile``'s order) read overlapping boxes where
-        fields overlap: the x5 field is 4x the x20 one, so the x5 boxes of neighbours overlap 3/4,
-        and so do tiles cut with ``--overlap``. When a box overlaps the previous box read at this
-        level on the same rows, one wider box (a strip covering 4 to STRIP_TILES more steps) is
-        read and the following boxes are cut from it: fewer pixels decoded and painted, the same
-        pixels (only where :meth:`_strips_exact`). Boxes that do not overlap (x20 tiles without
-        overlap, shuffled orders) are read one by one as before.
-        """
-        strip = self._strips.get(level)
-        prev = self._last_box.get(level)
-        self._last_box[level] = (x, y, w, h)
-        if strip is not None:
-            sx, sy, arr = strip
-            if sy == y and arr.shape[0] == h and sx <= x and x + w <= sx + arr.shape[1]:
-                return arr[:, x - sx:x - sx + w], True
-        # Worth it where neighbours share at least a quarter of the box (not for the few pixels
-        # of Lanczos margin that tiles without overlap share).
-        if prev is not None and prev[1] == y and prev[3] == h and 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
-                and self._no_strip_row.get(level) != y and self._strips_exact(level):
-            step = x - prev[0]
-            # A run that went past its strip's end gets one twice as long, up to STRIP_TILES steps:
-            # rows that stop early (tissue edges) waste little, long rows read few strips.
-            steps = min(2 * strip[2].shape[1] // step, STRIP_TILES) if strip is not None and strip[1] == y \
-                else 4
-            width = min(w + step * (steps - 1), max(w, STRIP_MAX_PIXELS // max(h, 1)))
-            width = max(w, min(width, self.level_dimensions[level][0] - x))  # not past the level's right edge
-            try:
-                arr = self._read(backend, level, x, y, width, h)
-            except DflError:
-                # A bad tile further along the row must not fail this box: no more strips on this row,
-                # and the box alone on a fresh handle (an OpenSlide handle stays in error after a failure).
-                self._no_strip_row[level] = y
-                backend = self._reopen()
-                return self._read(backend, level, x, y, w, h), False
-            self._strips[level] = (x, y, arr)
-            return arr[:, :w], True
-        return self._read(backend, level, x, y, w, h), False
+        """Read a level box, from a strip where neighbours overlap (see :mod:`.slide_strips`);
+        returns (pixels, shared), ``shared`` when the pixels are a view into the cached strip."""
+        return self._strips.read(self, backend, level, x, y, w, h)
 
     def _reopen(self) -> _Backend:
         """Replace the backend with a freshly opened one (after a failed read)."""
@@ -248,14 +205,12 @@ class SlideReader:
         if old is not None:
             old.close()
         self.broken = False
-        self._strips.clear()
+        self._strips.strips.clear()
         return self._backend
 
     def drop_strips(self) -> None:
         """Free the cached strips (the pool does so for readers of slides no longer being read)."""
         self._strips.clear()
-        self._last_box.clear()
-        self._no_strip_row.clear()
 
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
