@@ -15,6 +15,9 @@ Geometry conventions (shared with :mod:`dfl_tf.data.tissue`, extraction and pred
   target mpp (1% tolerance), so a finer level is never upsampled; when the target is
   finer than level 0, level 0 is upsampled. The level region is resized with
   Pillow's antialiased Lanczos filter.
+* How a box is read never changes its pixels: overlapping boxes along a row (x5 fields) are cut
+  from one wider read only where that is bit-identical (:mod:`.slide_strips`), so extraction,
+  ``predict`` and ``heatmap``, which all read through :func:`read_views`, see the same bytes.
 
 Readers are not thread-safe: :func:`read_views` borrows one from a process-wide pool
 (:func:`borrow_reader`) for the duration of a read, so thread pools, including tf.data's
