@@ -2,8 +2,10 @@
 a killed process is taken over, concurrent extracts leave a store that verifies (issue 16, item 4)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,3 +100,67 @@ def test_two_concurrent_extracts_leave_a_store_that_verifies(tmp_path, image_fol
     assert 12 in outcomes
     assert all(o == 12 or "is in use by another dfl extract" in str(o) for o in outcomes)
     assert verify_shards(out) == [] and not lock_path(out).exists()
+
+
+_EXTRACT_AT_GO = """
+import sys, time
+from pathlib import Path
+from dfl_tf._tflog import import_tensorflow
+import_tensorflow()
+from dfl_tf.backbones.toy import register_toy
+from dfl_tf.data import sources
+register_toy("tiny_test")
+read = sources.read_image
+sources.read_image = lambda path: (time.sleep(0.05), read(path))[1]  # a run outlasts the other's start
+from dfl_tf.cli import main
+ready, go = Path(sys.argv.pop(1)), Path(sys.argv.pop(1))
+ready.touch()
+while not go.exists():  # both processes are past their imports: they call `dfl extract` together
+    time.sleep(0.005)
+main()
+"""
+
+
+def test_two_extract_processes_into_one_directory(tmp_path):
+    """Two `dfl extract` processes started together on one --out: one extracts, the other exits 2 naming
+    it; the store verifies against the manifest's sha256 and a rerun completes without redoing a shard."""
+    from click.testing import CliRunner
+
+    from conftest import write_images
+    from dfl_tf.cli import main
+
+    images = write_images(tmp_path / "imgs", per_class=8, seed=5)
+    out = tmp_path / "emb"
+    flags = ["extract", str(images), "--out", str(out), "--backbone", "tiny_test", "--weights", "none",
+             "--input-size", "32", "--batch-size", "2", "--shard-size", "3", "--no-progress"]
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _EXTRACT_AT_GO, str(tmp_path / f"ready{i}"), str(go), *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.02)
+        go.touch()
+        results = [(p.pid, *p.communicate(timeout=180)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], results
+    (winner, _, _), = [r for r, p in zip(results, procs) if p.returncode == 0]
+    (_, _, refused), = [r for r, p in zip(results, procs) if p.returncode == 2]
+    assert refused.strip().splitlines() == [
+        f"error: {out} is in use by another dfl extract (pid {winner} on {socket.gethostname()}, "
+        f"started {refused.split('started ')[1].split(')')[0]}); wait for it to finish or choose another --out "
+        f"(lock file {out / '.dfl.lock'})"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_records"] == 16 and verify_shards(out) == []
+    assert not lock_path(out).exists() and not list(out.rglob(".*tmp*"))  # no lock, no temporary file
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    rerun = CliRunner().invoke(main, flags)
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before  # nothing redone
