@@ -140,7 +140,7 @@ extract(sys.argv[1], sys.argv[2], backbone="resnet50", weights="none", input_siz
 """
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, caplog):
     images = write_images(tmp_path / "imgs", per_class=12, seed=3)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(images), str(out)],
@@ -155,8 +155,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     done_before = len(list((out / ".parts").glob("shard-*.json")))
     assert 2 <= done_before < 8, "the kill should land mid-run"
     assert not (out / "manifest.json").exists()
+    assert f'"pid": {proc.pid}' in (out / ".dfl.lock").read_text()  # the killed run's lock stays behind
     kw = dict(backbone="resnet50", weights="none", input_size=48, batch_size=2, shard_size=3, progress=False)
-    resumed = extract(images, out, **kw)
+    with caplog.at_level("WARNING", logger="dfl_tf._lock"):
+        resumed = extract(images, out, **kw)
+    assert f"taking over the stale lock {out / '.dfl.lock'} of pid {proc.pid}" in caplog.text
+    assert not (out / ".dfl.lock").exists()
     clean = extract(images, tmp_path / "clean", **kw)
     assert not list(out.glob(".shard-*"))  # no temporary leftovers
     assert resumed["shards"] == clean["shards"] and resumed["num_records"] == 24
