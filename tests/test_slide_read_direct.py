@@ -142,3 +142,24 @@ def test_bad_tile_ahead_does_not_fail_the_strip_tile(tmp_path):
             reader.read_region_at_mpp(BAD_TILE * TILE + 20, 100, 2.0, 16)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_threads_share_strips_and_match_box_reads(even_pyramid, monkeypatch):
+    """tf.data-like: 4 threads read consecutive tiles (x20 + x5) on pooled handles; they share the
+    slide's strips, and every tile equals its box read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    centres = [(cx, cy) for cy in (100, 330) for cx in range(40, 740, 12)]
+    slides_mod.close_pooled_readers()
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda c: read_views(even_pyramid, c[0], c[1], 0.5, 32, True), centres))
+    cache = next(iter(slides_mod._strip_caches.values()))
+    assert cache.strips  # strips were cut
+    slides_mod.close_pooled_readers()
+    with monkeypatch.context() as m:
+        m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
+        serial = [read_views(even_pyramid, cx, cy, 0.5, 32, True) for cx, cy in centres]
+    slides_mod.close_pooled_readers()
+    for (a20, a5), (b20, b5) in zip(threaded, serial):
+        np.testing.assert_array_equal(a20, b20)
+        np.testing.assert_array_equal(a5, b5)

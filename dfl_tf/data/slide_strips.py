@@ -8,6 +8,7 @@ the reader says a cut box equals a box read (``SlideReader._strips_exact``). Box
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -15,55 +16,93 @@ import numpy as np
 from ..errors import DflError
 
 #: A strip covers the box asked for plus up to STRIP_TILES - 1 more steps along the row, at most
-#: STRIP_MAX_PIXELS level pixels (2 Mpx: 6 MB of RGB; one strip per level per reader, and only readers
-#: of the slide read last keep theirs, see ``borrow_reader``).
+#: STRIP_MAX_PIXELS level pixels (2 Mpx: 6 MB of RGB), kept for the STRIP_SLIDES slides read last
+#: (see ``borrow_reader``).
 STRIP_TILES = 16
 STRIP_MAX_PIXELS = 2 << 20
+#: Strips kept per level (threads may be cutting from two or three at a time).
+STRIPS_PER_LEVEL = 3
 
 
 class StripCache:
-    """Per level of one reader: the last box read, the last strip, a row where a strip read failed."""
+    """Per level: the last box read, the last strips, strips being read, a row where a strip failed.
+
+    One per slide for the pooled readers (``borrow_reader``), shared by the threads reading that
+    slide: with tf.data's threads reading consecutive tiles on several handles, one thread's strip
+    serves the boxes of the others (a thread whose box lies in a strip being read waits for it).
+    Strips are read-only once stored, so views of them are safe to hand to any thread; the lock
+    guards the bookkeeping only (reads run outside it).
+    """
 
     def __init__(self) -> None:
         self.last_box: dict[int, tuple[int, int, int, int]] = {}
-        self.strips: dict[int, tuple[int, int, np.ndarray]] = {}
+        self.strips: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+        self.pending: dict[int, list[tuple[int, int, int, int, threading.Event]]] = {}
         self.no_strip_row: dict[int, int] = {}
+        self.lock = threading.Lock()
 
     def clear(self) -> None:
-        self.last_box.clear()
-        self.strips.clear()
-        self.no_strip_row.clear()
+        with self.lock:
+            self.last_box.clear()
+            self.strips.clear()
+            self.no_strip_row.clear()
 
     def read(self, reader: Any, backend: Any, level: int, x: int, y: int, w: int, h: int
              ) -> tuple[np.ndarray, bool]:
         """The level box (x, y, w, h) of ``reader``; returns (pixels, shared), ``shared`` when the
-        pixels are a view into the cached strip (the caller copies before handing them out)."""
-        strip = self.strips.get(level)
+        pixels are a view into a cached strip (the caller copies before handing them out)."""
+        while True:
+            with self.lock:
+                for sx, sy, arr in reversed(self.strips.get(level, [])):
+                    if sy == y and arr.shape[0] == h and sx <= x and x + w <= sx + arr.shape[1]:
+                        return arr[:, x - sx:x - sx + w], True
+                waiting = next((p for p in self.pending.get(level, [])
+                                if p[1] == y and p[3] == h and p[0] <= x and x + w <= p[0] + p[2]), None)
+                if waiting is None:
+                    entry = self._plan(reader, level, x, y, w, h)
+                    break
+            waiting[4].wait()  # another thread is reading the strip that holds this box
+        if entry is None:
+            return reader._read(backend, level, x, y, w, h), False
+        width = entry[2]
+        try:
+            arr = reader._read(backend, level, x, y, width, h)
+        except DflError:
+            # A bad tile further along the row must not fail this box: no more strips on this row,
+            # and the box alone on a fresh handle (an OpenSlide handle stays in error after a failure).
+            with self.lock:
+                self.no_strip_row[level] = y
+            backend = reader._reopen()
+            return reader._read(backend, level, x, y, w, h), False
+        else:
+            arr.flags.writeable = False  # shared from now on
+            with self.lock:
+                kept = self.strips.setdefault(level, [])
+                kept.append((x, y, arr))
+                del kept[:-STRIPS_PER_LEVEL]
+            return arr[:, :w], True
+        finally:
+            with self.lock:
+                self.pending[level].remove(entry)
+            entry[4].set()
+
+    def _plan(self, reader: Any, level: int, x: int, y: int, w: int, h: int
+              ) -> tuple[int, int, int, int, threading.Event] | None:
+        """Under the lock: the strip to read for this box (registered as pending), or None."""
         prev = self.last_box.get(level)
         self.last_box[level] = (x, y, w, h)
-        if strip is not None:
-            sx, sy, arr = strip
-            if sy == y and arr.shape[0] == h and sx <= x and x + w <= sx + arr.shape[1]:
-                return arr[:, x - sx:x - sx + w], True
         # Worth it where neighbours share at least a quarter of the box (not for the few pixels
         # of Lanczos margin that tiles without overlap share).
-        if prev is not None and prev[1] == y and prev[3] == h and 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
-                and self.no_strip_row.get(level) != y and reader._strips_exact(level):
-            step = x - prev[0]
-            # A run that went past its strip's end gets one twice as long, up to STRIP_TILES steps:
-            # rows that stop early (tissue edges) waste little, long rows read few strips.
-            steps = min(2 * strip[2].shape[1] // step, STRIP_TILES) if strip is not None and strip[1] == y \
-                else 4
-            width = min(w + step * (steps - 1), max(w, STRIP_MAX_PIXELS // max(h, 1)))
-            width = max(w, min(width, reader.level_dimensions[level][0] - x))  # not past the level's right edge
-            try:
-                arr = reader._read(backend, level, x, y, width, h)
-            except DflError:
-                # A bad tile further along the row must not fail this box: no more strips on this row,
-                # and the box alone on a fresh handle (an OpenSlide handle stays in error after a failure).
-                self.no_strip_row[level] = y
-                backend = reader._reopen()
-                return reader._read(backend, level, x, y, w, h), False
-            self.strips[level] = (x, y, arr)
-            return arr[:, :w], True
-        return reader._read(backend, level, x, y, w, h), False
+        if prev is None or prev[1] != y or prev[3] != h or not 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
+                or self.no_strip_row.get(level) == y or not reader._strips_exact(level):
+            return None
+        step = x - prev[0]
+        # A run that went past its strip's end gets one twice as long, up to STRIP_TILES steps:
+        # rows that stop early (tissue edges) waste little, long rows read few strips.
+        row = [arr for _, sy, arr in self.strips.get(level, []) if sy == y]
+        steps = min(2 * row[-1].shape[1] // step, STRIP_TILES) if row else 4
+        width = min(w + step * (steps - 1), max(w, STRIP_MAX_PIXELS // max(h, 1)))
+        width = max(w, min(width, reader.level_dimensions[level][0] - x))  # not past the level's right edge
+        entry = (x, y, width, h, threading.Event())
+        self.pending.setdefault(level, []).append(entry)
+        return entry

@@ -208,12 +208,7 @@ class SlideReader:
         if old is not None:
             old.close()
         self.broken = False
-        self._strips.strips.clear()
         return self._backend
-
-    def drop_strips(self) -> None:
-        """Free the cached strips (the pool does so for readers of slides no longer being read)."""
-        self._strips.clear()
 
     def _read(self, backend: _Backend, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         try:
@@ -330,7 +325,9 @@ MAX_IDLE_PER_SLIDE = 8
 MAX_POOLED_SLIDES = 32
 _pool_lock = threading.Lock()
 _pool: OrderedDict = OrderedDict()  # key -> list of idle SlideReaders
-_last_key: list = [None]  # the slide whose reader came back last: only its idle readers keep strips
+_strip_caches: OrderedDict = OrderedDict()  # key -> the StripCache its pooled readers share
+#: Strips are kept for the slides read last (a strip is at most 6 MB per level).
+STRIP_SLIDES = 4
 
 
 @contextlib.contextmanager
@@ -348,6 +345,8 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
         reader = idle.pop() if idle else None
     if reader is None:
         reader = open_slide(path, mpp_override=mpp_override)
+    with _pool_lock:
+        reader._strips = _strip_caches.setdefault(key, StripCache())  # shared by the slide's readers
     try:
         yield reader
     finally:
@@ -355,12 +354,10 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
         with _pool_lock:
             idle = _pool.setdefault(key, [])
             _pool.move_to_end(key)
-            if _last_key[0] != key:  # another slide now: free the strips its idle readers hold
-                _last_key[0] = key
-                for other, readers in _pool.items():
-                    if other != key:
-                        for old_reader in readers:
-                            old_reader.drop_strips()
+            if key in _strip_caches:
+                _strip_caches.move_to_end(key)
+            while len(_strip_caches) > STRIP_SLIDES:
+                _strip_caches.popitem(last=False)[1].clear()
             if len(idle) < MAX_IDLE_PER_SLIDE and not reader.broken:  # a failed handle is closed
                 idle.append(reader)
                 reader = None
@@ -375,6 +372,7 @@ def close_pooled_readers() -> None:
     with _pool_lock:
         readers = [r for idle in _pool.values() for r in idle]
         _pool.clear()
+        _strip_caches.clear()
     for reader in readers:
         reader.close()
 
