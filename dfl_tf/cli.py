@@ -22,8 +22,13 @@ class _Command(click.Command):
     ``--help`` stays fast): its start-up lines reach stderr only with ``dfl --verbose``."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        verbose = bool(ctx.find_root().params.get("verbose"))
+        if not verbose:  # tifffile logs what it finds wrong in a corrupt slide: dfl's one-line error says it
+            import logging
+
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
         if self.name not in _NO_TENSORFLOW:
-            import_tensorflow(bool(ctx.find_root().params.get("verbose")))
+            import_tensorflow(verbose)
         return super().invoke(ctx)
 
 

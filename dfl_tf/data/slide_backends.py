@@ -211,6 +211,17 @@ class _TiffLevel:
         self._full: np.ndarray | None = None
 
 
+def _check_codec(page: Any) -> None:
+    """Raise when tifffile cannot decode this page's compression here (JPEG, LZW, JPEG 2000 need
+    the optional imagecodecs package)."""
+    if page.compression != 1:
+        try:
+            tifffile.TIFF.DECOMPRESSORS[page.compression]
+        except KeyError:
+            name = getattr(page.compression, "name", page.compression)
+            raise ValueError(f"its {name}-compressed image data needs the imagecodecs package") from None
+
+
 class _TiffFileBackend(_Backend):
     """Plain TIFFs (tiled or stripped, uncompressed or with codecs tifffile has).
 
@@ -226,6 +237,8 @@ class _TiffFileBackend(_Backend):
         self.path = path
         self.tif = tifffile.TiffFile(path)
         try:
+            if not self.tif.series:
+                raise ValueError("no readable image in the file")
             series = self.tif.series[0]
             levels = [level.keyframe for level in series.levels]
             base = levels[0]
@@ -239,6 +252,8 @@ class _TiffFileBackend(_Backend):
                         levels.append(page)
             self.levels = [_TiffLevel(page, self.tif.byteorder) for page in levels]
             self.levels.sort(key=lambda lvl: -lvl.width)
+            for lvl in self.levels:  # refused here, not at the first read: open_slide then also says why
+                _check_codec(lvl.page)  # OpenSlide refused the file (corrupt, truncated, ...)
         except Exception:
             self.tif.close()
             raise
