@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from dfl_tf.backbones.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -222,31 +223,42 @@ class ViTBlock(keras.layers.Layer):
             self.ls1 = self.add_weight(shape=(self.dim,), name="ls1", initializer=keras.initializers.Constant(0.1))
             self.ls2 = self.add_weight(shape=(self.dim,), name="ls2", initializer=keras.initializers.Constant(0.1))
 
-    def _attention(self, x):
+    def _dense(self, layer: keras.layers.Dense, x):
+        """``[T, in] -> [T, out]`` as one 2-D MatMul + BiasAdd, which oneDNN runs as one fused
+        matmul (Keras' Dense on a 3-D input is tensordot -> reshape -> add, which it does not fuse)."""
         dtype = self.compute_dtype
-        tokens = ops.shape(x)[1]
+        return tf.nn.bias_add(tf.matmul(x, ops.cast(layer.kernel, dtype)), ops.cast(layer.bias, dtype))
+
+    def _attention(self, x, tokens):
+        """``[B*N, dim]`` -> ``[B*N, dim]``. Logits, softmax and the weighted sum run in float32
+        under every policy: on CPUs without native bfloat16 that is faster than bfloat16 batched
+        matmuls (benchmarks/bench_vit.py) and closer to the float32 reference."""
         head_dim = self.dim // self.heads
-        qkv = ops.reshape(self.qkv(x), (-1, tokens, 3, self.heads, head_dim))
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, H, N, Dh]
-        q, k, v = qkv[0] * ops.cast(head_dim ** -0.5, dtype), qkv[1], qkv[2]
-        logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
-        weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), dtype)
-        out = ops.transpose(ops.matmul(weights, v), (0, 2, 1, 3))
-        return self.proj(ops.reshape(out, (-1, tokens, self.dim)))
+        qkv = ops.cast(ops.reshape(self._dense(self.qkv, x), (-1, tokens, 3, self.heads, head_dim)), "float32")
+        q, k, v = qkv[:, :, 0] * head_dim ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
+        # einsum on the [B, N, H, Dh] layout: no explicit head transposes around the batched matmuls
+        weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        out = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), (-1, self.dim))
+        return self._dense(self.proj, ops.cast(out, self.compute_dtype))
 
     def _mlp(self, x):
-        h = self.fc1(x)
+        h = self._dense(self.fc1, x)
         if self.mlp == "swiglu":
             h = ops.silu(h[..., :self.mlp_hidden]) * h[..., self.mlp_hidden:]
         else:
-            h = ops.gelu(h, approximate=False)
-        return self.fc2(h)
+            h = tf.nn.gelu(h, approximate=False)
+        return self._dense(self.fc2, h)
 
     def call(self, x):
-        y = self._attention(self.norm1(x))
+        # tokens of all images as one [B*N, dim] matrix: every projection is a plain 2-D matmul
+        dtype = self.compute_dtype
+        shape, tokens = ops.shape(x), ops.shape(x)[1]
+        x = ops.reshape(x, (-1, self.dim))
+        y = self._attention(ops.cast(self.norm1(x), dtype), tokens)
         x = x + (y * ops.cast(self.ls1, y.dtype) if self.layer_scale else y)
-        y = self._mlp(self.norm2(x))
-        return x + (y * ops.cast(self.ls2, y.dtype) if self.layer_scale else y)
+        y = self._mlp(ops.cast(self.norm2(x), dtype))
+        x = x + (y * ops.cast(self.ls2, y.dtype) if self.layer_scale else y)
+        return ops.reshape(x, shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape
