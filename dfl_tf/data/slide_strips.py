@@ -25,7 +25,8 @@ STRIPS_PER_LEVEL = 3
 
 
 class StripCache:
-    """Per level: the last box read, the last strips, strips being read, a row where a strip failed.
+    """Per level: the last box read (per box height), the last strips, strips being read, a row where
+    a strip read failed.
 
     One per slide for the pooled readers (``borrow_reader``), shared by the threads reading that
     slide: with tf.data's threads reading consecutive tiles on several handles, one thread's strip
@@ -35,7 +36,7 @@ class StripCache:
     """
 
     def __init__(self) -> None:
-        self.last_box: dict[int, tuple[int, int, int, int]] = {}
+        self.last_box: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.strips: dict[int, list[tuple[int, int, np.ndarray]]] = {}
         self.pending: dict[int, list[tuple[int, int, int, int, threading.Event]]] = {}
         self.no_strip_row: dict[int, int] = {}
@@ -89,8 +90,9 @@ class StripCache:
     def _plan(self, reader: Any, level: int, x: int, y: int, w: int, h: int
               ) -> tuple[int, int, int, int, threading.Event] | None:
         """Under the lock: the strip to read for this box (registered as pending), or None."""
-        prev = self.last_box.get(level)
-        self.last_box[level] = (x, y, w, h)
+        # Keyed by height too: on a single-level slide the x20 and x5 boxes of a tile alternate on level 0.
+        prev = self.last_box.get((level, h))
+        self.last_box[(level, h)] = (x, y, w, h)
         # Worth it where neighbours share at least a quarter of the box (not for the few pixels
         # of Lanczos margin that tiles without overlap share).
         if prev is None or prev[1] != y or prev[3] != h or not 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
