@@ -103,7 +103,9 @@ class StripCache:
         # rows that stop early (tissue edges) waste little, long rows read few strips.
         row = [arr for _, sy, arr in self.strips.get(level, []) if sy == y]
         steps = min(2 * row[-1].shape[1] // step, STRIP_TILES) if row else 4
-        width = min(w + step * (steps - 1), max(w, STRIP_MAX_PIXELS // max(h, 1)))
+        # + 1 px per step and 2: box origins and widths vary by a pixel where the step in level pixels
+        # is fractional (224.4 on a 0.499 um/px slide), and a box that overhangs by one must still fit.
+        width = min(w + (step + 1) * (steps - 1) + 2, max(w, STRIP_MAX_PIXELS // max(h, 1)))
         width = max(w, min(width, reader.level_dimensions[level][0] - x))  # not past the level's right edge
         entry = (x, y, width, h, threading.Event())
         self.pending.setdefault(level, []).append(entry)

@@ -47,6 +47,7 @@ __all__ = [
     "read_views",
     "borrow_reader",
     "close_pooled_readers",
+    "drop_strips",
     "parse_magnification",
     "CONTEXT_FACTOR",
 ]
@@ -365,6 +366,15 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
                 evicted += _pool.popitem(last=False)[1]
         for old in evicted + ([reader] if reader is not None else []):
             old.close()
+
+
+def drop_strips() -> None:
+    """Forget every cached strip (:mod:`.slide_strips`); benchmarks start each timed pass cold."""
+    with _pool_lock:
+        caches = list(_strip_caches.values())
+        _strip_caches.clear()
+    for cache in caches:
+        cache.clear()
 
 
 def close_pooled_readers() -> None:
