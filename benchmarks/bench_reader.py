@@ -188,7 +188,26 @@ def run(cfg: dict) -> Section:
             + f"\n\nHeadline (worst row): reader at **{worst:.2f}x** the raw OpenSlide loop. On the synthetic "
               f"slide one core reads {x20:.0f} x20 tiles/s ({both:.0f}/s with the x5 sibling), so a backbone "
               f"running at B img/s needs about B / {x20:.0f} reader cores (B / {both:.0f} with x5 views).")
+    body += gpu_reference_paragraph()
     return Section(TITLE, body, {"reader_vs_openslide": round(worst, 3),
                                  "reader_tiles_per_s_per_core_x20": round(x20, 1),
                                  "reader_tiles_per_s_per_core_x20_x5": round(both, 1)},
                    {"rows": results})
+
+
+def gpu_reference_paragraph(path: Path = ROOT / "benchmarks" / "gpu_reference.json") -> str:
+    """The hand-run GPU-box measurement (``benchmarks/gpu_reference.py``), when its JSON is present."""
+    import json
+
+    if not path.exists():
+        return ""
+    ref = json.loads(path.read_text())
+    m = ref["machine"]
+    gpu = ", ".join(f"{r['model']} {r['precision']} {r['img_per_s']:,.0f} img/s" for r in ref["gpu"])
+    procs = ", ".join(f"{r['processes']}: {r['tiles_per_s']:,.0f}" for r in ref["reader"])
+    need = ", ".join(f"{k} {v:.0f}" for k, v in ref["cores_needed"].items())
+    return (f"\n\n**On a GPU box** (hand-run `benchmarks/gpu_reference.py`, {m['date']}, {m['gpu']}, "
+            f"{m['cores']} cores {m['cpu']}; not re-run by `make bench`): PyTorch {m.get('torch', '')} as the "
+            f"backbone stand-in (no TensorFlow can be carried to that machine), batch 256, 224 px: {gpu}. Raw "
+            f"OpenSlide 224 px level-0 tiles/s with k processes ({procs}) on {ref.get('slide', 'the synthetic 8192 px JPEG pyramid')}. "
+            f"Raw reader cores (at one process's rate) one such GPU needs: {need}.")

@@ -112,6 +112,7 @@ def main() -> None:
             result["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    result["slide"] = os.path.basename(args.slide)
     result["reader"] = reader_rates(args.slide, args.size, workers, args.per_worker)
     result["gpu"] = gpu_rates(args.batch, args.seconds)
     per_core = result["reader"][0]["tiles_per_s_per_process"]
