@@ -331,8 +331,10 @@ def readme_summary(result: dict) -> str:
     t = "Heads: training throughput vs read speed"
     heads = _rows(result, t)
     if heads:
-        lines.append("| head training (hidden 256, in memory), FLOP-based, vs float32 matmul | "
-                     + " / ".join(f"{pct(r['roofline_fraction'])} ({r['train_per_s']:,.0f} emb/s, {r['dim']}-d, "
+        lines.append("| head training (hidden 256, in memory), FLOP computed (4 x dim x hidden; the issue's "
+                     "6 x dim x hidden count in brackets) vs float32 matmul | "
+                     + " / ".join(f"{pct(r['roofline_fraction'])} [{pct(r['roofline_fraction_6n']) if r.get('roofline_fraction_6n') else '-'}] "
+                                  f"({r['train_per_s']:,.0f} emb/s, {r['dim']}-d, "
                                   f"noise {'0.1' if r.get('noise') is None else format(r['noise'], 'g')})"
                                   for r in heads) + f" | >= 50 % | {date(t)} |")
     lines.append("| fine-tuning vs heads, shards, peak memory, serving latency | see `benchmarks/results.md` | | |")
