@@ -155,14 +155,7 @@ def test_threads_share_strips_and_match_box_reads(even_pyramid, monkeypatch):
         threaded = list(pool.map(lambda c: read_views(even_pyramid, c[0], c[1], 0.5, 32, True), centres))
     cache = next(iter(slides_mod._strip_caches.values()))
     assert cache.strips  # strips were cut
-    slides_mod.close_pooled_readers()
-    with monkeypatch.context() as m:
-        m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
-        serial = [read_views(even_pyramid, cx, cy, 0.5, 32, True) for cx, cy in centres]
-    slides_mod.close_pooled_readers()
-    for (a20, a5), (b20, b5) in zip(threaded, serial):
-        np.testing.assert_array_equal(a20, b20)
-        np.testing.assert_array_equal(a5, b5)
+    _assert_same_as_box_reads(monkeypatch, threaded, even_pyramid, centres, 32)
 
 
 def test_single_level_x20_and_x5_alternating_use_strips(monkeypatch):
@@ -173,11 +166,16 @@ def test_single_level_x20_and_x5_alternating_use_strips(monkeypatch):
     fast = [read_views(CMU, cx, cy, 0.5, 24, True) for cx, cy in centres]
     cache = next(iter(slides_mod._strip_caches.values()))
     assert max(arr.shape[0] for _, _, arr in cache.strips[0]) > 100  # x5 boxes (~123 rows) cut from strips
+    _assert_same_as_box_reads(monkeypatch, fast, CMU, centres, 24)
+
+
+def _assert_same_as_box_reads(monkeypatch, views, slide, centres, size):
+    """``views`` (x20, x5 pairs read with strips) equal plain box reads of the same centres."""
     slides_mod.close_pooled_readers()
     with monkeypatch.context() as m:
         m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
-        slow = [read_views(CMU, cx, cy, 0.5, 24, True) for cx, cy in centres]
+        boxes = [read_views(slide, cx, cy, 0.5, size, True) for cx, cy in centres]
     slides_mod.close_pooled_readers()
-    for (a20, a5), (b20, b5) in zip(fast, slow):
+    for (a20, a5), (b20, b5) in zip(views, boxes):
         np.testing.assert_array_equal(a20, b20)
         np.testing.assert_array_equal(a5, b5)
