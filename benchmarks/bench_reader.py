@@ -210,4 +210,19 @@ def gpu_reference_paragraph(path: Path = ROOT / "benchmarks" / "gpu_reference.js
             f"{m['cores']} cores {m['cpu']}; not re-run by `make bench`): PyTorch {m.get('torch', '')} as the "
             f"backbone stand-in (no TensorFlow can be carried to that machine), batch 256, 224 px: {gpu}. Raw "
             f"OpenSlide 224 px level-0 tiles/s with k processes ({procs}) on {ref.get('slide', 'the synthetic 8192 px JPEG pyramid')}. "
-            f"Raw reader cores (at one process's rate) one such GPU needs: {need}.")
+            f"Raw reader cores (at one process's rate) one such GPU needs: {need}." + _scaling_sentence())
+
+
+def _scaling_sentence(path: Path = ROOT / "benchmarks" / "reader_scaling_h200.json") -> str:
+    """Threads vs processes for dfl's reader on the GPU box (hand-run ``benchmarks/reader_scaling.py``)."""
+    import json
+
+    if not path.exists():
+        return ""
+    ref = json.loads(path.read_text())
+    top = max(r["workers"] for r in ref["rows"])
+    rate = {(r["reader"], r["kind"]): r["tiles_per_s"] for r in ref["rows"] if r["workers"] == top}
+    parts = [f"{name}: {rate[(name, 'threads')]:,.0f} with threads, {rate[(name, 'processes')]:,.0f} with "
+             f"processes" for name in ("dfl x20", "dfl x20 + x5", "raw x20") if (name, "processes") in rate]
+    return (f" dfl's reader on {top} workers of that box (`benchmarks/reader_scaling.py`, {ref['machine']['date']}, "
+            f"tiles/s): " + "; ".join(parts) + ".")

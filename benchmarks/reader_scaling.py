@@ -1,0 +1,121 @@
+"""Does dfl's slide reader scale over cores with threads, or does it need processes?
+
+Extraction reads slides in tf.data's threads (``tf.numpy_function`` -> ``read_views``), so the
+GIL could cap the reader on a many-core GPU box. This times ``read_views`` (x20, and x20 + x5) with
+k threads sharing the process-wide reader pool, and with k processes (one pool each), over the
+same row-ordered tile centres (each worker reads its own run of rows, as tf.data hands out
+consecutive samples), plus the raw ``openslide.read_region`` loop with k threads.
+
+Needs only numpy, Pillow, tifffile and openslide (no TensorFlow: ``dfl_tf.data.slides`` does not
+import it), so it runs on the lent GPU machines too. Run by hand; results in a JSON file.
+
+    python benchmarks/reader_scaling.py --slide slide.tiff --json out.json [--threads 1 2 4 8 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _grid(path: str, size: int) -> list[tuple[int, int]]:
+    """Row-ordered tile centres, one tile apart, with x5 fields (4x) inside the slide."""
+    import openslide
+
+    width, height = openslide.OpenSlide(path).dimensions
+    step, margin = size, 2 * size
+    return [(x, y) for y in range(margin, height - margin, step) for x in range(margin, width - margin, step)]
+
+
+def _dfl_chunk(args: tuple[str, list[tuple[int, int]], int, bool]) -> int:
+    from dfl_tf.data.slides import read_views
+
+    path, coords, size, context = args
+    for cx, cy in coords:
+        read_views(path, cx, cy, 0.5, size, context)
+    return len(coords)
+
+
+def _raw_chunk(args: tuple[str, list[tuple[int, int]], int, bool]) -> int:
+    import numpy as np
+    import openslide
+
+    path, coords, size, _ = args
+    slide = openslide.OpenSlide(path)
+    for cx, cy in coords:
+        np.asarray(slide.read_region((cx - size // 2, cy - size // 2), 0, (size, size)).convert("RGB"))
+    slide.close()
+    return len(coords)
+
+
+def _reset() -> None:
+    from dfl_tf.data.slides import close_pooled_readers, drop_strips
+
+    close_pooled_readers()
+    drop_strips()
+
+
+def timed(kind: str, fn, path: str, coords: list, size: int, context: bool, k: int) -> float:
+    """Tiles/s reading ``coords`` split into k consecutive runs, in k threads or k processes."""
+    per = len(coords) // k
+    jobs = [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)]
+    if kind == "threads":
+        _reset()
+        with ThreadPoolExecutor(k) as pool:
+            list(pool.map(fn, [(path, job[1][:4], size, context) for job in jobs]))  # open handles
+            _reset()
+            start = time.perf_counter()
+            total = sum(pool.map(fn, jobs))
+    else:
+        with mp.get_context("spawn").Pool(k) as pool:
+            pool.map(fn, [(path, job[1][:4], size, context) for job in jobs])  # imports, handles
+            start = time.perf_counter()
+            total = sum(pool.map(fn, jobs))
+    return total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", required=True, help="pyramidal slide to read")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--threads", type=int, nargs="+", help="worker counts (default 1, 2, 4, ... cores)")
+    parser.add_argument("--per-worker", type=int, default=300, help="tiles each worker reads")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median)")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    counts = args.threads or sorted({k for k in (1, 2, 4, 8, 16, cores) if k <= cores})
+    rows = []
+    grid = _grid(args.slide, args.size)
+    for k in counts:
+        # distinct tiles across workers (no worker reads what another just decoded into the cache)
+        coords = grid[:k * min(args.per_worker, len(grid) // k)]
+        for label, fn, context in (("dfl x20", _dfl_chunk, False), ("dfl x20 + x5", _dfl_chunk, True),
+                                   ("raw x20", _raw_chunk, False)):
+            for kind in ("threads", "processes"):
+                if kind == "processes" and k == 1:
+                    continue
+                rate = sorted(timed(kind, fn, args.slide, coords, args.size, context, k)
+                              for _ in range(args.repeats))[args.repeats // 2]
+                rows.append({"reader": label, "workers": k, "kind": kind, "tiles_per_s": rate,
+                             "tiles_per_s_per_worker": rate / k})
+                print(f"{label:13s} {kind:9s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)", flush=True)
+    out = {"machine": {"cores": cores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+           "slide": os.path.basename(args.slide), "size": args.size, "tiles": len(grid), "rows": rows}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            out["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
