@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +48,32 @@ def lock_info(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _holder_info(path: Path, wait: float = 2.0) -> dict[str, Any]:
+    """What the live holder of ``path`` wrote. It writes just after taking the lock, so a second
+    run arriving in between would read nothing, or the dead previous owner's lines: wait briefly."""
+    deadline = time.monotonic() + wait
+    while True:
+        held = lock_info(path)
+        if _written_by_live_process(held) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.02)
+
+
+def _written_by_live_process(held: dict[str, Any]) -> bool:
+    pid = held.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if held.get("host") != socket.gethostname():
+        return True  # cannot check another host's processes
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> Iterator[dict[str, Any]]:
     """Hold the lock of output ``out`` for the ``with`` block; yields what the lock file says
@@ -64,7 +91,7 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            held = lock_info(path)
+            held = _holder_info(path)
             who = f"dfl {held.get('command', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, " \
                   f"started {held.get('started', '?')})"
             raise DflError(f"{Path(out)} is in use by another {who}; wait for it to finish or choose another "
@@ -87,8 +114,9 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
         info["took_over"] = previous
         log.warning("taking over the stale lock %s of pid %s (%s, no longer running)", path,
                     previous.get("pid"), previous.get("command"))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    data = (json.dumps(info) + "\n").encode()
+    os.pwrite(fd, data, 0)  # then cut: the file is never empty while held
+    os.ftruncate(fd, len(data))
     try:
         yield info
     finally:

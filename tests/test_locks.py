@@ -49,6 +49,32 @@ def test_second_holder_refused_then_released(tmp_path):
     assert not lock_path(out).exists() and not out.exists()  # nothing left behind
 
 
+def test_refusal_names_the_new_holder_not_the_dead_one_it_replaced(tmp_path):
+    """A second run arriving between the winner's flock and its write of the lock file (which still
+    holds a killed run's lines) waits for the winner's lines instead of naming the dead pid."""
+    import fcntl
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = lock_path(out)
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "extract",
+                                "started": "then"}))
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner holds the lock, not yet rewritten
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": "extract", "started": "now"}
+    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(mine)))
+    writer.start()
+    try:
+        with pytest.raises(DflError, match=rf"dfl extract \(pid {os.getpid()} on .*, started now\)"):
+            with output_lock(out, "extract"):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_live_lock_refuses_extract_train_and_export(tmp_path, image_folder):
     out = tmp_path / "busy"
     proc = _hold(out, "extract")
