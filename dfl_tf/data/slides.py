@@ -344,10 +344,10 @@ def borrow_reader(path: str | os.PathLike, mpp_override: float | str | None = No
     with _pool_lock:
         idle = _pool.get(key)
         reader = idle.pop() if idle else None
+        strips = _strip_caches.setdefault(key, StripCache())  # shared by the slide's readers
     if reader is None:
         reader = open_slide(path, mpp_override=mpp_override)
-    with _pool_lock:
-        reader._strips = _strip_caches.setdefault(key, StripCache())  # shared by the slide's readers
+    reader._strips = strips
     try:
         yield reader
     finally:
@@ -382,7 +382,7 @@ def close_pooled_readers() -> None:
     with _pool_lock:
         readers = [r for idle in _pool.values() for r in idle]
         _pool.clear()
-        _strip_caches.clear()
+    drop_strips()
     for reader in readers:
         reader.close()
 
