@@ -51,16 +51,23 @@ def ensure_backbone(name: str) -> None:
         register_tiny()
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict:
     import keras
     import tensorflow as tf
 
-    cpu, ram = "unknown", "unknown"
+    cpu, ram = cpu_model(), "unknown"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"

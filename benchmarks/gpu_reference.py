@@ -23,8 +23,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import time
+
+from common import cpu_model
 
 
 def gpu_rates(batch: int, seconds: float) -> list[dict]:
@@ -56,7 +57,7 @@ def gpu_rates(batch: int, seconds: float) -> list[dict]:
     return rows
 
 
-def _read_tiles(args: tuple[str, list[tuple[int, int]], int]) -> int:
+def read_tiles(args: tuple[str, list[tuple[int, int]], int]) -> int:
     import numpy as np
     import openslide
 
@@ -80,9 +81,9 @@ def reader_rates(path: str, size: int, workers: list[int], per_worker: int) -> l
         # each worker gets its own strip of the grid (cycled when the slide is small): no shared cache
         jobs = [(path, [grid[(w * per_worker + i) % len(grid)] for i in range(per_worker)], size) for w in range(k)]
         with ctx.Pool(k) as pool:
-            pool.map(_read_tiles, [(path, job[1][:8], size) for job in jobs])  # warm-up, imports
+            pool.map(read_tiles, [(path, job[1][:8], size) for job in jobs])  # warm-up, imports
             start = time.perf_counter()
-            total = sum(pool.map(_read_tiles, jobs))
+            total = sum(pool.map(read_tiles, jobs))
             elapsed = time.perf_counter() - start
         rows.append({"processes": k, "tiles_per_s": total / elapsed, "tiles_per_s_per_process": total / elapsed / k})
         print(f"reader {k} proc: {total / elapsed:.0f} tiles/s ({total / elapsed / k:.0f} per process)", flush=True)
@@ -100,18 +101,13 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     workers = sorted({k for k in (1, 2, 4, 8, cores) if k <= cores})
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
+    result = {"machine": {"cpu": cpu_model(), "cores": cores,
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
     try:
         import torch
         result["machine"].update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     except Exception as exc:  # noqa: BLE001 - record, do not fail the reader half
         result["machine"]["gpu"] = f"unavailable: {exc}"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            result["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     result["slide"] = os.path.basename(args.slide)
     result["reader"] = reader_rates(args.slide, args.size, workers, args.per_worker)
     result["gpu"] = gpu_rates(args.batch, args.seconds)

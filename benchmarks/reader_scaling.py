@@ -24,6 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import cpu_model  # noqa: E402
+from gpu_reference import read_tiles  # noqa: E402
+
 
 def _grid(path: str, size: int) -> list[tuple[int, int]]:
     """Row-ordered tile centres, one tile apart, with x5 fields (4x) inside the slide."""
@@ -44,15 +47,8 @@ def _dfl_chunk(args: tuple[str, list[tuple[int, int]], int, bool]) -> int:
 
 
 def _raw_chunk(args: tuple[str, list[tuple[int, int]], int, bool]) -> int:
-    import numpy as np
-    import openslide
-
     path, coords, size, _ = args
-    slide = openslide.OpenSlide(path)
-    for cx, cy in coords:
-        np.asarray(slide.read_region((cx - size // 2, cy - size // 2), 0, (size, size)).convert("RGB"))
-    slide.close()
-    return len(coords)
+    return read_tiles((path, [(cx - size // 2, cy - size // 2) for cx, cy in coords], size))
 
 
 def _reset() -> None:
@@ -107,13 +103,8 @@ def main() -> None:
                 rows.append({"reader": label, "workers": k, "kind": kind, "tiles_per_s": rate,
                              "tiles_per_s_per_worker": rate / k})
                 print(f"{label:13s} {kind:9s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)", flush=True)
-    out = {"machine": {"cores": cores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+    out = {"machine": {"cpu": cpu_model(), "cores": cores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
            "slide": os.path.basename(args.slide), "size": args.size, "tiles": len(grid), "rows": rows}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            out["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     Path(args.json).write_text(json.dumps(out, indent=1))
 
 
