@@ -41,6 +41,20 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None
             signal.signal(s, old)
 
 
+def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interruption behind ``exc``, when ``exc`` was raised while one unwound (a library's
+    cleanup can fail when a signal lands mid-way, e.g. TensorFlow's tracing raising
+    ``AssertionError: Concurrent access?``); None otherwise."""
+    seen: set[int] = set()
+    cause = exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
 def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:
     """The CLI's one-line message and exit status for an interruption."""
     name = getattr(exc, "name", "SIGINT")

@@ -37,7 +37,7 @@ class _Group(click.Group):
     """Turns DflError into a one-line message and exit status 2; SIGINT/SIGTERM into one line and 130/143."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from dfl_tf._signals import interruptible, interrupted
+        from dfl_tf._signals import interruptible, interrupted, masked_interruption
 
         try:
             with interruptible():  # SIGTERM cleans up like Ctrl-C
@@ -57,6 +57,11 @@ class _Group(click.Group):
             click.echo(f"error: {write_error(exc.filename or 'output', exc)}", err=True)
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - only TF's DataLossError is handled, the rest re-raised
+            signal_exc = masked_interruption(exc)
+            if signal_exc is not None:  # the signal came first; the error is its side effect
+                message, code = interrupted(signal_exc)
+                click.echo(f"error: {message}", err=True)
+                sys.exit(code)
             if type(exc).__name__ != "DataLossError":
                 raise
             detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]
