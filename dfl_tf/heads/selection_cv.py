@@ -123,17 +123,12 @@ def fused_adam(opt):
     if keras.backend.backend() != "tensorflow" or getattr(opt, "amsgrad", False):
         return opt
 
+    from dfl_tf.heads.batched import apply_adam
+
     def update_step(gradient, variable, learning_rate):
-        dtype = variable.dtype
-        step = tf.cast(opt.iterations + 1, dtype)
         index = opt._get_variable_index(variable)
-        m, v = opt._momentums[index], opt._velocities[index]
-        var = variable.value if isinstance(variable, keras.Variable) else variable
-        tf.raw_ops.ResourceApplyAdam(
-            var=var.handle, m=m.value.handle, v=v.value.handle,
-            beta1_power=tf.pow(tf.cast(opt.beta_1, dtype), step), beta2_power=tf.pow(tf.cast(opt.beta_2, dtype), step),
-            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(opt.beta_1, dtype), beta2=tf.cast(opt.beta_2, dtype),
-            epsilon=tf.cast(opt.epsilon, dtype), grad=tf.cast(gradient, dtype))
+        apply_adam(variable, opt._momentums[index], opt._velocities[index], gradient,
+                   tf.cast(opt.iterations + 1, variable.dtype), learning_rate, opt.beta_1, opt.beta_2, opt.epsilon)
 
     opt.update_step = update_step
     return opt
