@@ -177,6 +177,79 @@ def head_matmul_gflops(batch: int, dim: int, hidden: int, repeats: int = 3, step
     return 4.0 * batch * dim * hidden * steps / median(secs) / 1e9
 
 
+LEVERS_DOC = """Levers for the training step, timed alone at the default batch (median of 7 runs of 20 calls,
+one compiled ``tf.function`` each; ratios > 1 are slower than what dfl_tf uses). Noise samplers:
+``[batch, dim]`` standard normal numbers. XLA: one training step of the default head without noise
+(``keras.Model.compile(jit_compile=True)`` vs False, op determinism off for both, since Keras
+refuses XLA under it; data in memory). The batch-size row above and the heads study's batch-size
+section give the other lever, a larger batch, and what it costs in accuracy."""
+
+
+def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[dict]:
+    """ms per batch of the samplers TensorFlow offers vs dfl_tf's, and of an XLA-compiled train step."""
+    import keras
+    import tensorflow as tf
+
+    from common import median
+    from dfl_tf.heads.augment import gaussian_noise
+    from dfl_tf.heads.model import build_head
+    from dfl_tf.heads.selection_cv import make_optimizer
+
+    def ms(fn, inner=20):
+        fn().numpy()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                out = fn()
+            out.numpy()
+            runs.append((time.perf_counter() - t0) / inner * 1e3)
+        return median(runs)
+
+    seed = tf.constant([1, 2], tf.int64)
+    shape = [batch, dim]
+    samplers = [
+        ("noise sampler: dfl_tf (default)", "Box-Muller on philox uniforms, as tensor ops",
+         tf.function(lambda: gaussian_noise(shape, seed))),
+        ("noise sampler: TensorFlow's normal kernel", "tf.random.stateless_normal",
+         tf.function(lambda: tf.random.stateless_normal(shape, seed))),
+        ("noise sampler: inverse CDF", "tf.math.ndtri of philox uniforms",
+         tf.function(lambda: tf.math.ndtri(tf.random.stateless_uniform(shape, seed, 2.0 ** -24, 1.0)))),
+        ("noise sampler: XLA", "dfl_tf's sampler, jit_compile=True",
+         tf.function(lambda: gaussian_noise(shape, seed), jit_compile=True)),
+        ("(for scale) philox uniforms only", "tf.random.stateless_uniform",
+         tf.function(lambda: tf.random.stateless_uniform(shape, seed))),
+    ]
+    rows = [{"lever": name, "what": what, "ms": ms(fn, inner=20 if "XLA" not in name else 2)}
+            for name, what, fn in samplers]
+    x = np.random.default_rng(0).normal(size=(32, batch, dim)).astype(np.float32)  # 32 batches, one element each
+    y = keras.utils.to_categorical(np.arange(32 * batch) % 2, 2).reshape(32, batch, 2)
+    # no public API for these in TF 2.21
+    from tensorflow.python.framework.config import disable_op_determinism, is_op_determinism_enabled
+
+    determinism = is_op_determinism_enabled()
+    disable_op_determinism()
+    try:
+        for jit in (False, True):
+            model = build_head(dim, 2, hidden)
+            model.compile(optimizer=make_optimizer(1e-3, 1e-4), loss=keras.losses.CategoricalFocalCrossentropy(),
+                          jit_compile=jit, steps_per_execution=32)
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).cache().repeat()
+            model.fit(ds, epochs=1, steps_per_epoch=32, verbose=0)
+            t0 = time.perf_counter()
+            model.fit(ds, epochs=1, steps_per_epoch=32 * 4, verbose=0)
+            rows.append({"lever": "train step, XLA" if jit else "train step (no noise), as dfl_tf compiles it",
+                         "what": f"keras fit, jit_compile={jit}, no noise",
+                         "ms": (time.perf_counter() - t0) / (32 * 4) * 1e3})
+    finally:
+        if determinism:
+            tf.config.experimental.enable_op_determinism()
+    base = {"noise": rows[0]["ms"], "step": rows[-2]["ms"]}
+    for r in rows:
+        r["ratio"] = r["ms"] / (base["step"] if r["lever"].startswith("train step") else base["noise"])
+    return rows
+
+
 def run(cfg: dict):
     """The run_all section: read speed, train speed and % of the matmul roofline per dim."""
     from common import Section, _measure_matmul, fmt, log, pct, table
@@ -189,18 +262,21 @@ def run(cfg: dict):
             emb = tmp / f"emb{dim}"
             write_synthetic(emb, n, dim)
             read = read_speed(emb, batch)
-            for noise in cfg.get("noise", [None]):
-                peak0, own0 = _measure_matmul(cfg["matmul_n"], 3), head_matmul_gflops(batch, dim, hidden)
-                train, _ = train_speed(emb, tmp / f"head{dim}_{noise}", batch, cache_gb=2.0, hidden=hidden,
+            runs = [(batch, noise) for noise in cfg.get("noise", [None])]
+            runs += [(b, None) for b in cfg.get("extra_batches", [])]
+            for b, noise in runs:
+                peak0, own0 = _measure_matmul(cfg["matmul_n"], 3), head_matmul_gflops(b, dim, hidden)
+                train, _ = train_speed(emb, tmp / f"head{dim}_{b}_{noise}", b, cache_gb=2.0, hidden=hidden,
                                        noise=noise)
                 peak = (peak0 + _measure_matmul(cfg["matmul_n"], 3)) / 2
-                own = (own0 + head_matmul_gflops(batch, dim, hidden)) / 2
+                own = (own0 + head_matmul_gflops(b, dim, hidden)) / 2
                 gflops = train * head_flop(dim, hidden) / 1e9
                 frac = gflops / peak
                 label = "0.1 (default)" if noise is None else f"{noise:g}"
-                rows.append([dim, hidden, batch, label, f"{n:,}", fmt(read, 0), fmt(train, 0), pct(train / read),
-                             fmt(gflops), fmt(peak), pct(frac), fmt(own), pct(gflops / own)])
-                data.append({"dim": dim, "hidden": hidden, "batch": batch, "noise": noise, "records": n,
+                rows.append([dim, hidden, b if b == batch else f"{b} (not default)", label, f"{n:,}", fmt(read, 0),
+                             fmt(train, 0), pct(train / read), fmt(gflops), fmt(peak), pct(frac), fmt(own),
+                             pct(gflops / own)])
+                data.append({"dim": dim, "hidden": hidden, "batch": b, "noise": noise, "records": n,
                              "read_per_s": read, "train_per_s": train, "train_gflops": gflops, "matmul_gflops": peak,
                              "roofline_fraction": frac, "head_matmul_gflops": own,
                              "head_matmul_fraction": gflops / own,
@@ -210,16 +286,25 @@ def run(cfg: dict):
             shutil.rmtree(emb, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    default = [d for d in data if d["noise"] is None]
+    default = [d for d in data if d["noise"] is None and d["batch"] == batch]
     plain = [d for d in data if d["noise"] == 0]
     body = (RUN_DOC + "\n\n" + table(["dim", "hidden", "batch", "feature noise", "records", "read records/s",
                                         "train emb/s", "train / read", "train GFLOP/s", "matmul GFLOP/s",
                                         "% of roofline", "head matmuls GFLOP/s", "% of head matmuls"], rows) + "\n\n" + NOISE_NOTE)
+    levers = None
+    if cfg.get("levers"):
+        levers = lever_timings(batch, cfg["dims"][0], hidden, cfg["levers"])
+        body += "\n\n" + LEVERS_DOC + "\n\n" + table(["lever", "what is timed", "ms per batch", "vs dfl_tf's default"],
+                                                      [[r["lever"], r["what"], fmt(r["ms"], 2), f"{r['ratio']:.2f}x"]
+                                                       for r in levers])
     headline = {"head_train_roofline_fraction": round(min(d["roofline_fraction"] for d in default), 3),
                 "head_train_roofline_fraction_6n": round(min(d["roofline_fraction_6n"] for d in default), 3)}
     if plain:
         headline["head_train_roofline_fraction_no_noise"] = round(min(d["roofline_fraction"] for d in plain), 3)
-    return Section(TITLE, body, headline, {"rows": data})
+    big = [d for d in data if d["noise"] is None and d["batch"] != batch]
+    if big:
+        headline["head_train_roofline_fraction_batch_%d" % big[0]["batch"]] = round(big[0]["roofline_fraction"], 3)
+    return Section(TITLE, body, headline, {"rows": data, "levers": levers})
 
 
 def update_results(table: str, info: str, args) -> Path:
