@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Section, load_avg, log, machine_info, update_readme, write_json, write_results  # noqa: E402
+from common import (ROOT, Section, _measure_matmul, load_avg, log, machine_info, update_readme,  # noqa: E402
+                    write_json, write_results)
 
 BENCHES = ("backbone", "vit", "torch", "extract", "reader", "heads", "finetune", "shards", "memory", "serving")
 DEFAULT_OUT = ROOT / "benchmarks" / "results.md"
@@ -82,6 +83,10 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
     return c
 
 
+#: Relative change of the matmul rate across a section above which results.md flags the section.
+SPEED_DRIFT = 0.10
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes")
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> Path:
     log(f"machine: {info}")
     sections: list[Section] = []
     t_all = time.perf_counter()
+    probe_n = {"full": 2048, "quick": 1024}.get(mode, 128)
     for name in args.only or BENCHES:
         module = __import__({"finetune": "bench_finetune_vs_heads"}.get(name, f"bench_{name}"))
+        speed0 = _measure_matmul(probe_n, 3)
         t0 = time.perf_counter()
         try:
             section = module.run(cfg[name])
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> Path:
                          f"load average (1/5/15 min) after: {load_avg()}._")
         section.data["seconds"] = round(time.perf_counter() - t0, 1)
         section.data["load_after"] = load_avg()
+        speed1 = _measure_matmul(probe_n, 3)
+        section.data["matmul_gflops_before_after"] = [round(speed0, 1), round(speed1, 1)]
+        if mode != "tiny" and abs(speed1 / speed0 - 1) > SPEED_DRIFT:  # tiny: too small a matmul to tell
+            section.body += (f"\n\n**The machine's speed changed during this section** (float32 matmul "
+                             f"{speed0:.0f} GFLOP/s before, {speed1:.0f} after, {probe_n}^2): its ratios are less "
+                             "reliable than usual (another tenant or CPU throttling); rerun it on a quiet machine.")
+            log(f"!! {name}: machine speed changed during the section ({speed0:.0f} -> {speed1:.0f} GFLOP/s)")
         sections.append(section)
         log(f"== {name}: {time.perf_counter() - t0:.0f}s")
     info["load_end"] = load_avg()
