@@ -133,7 +133,7 @@ figures is used, so both see the same load."""
 
 NOISE_NOTE = ("The default feature-noise augmentation (std 0.1) draws dim Gaussian numbers per embedding "
               "and step. They come from a vectorised Box-Muller sampler on philox uniforms "
-              "(``dfl_tf.heads.augment.gaussian_noise``, about half the cost of TensorFlow's normal kernel); "
+              "(``dfl_tf.heads.augment.gaussian_noise``, cheaper than TensorFlow's normal kernel: levers table below); "
               "even so, drawing them costs about as much as the head's two matmuls (1,024 FLOP per number at "
               "hidden 256), which is why the run without noise is faster. The Adam(W) update is TensorFlow's "
               "fused kernel, and training runs several steps per compiled call (``steps_per_execution``, a "
@@ -177,18 +177,28 @@ def head_matmul_gflops(batch: int, dim: int, hidden: int, repeats: int = 3, step
     return 4.0 * batch * dim * hidden * steps / median(secs) / 1e9
 
 
-LEVERS_DOC = """Levers for the training step, timed alone at the default batch (median of 7 runs of 20 calls,
-one compiled ``tf.function`` each; ratios > 1 are slower than what dfl_tf uses). Noise samplers:
-``[batch, dim]`` standard normal numbers. XLA: one training step of the default head without noise
-(``keras.Model.compile(jit_compile=True)`` vs False, op determinism off for both, since Keras
-refuses XLA under it; data in memory). The batch-size row above and the heads study's batch-size
-section give the other lever, a larger batch, and what it costs in accuracy."""
+def levers_doc(repeats: int) -> str:
+    return f"""Levers for the training step, timed alone at the default batch; ratios > 1 are slower than
+what dfl_tf uses. Noise samplers: ``[batch, dim]`` standard normal numbers, one compiled
+``tf.function`` each, median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
+without noise, ``keras.Model.fit`` of 128 steps (``steps_per_execution`` 32, data in memory, after a
+warm-up fit), with ``jit_compile`` False and True alternately, median of {repeats} fits each, op
+determinism off for both (under it Keras silently turns XLA off; dfl_tf trains with it on). The
+larger-batch row above and the heads study's batch-size section give the other lever, a larger batch,
+and what it costs in accuracy."""
+
+
+def r3(x: float) -> float:
+    """3 significant digits (the smoke test's toy head trains at about 0.001 of the roofline)."""
+    return float(f"{x:.3g}")
 
 
 def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[dict]:
     """ms per batch of the samplers TensorFlow offers vs dfl_tf's, and of an XLA-compiled train step."""
     import keras
     import tensorflow as tf
+    # no public API for these in TF 2.21
+    from tensorflow.python.framework.config import disable_op_determinism, is_op_determinism_enabled
 
     from common import median
     from dfl_tf.heads.augment import gaussian_noise
@@ -208,9 +218,9 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
 
     seed = tf.constant([1, 2], tf.int64)
     shape = [batch, dim]
+    default = "noise sampler: dfl_tf (default)"
     samplers = [
-        ("noise sampler: dfl_tf (default)", "Box-Muller on philox uniforms, as tensor ops",
-         tf.function(lambda: gaussian_noise(shape, seed))),
+        (default, "Box-Muller on philox uniforms, as tensor ops", tf.function(lambda: gaussian_noise(shape, seed))),
         ("noise sampler: TensorFlow's normal kernel", "tf.random.stateless_normal",
          tf.function(lambda: tf.random.stateless_normal(shape, seed))),
         ("noise sampler: inverse CDF", "tf.math.ndtri of philox uniforms",
@@ -224,29 +234,35 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
             for name, what, fn in samplers]
     x = np.random.default_rng(0).normal(size=(32, batch, dim)).astype(np.float32)  # 32 batches, one element each
     y = keras.utils.to_categorical(np.arange(32 * batch) % 2, 2).reshape(32, batch, 2)
-    # no public API for these in TF 2.21
-    from tensorflow.python.framework.config import disable_op_determinism, is_op_determinism_enabled
-
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache().repeat()
     determinism = is_op_determinism_enabled()
     disable_op_determinism()
     try:
+        models = {}
         for jit in (False, True):
             model = build_head(dim, 2, hidden)
             model.compile(optimizer=make_optimizer(1e-3, 1e-4), loss=keras.losses.CategoricalFocalCrossentropy(),
                           jit_compile=jit, steps_per_execution=32)
-            ds = tf.data.Dataset.from_tensor_slices((x, y)).cache().repeat()
-            model.fit(ds, epochs=1, steps_per_epoch=32, verbose=0)
-            t0 = time.perf_counter()
-            model.fit(ds, epochs=1, steps_per_epoch=32 * 4, verbose=0)
-            rows.append({"lever": "train step, XLA" if jit else "train step (no noise), as dfl_tf compiles it",
-                         "what": f"keras fit, jit_compile={jit}, no noise",
-                         "ms": (time.perf_counter() - t0) / (32 * 4) * 1e3})
+            if bool(model.jit_compile) != jit:
+                raise RuntimeError(f"Keras set jit_compile={model.jit_compile} (asked {jit})")
+            model.fit(ds, epochs=1, steps_per_epoch=32, verbose=0)  # warm-up: trace (and XLA compile)
+            models[jit] = model
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for jit, model in models.items():
+                t0 = time.perf_counter()
+                model.fit(ds, epochs=1, steps_per_epoch=128, verbose=0)
+                times[jit].append((time.perf_counter() - t0) / 128 * 1e3)
     finally:
         if determinism:
             tf.config.experimental.enable_op_determinism()
-    base = {"noise": rows[0]["ms"], "step": rows[-2]["ms"]}
+    plain = "train step, no XLA (no noise, determinism off)"
+    rows.append({"lever": plain, "what": "keras fit, jit_compile=False", "ms": median(times[False])})
+    rows.append({"lever": "train step, XLA (no noise, determinism off)", "what": "keras fit, jit_compile=True",
+                 "ms": median(times[True])})
+    base = {r["lever"]: r["ms"] for r in rows}
     for r in rows:
-        r["ratio"] = r["ms"] / (base["step"] if r["lever"].startswith("train step") else base["noise"])
+        r["ratio"] = r["ms"] / base[plain if r["lever"].startswith("train step") else default]
     return rows
 
 
@@ -274,10 +290,10 @@ def run(cfg: dict):
                 frac = gflops / peak
                 label = "0.1 (default)" if noise is None else f"{noise:g}"
                 rows.append([dim, hidden, b if b == batch else f"{b} (not default)", label, f"{n:,}", fmt(read, 0),
-                             fmt(train, 0), pct(train / read), fmt(gflops), fmt(peak), pct(frac), fmt(own),
-                             pct(gflops / own)])
-                data.append({"dim": dim, "hidden": hidden, "batch": b, "noise": noise, "records": n,
-                             "read_per_s": read, "train_per_s": train, "train_gflops": gflops, "matmul_gflops": peak,
+                             fmt(train, 0), pct(train / read), fmt(gflops), fmt(peak), pct(frac),
+                             pct(train * head_flop_6n(dim, hidden) / 1e9 / peak), fmt(own), pct(gflops / own)])
+                data.append({"dim": dim, "hidden": hidden, "batch": b, "default_batch": b == batch, "noise": noise,
+                             "records": n, "read_per_s": read, "train_per_s": train, "train_gflops": gflops, "matmul_gflops": peak,
                              "roofline_fraction": frac, "head_matmul_gflops": own,
                              "head_matmul_fraction": gflops / own,
                              "roofline_fraction_6n": train * head_flop_6n(dim, hidden) / 1e9 / peak})
@@ -290,16 +306,14 @@ def run(cfg: dict):
     plain = [d for d in data if d["noise"] == 0]
     body = (RUN_DOC + "\n\n" + table(["dim", "hidden", "batch", "feature noise", "records", "read records/s",
                                         "train emb/s", "train / read", "train GFLOP/s", "matmul GFLOP/s",
-                                        "% of roofline", "head matmuls GFLOP/s", "% of head matmuls"], rows) + "\n\n" + NOISE_NOTE)
+                                        "% of roofline", "% of roofline, 6 x dim x H count", "head matmuls GFLOP/s",
+                                        "% of head matmuls"], rows) + "\n\n" + NOISE_NOTE)
     levers = None
     if cfg.get("levers"):
         levers = lever_timings(batch, cfg["dims"][0], hidden, cfg["levers"])
-        body += "\n\n" + LEVERS_DOC + "\n\n" + table(["lever", "what is timed", "ms per batch", "vs dfl_tf's default"],
+        body += "\n\n" + levers_doc(cfg["levers"]) + "\n\n" + table(["lever", "what is timed", "ms per batch", "vs dfl_tf's default"],
                                                       [[r["lever"], r["what"], fmt(r["ms"], 2), f"{r['ratio']:.2f}x"]
                                                        for r in levers])
-    def r3(x: float) -> float:  # 3 significant digits: the toy head of the smoke test is near 0.001
-        return float(f"{x:.3g}")
-
     headline = {"head_train_roofline_fraction": r3(min(d["roofline_fraction"] for d in default)),
                 "head_train_roofline_fraction_6n": r3(min(d["roofline_fraction_6n"] for d in default))}
     if plain:

@@ -343,7 +343,7 @@ def readme_summary(result: dict) -> str:
                      + " / ".join(f"{pct(r['roofline_fraction'])} [{pct(r['roofline_fraction_6n']) if r.get('roofline_fraction_6n') else '-'}] "
                                   f"({r['train_per_s']:,.0f} emb/s, {r['dim']}-d, "
                                   f"noise {'0.1' if r.get('noise') is None else format(r['noise'], 'g')}, "
-                                  f"batch {r.get('batch', '?')})"
+                                  f"batch {r.get('batch', '?')}{'' if r.get('default_batch', True) else ', not default'})"
                                   for r in heads) + f" | >= 50 % | {date(t)} |")
     lines.append("| fine-tuning vs heads, shards, peak memory, serving latency | see `benchmarks/results.md` | | |")
     m = result.get("machine", {})

@@ -118,7 +118,6 @@ def fused_adam(opt):
     weight decay is still applied by Keras before it. Only this instance changes: it saves as the
     plain Keras optimizer. Returns ``opt``."""
     import keras
-    import tensorflow as tf
 
     if keras.backend.backend() != "tensorflow" or getattr(opt, "amsgrad", False):
         return opt
@@ -128,7 +127,7 @@ def fused_adam(opt):
     def update_step(gradient, variable, learning_rate):
         index = opt._get_variable_index(variable)
         apply_adam(variable, opt._momentums[index], opt._velocities[index], gradient,
-                   tf.cast(opt.iterations + 1, variable.dtype), learning_rate, opt.beta_1, opt.beta_2, opt.epsilon)
+                   opt.iterations + 1, learning_rate, opt.beta_1, opt.beta_2, opt.epsilon)
 
     opt.update_step = update_step
     return opt
