@@ -5,6 +5,11 @@ behind and the user sees nothing. Inside :func:`interruptible` SIGTERM raises
 :class:`Interrupted` (a KeyboardInterrupt) in the main thread instead, so every
 temporary-name-then-rename writer removes its temporary file, the output lock is released and
 the CLI prints one line (exit 143; 130 for SIGINT).
+
+Every handled signal is also recorded, because a signal that lands inside a C extension's
+callback (TensorFlow's gradient functions run from C++) can be swallowed there and resurface as
+an unrelated error with no KeyboardInterrupt in its context: :func:`masked_interruption` still
+names it.
 """
 from __future__ import annotations
 
@@ -23,17 +28,27 @@ class Interrupted(KeyboardInterrupt):
         self.name = signal.Signals(signum).name
 
 
+_received: list[int] = []  # signals handled inside the current interruptible() block, in order
+
+
 @contextlib.contextmanager
-def interruptible(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
-    """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only)."""
+def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only).
+
+    SIGINT is taken over only where Python's own Ctrl-C handler is installed: a SIGINT ignored on
+    entry (a background job of a shell script) stays ignored, as POSIX asks.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: object) -> None:
+        _received.append(signum)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in signums}
+    _received.clear()
+    previous = {s: signal.signal(s, handler) for s in signums
+                if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler}
     try:
         yield
     finally:
@@ -44,7 +59,9 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None
 def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
     """The interruption behind ``exc``, when ``exc`` was raised while one unwound (a library's
     cleanup can fail when a signal lands mid-way, e.g. TensorFlow's tracing raising
-    ``AssertionError: Concurrent access?``); None otherwise."""
+    ``AssertionError: Concurrent access?``), or when a handled signal arrived before ``exc`` and
+    was swallowed on the way (a ``ValueError`` out of TensorFlow's gradient code, seen in CI);
+    None otherwise."""
     seen: set[int] = set()
     cause = exc.__context__
     while cause is not None and id(cause) not in seen:
@@ -52,7 +69,7 @@ def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
             return cause
         seen.add(id(cause))
         cause = cause.__context__
-    return None
+    return Interrupted(_received[-1]) if _received else None
 
 
 def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -270,3 +270,28 @@ def test_interruption_masked_by_a_library_error_still_exits_143():
         main.commands.pop("masked-interruption")
     assert result.exit_code == 143, result.output
     assert "error: interrupted by SIGTERM" in result.output and "Concurrent access" not in result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interruption_swallowed_by_a_library_still_exits_128_plus_signal(signum):
+    """A signal landing in a callback that TensorFlow runs from C++ (a gradient function) can be
+    swallowed there and resurface later as an unrelated error with no KeyboardInterrupt in its
+    context (``ValueError: The target structure is of type bytes``, seen in CI): still one line."""
+    from dfl_tf.cli import main
+
+    @main.command("swallowed-interruption")
+    def swallowed() -> None:
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            pass  # what the C++ caller did with it
+        raise ValueError("The target structure is of type <class 'bytes'>")
+
+    try:
+        result = CliRunner().invoke(main, ["swallowed-interruption"])
+    finally:
+        main.commands.pop("swallowed-interruption")
+    assert result.exit_code == 128 + signum, result.output
+    assert f"error: interrupted by {signal.Signals(signum).name}" in result.output
+    assert "target structure" not in result.output
