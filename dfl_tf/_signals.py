@@ -28,7 +28,8 @@ class Interrupted(KeyboardInterrupt):
         self.name = signal.Signals(signum).name
 
 
-_received: list[int] = []  # signals handled inside the current interruptible() block, in order
+_received: list[int] = []  # signals handled by the latest interruptible() block, in order
+_active: list[bool] = []  # one entry per interruptible() block now open
 
 
 @contextlib.contextmanager
@@ -46,12 +47,15 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
         _received.append(signum)
         raise Interrupted(signum)
 
-    _received.clear()
+    if not _active:
+        _received.clear()
     previous = {s: signal.signal(s, handler) for s in signums
                 if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler}
+    _active.append(True)
     try:
         yield
     finally:
+        _active.pop()
         for s, old in previous.items():
             signal.signal(s, old)
 
@@ -70,6 +74,16 @@ def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
         seen.add(id(cause))
         cause = cause.__context__
     return Interrupted(_received[-1]) if _received else None
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again when a handled signal was swallowed on its way up.
+
+    Long loops (the batched cross-validation fits, each Keras epoch) call this, so a Ctrl-C that a
+    C extension caught and dropped cannot leave the command running on.
+    """
+    if _active and _received:
+        raise Interrupted(_received[-1])
 
 
 def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -295,3 +295,26 @@ def test_interruption_swallowed_by_a_library_still_exits_128_plus_signal(signum)
     assert result.exit_code == 128 + signum, result.output
     assert f"error: interrupted by {signal.Signals(signum).name}" in result.output
     assert "target structure" not in result.output
+
+
+def test_swallowed_interruption_stops_the_cv_fits_loop():
+    """Should a swallowed signal raise nothing at all, the batched cross-validation loop (and each
+    Keras epoch) stops on it: the command cannot run on after Ctrl-C. Outside the CLI's block, a
+    signal recorded earlier has no effect on later API calls."""
+    import numpy as np
+
+    from dfl_tf import _signals
+    from dfl_tf.heads.batched import fit_predict
+
+    X, y = blobs(40, 8, seed=3)
+    fit = dict(hidden=4, noise=[0.0], weight_decay=[0.0], epochs=3, batch_size=8)
+    with _signals.interruptible():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass  # swallowed
+        with pytest.raises(_signals.Interrupted):
+            fit_predict(X, y, 2, [np.arange(40)], [np.arange(40)], **fit)
+    probs = fit_predict(X, y, 2, [np.arange(40)], [np.arange(40)], **fit)  # the block has ended
+    assert probs[0].shape == (40, 2)

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from dfl_tf._signals import raise_if_interrupted
+
 
 def apply_adam(var: Any, m: Any, v: Any, grad: Any, step: Any, lr: Any, beta_1: float, beta_2: float,
                epsilon: float) -> None:
@@ -151,6 +153,7 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
         for s in range(len(idx)):
             train_step(tf.constant(idx[s]), tf.constant(mask[s]), tf.constant(step, tf.int64))
             step += 1
+            raise_if_interrupted()
 
     out = []
     for g, e in enumerate(eval_sets):

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dfl_tf._signals import raise_if_interrupted
 from dfl_tf.evaluation import compute_metrics, predict_probs
 
 class ValidationCallback(keras.callbacks.Callback):
@@ -56,6 +57,7 @@ class ValidationCallback(keras.callbacks.Callback):
         return out
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        raise_if_interrupted()  # a Ctrl-C swallowed inside TensorFlow's C++ stops here at the latest
         logs = logs if logs is not None else {}
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         if self.X is None:
