@@ -3,11 +3,15 @@
 Extraction reads slides in tf.data's threads (``tf.numpy_function`` -> ``read_views``), so the
 GIL could cap the reader on a many-core GPU box. This times ``read_views`` (x20, and x20 + x5) with
 k threads sharing the process-wide reader pool, and with k processes (one pool each), over the
-same row-ordered tile centres (each worker reads its own run of rows, as tf.data hands out
-consecutive samples), plus the raw ``openslide.read_region`` loop with k threads.
+same row-ordered tile centres, plus the raw ``openslide.read_region`` loop with k threads.
 
 Needs only numpy, Pillow, tifffile and openslide (no TensorFlow: ``dfl_tf.data.slides`` does not
 import it), so it runs on the lent GPU machines too. Run by hand; results in a JSON file.
+
+Kinds: ``threads`` and ``processes`` give each worker its own run of rows; ``interleaved`` hands
+consecutive tiles to k threads in turn, as tf.data's parallel map does during extraction. (Before
+the strip cache remembered its last box per row, ``threads`` rows with x5 views read almost every
+x5 box alone: the workers' rows reset each other's strips.)
 
     python benchmarks/reader_scaling.py --slide slide.tiff --json out.json [--threads 1 2 4 8 16]
 """
@@ -62,7 +66,14 @@ def timed(kind: str, fn, path: str, coords: list, size: int, context: bool, k: i
     """Tiles/s reading ``coords`` split into k consecutive runs, in k threads or k processes."""
     per = len(coords) // k
     jobs = [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)]
-    if kind == "threads":
+    if kind == "interleaved":  # tf.data's parallel map: k threads take consecutive tiles in turn
+        _reset()
+        with ThreadPoolExecutor(k) as pool:
+            list(pool.map(fn, [(path, [c], size, context) for c in coords[:4 * k]]))  # open handles
+            _reset()
+            start = time.perf_counter()
+            total = sum(pool.map(fn, [(path, [c], size, context) for c in coords]))
+    elif kind == "threads":
         _reset()
         with ThreadPoolExecutor(k) as pool:
             list(pool.map(fn, [(path, job[1][:4], size, context) for job in jobs]))  # open handles
@@ -95,14 +106,14 @@ def main() -> None:
         coords = grid[:k * min(args.per_worker, len(grid) // k)]
         for label, fn, context in (("dfl x20", _dfl_chunk, False), ("dfl x20 + x5", _dfl_chunk, True),
                                    ("raw x20", _raw_chunk, False)):
-            for kind in ("threads", "processes"):
-                if kind == "processes" and k == 1:
-                    continue
+            for kind in ("threads", "interleaved", "processes"):
+                if kind != "threads" and k == 1 or kind == "interleaved" and fn is _raw_chunk:
+                    continue  # the raw loop opens its slide per call: one tile per call would time opening
                 rate = sorted(timed(kind, fn, args.slide, coords, args.size, context, k)
                               for _ in range(args.repeats))[args.repeats // 2]
                 rows.append({"reader": label, "workers": k, "kind": kind, "tiles_per_s": rate,
                              "tiles_per_s_per_worker": rate / k})
-                print(f"{label:13s} {kind:9s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)", flush=True)
+                print(f"{label:13s} {kind:11s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)", flush=True)
     out = {"machine": {"cpu": cpu_model(), "cores": cores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
            "slide": os.path.basename(args.slide), "size": args.size, "tiles": len(grid), "rows": rows}
     Path(args.json).write_text(json.dumps(out, indent=1))

@@ -179,3 +179,24 @@ def _assert_same_as_box_reads(monkeypatch, views, slide, centres, size):
     for (a20, a5), (b20, b5) in zip(views, boxes):
         np.testing.assert_array_equal(a20, b20)
         np.testing.assert_array_equal(a5, b5)
+
+
+def test_rows_read_in_turn_keep_their_strips(even_pyramid, monkeypatch):
+    """Two rows walked in turn (as threads on different rows, or a short tissue row beside the next,
+    interleave their reads): each row still reads strips, and the tiles equal box reads."""
+    centres = [(cx, cy) for cx in range(40, 740, 12) for cy in (100, 300)]  # row 100, row 300, row 100, ...
+    with open_slide(even_pyramid, backend="openslide") as reader:
+        reads = []  # (level y, width) of each backend read
+        plain_read = reader._read
+        monkeypatch.setattr(reader, "_read", lambda backend, level, x, y, w, h: reads.append((y, w))
+                            or plain_read(backend, level, x, y, w, h))
+        got = [reader.read_region_at_mpp(cx, cy, 2.0, 32) for cx, cy in centres]
+        monkeypatch.undo()
+    assert len(reads) < len(centres) / 4  # strips, not one read per box
+    assert len({y for y, w in reads if w > 32}) == 2  # on both rows
+    with monkeypatch.context() as m:
+        m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
+        with open_slide(even_pyramid, backend="openslide") as reader:
+            boxes = [reader.read_region_at_mpp(cx, cy, 2.0, 32) for cx, cy in centres]
+    for a, b in zip(got, boxes):
+        np.testing.assert_array_equal(a, b)

@@ -4,11 +4,14 @@ where their fields overlap (the x5 field is 4x the x20 one, so the x5 boxes of n
 on the same rows, :class:`StripCache` reads one wider box (a strip, 4 to STRIP_TILES more steps long)
 and cuts the following boxes from it: fewer pixels decoded and painted, the same pixels, so only where
 the reader says a cut box equals a box read (``SlideReader._strips_exact``). Boxes that do not overlap
-(x20 tiles without overlap, shuffled orders) are read one by one.
+(x20 tiles without overlap, shuffled orders) are read one by one. The last box is remembered per row,
+so threads reading different rows at once (short tissue rows, a tile list split among workers) each
+keep their strips.
 """
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -22,11 +25,13 @@ STRIP_TILES = 16
 STRIP_MAX_PIXELS = 2 << 20
 #: Strips kept per level (threads may be cutting from two or three at a time).
 STRIPS_PER_LEVEL = 3
+#: Rows whose last box is remembered (per slide, all levels together).
+ROWS_TRACKED = 256
 
 
 class StripCache:
-    """Per level: the last box read (per box height), the last strips, strips being read, a row where
-    a strip read failed.
+    """Per level: the last box read on each row (per box height), the last strips, strips being read,
+    a row where a strip read failed.
 
     One per slide for the pooled readers (``borrow_reader``), shared by the threads reading that
     slide: with tf.data's threads reading consecutive tiles on several handles, one thread's strip
@@ -36,7 +41,7 @@ class StripCache:
     """
 
     def __init__(self) -> None:
-        self.last_box: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self.last_box: OrderedDict[tuple[int, int, int], tuple[int, int, int, int]] = OrderedDict()
         self.strips: dict[int, list[tuple[int, int, np.ndarray]]] = {}
         self.pending: dict[int, list[tuple[int, int, int, int, threading.Event]]] = {}
         self.no_strip_row: dict[int, int] = {}
@@ -90,9 +95,13 @@ class StripCache:
     def _plan(self, reader: Any, level: int, x: int, y: int, w: int, h: int
               ) -> tuple[int, int, int, int, threading.Event] | None:
         """Under the lock: the strip to read for this box (registered as pending), or None."""
-        # Keyed by height too: on a single-level slide the x20 and x5 boxes of a tile alternate on level 0.
-        prev = self.last_box.get((level, h))
-        self.last_box[(level, h)] = (x, y, w, h)
+        # Keyed by row: threads on different rows do not reset each other's runs. By height too: on a
+        # single-level slide the x20 and x5 boxes of a tile alternate on level 0.
+        key = (level, h, y)
+        prev = self.last_box.pop(key, None)
+        self.last_box[key] = (x, y, w, h)
+        if len(self.last_box) > ROWS_TRACKED:
+            self.last_box.popitem(last=False)
         # Worth it where neighbours share at least a quarter of the box (not for the few pixels
         # of Lanczos margin that tiles without overlap share).
         if prev is None or prev[1] != y or prev[3] != h or not 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
