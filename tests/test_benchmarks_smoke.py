@@ -55,3 +55,21 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     from test_docs import summary_mismatches
 
     assert not summary_mismatches(summary, text)
+
+
+def test_extract_input_threads_writes_every_mode(tmp_path):
+    """The hand-run input-threads A/B (benchmarks/extract_input_threads.py) on the toy backbone."""
+    import subprocess
+
+    out = tmp_path / "threads.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "extract_input_threads.py"), "--json", str(out),
+                           "--backbone", "bench_tiny", "--n", "8", "--size", "32", "--batch", "4", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for source in ("image folder", "slide tiles"):
+        entry = result["sources"][source]
+        assert len(entry["rounds"]) == 2
+        for mode in ("auto", "workers 1", "workers 2", "nice 10"):
+            assert entry["median_efficiency"][mode] > 0, (source, mode)
+        assert set(entry["rounds_beating_auto"]) == {"workers 1", "workers 2", "nice 10"}
