@@ -9,7 +9,9 @@ Needs only numpy, Pillow, tifffile and openslide (no TensorFlow: ``dfl_tf.data.s
 import it), so it runs on the lent GPU machines too. Run by hand; results in a JSON file.
 
 Kinds: ``threads`` and ``processes`` give each worker its own run of rows; ``interleaved`` hands
-consecutive tiles to k threads in turn, as tf.data's parallel map does during extraction. (Before
+consecutive tiles to k threads in turn, as tf.data's parallel map does during extraction. Thread
+rows of dfl's reader also count, in one untimed pass, backend reads per level box and pixels read
+per pixel asked for (:func:`read_counts`). (Before
 the strip cache remembered its last box per row, ``threads`` rows with x5 views read almost every
 x5 box alone: the workers' rows reset each other's strips.)
 
@@ -62,8 +64,38 @@ def _reset() -> None:
     drop_strips()
 
 
+def read_counts(kind: str, path: str, coords: list, size: int, context: bool, k: int) -> dict[str, float]:
+    """One untimed pass of dfl's reader in k threads (``threads`` or ``interleaved``): backend reads
+    per level box asked for, and level pixels read per pixel asked for (strips make both < 1)."""
+    from dfl_tf.data import slide_strips, slides
+
+    asked, done = [0, 0], [0, 0]  # boxes / pixels
+    plain_box, plain_read = slide_strips.StripCache.read, slides.SlideReader._read
+
+    def box(self, reader, backend, level, x, y, w, h):
+        asked[0], asked[1] = asked[0] + 1, asked[1] + w * h
+        return plain_box(self, reader, backend, level, x, y, w, h)
+
+    def read(self, backend, level, x, y, w, h):
+        done[0], done[1] = done[0] + 1, done[1] + w * h
+        return plain_read(self, backend, level, x, y, w, h)
+
+    slide_strips.StripCache.read, slides.SlideReader._read = box, read
+    try:
+        _reset()
+        per = len(coords) // k
+        jobs = ([(path, [c], size, context) for c in coords] if kind == "interleaved"
+                else [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)])
+        with ThreadPoolExecutor(k) as pool:
+            list(pool.map(_dfl_chunk, jobs))
+    finally:
+        slide_strips.StripCache.read, slides.SlideReader._read = plain_box, plain_read
+    return {"backend_reads_per_box": done[0] / max(asked[0], 1), "pixels_read_per_pixel_asked": done[1] / max(asked[1], 1)}
+
+
 def timed(kind: str, fn, path: str, coords: list, size: int, context: bool, k: int) -> float:
-    """Tiles/s reading ``coords`` split into k consecutive runs, in k threads or k processes."""
+    """Tiles/s reading ``coords`` in k threads or k processes: ``threads`` and ``processes`` split
+    them into k consecutive runs (one per worker), ``interleaved`` hands them out one at a time."""
     per = len(coords) // k
     jobs = [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)]
     if kind == "interleaved":  # tf.data's parallel map: k threads take consecutive tiles in turn
@@ -107,13 +139,19 @@ def main() -> None:
         for label, fn, context in (("dfl x20", _dfl_chunk, False), ("dfl x20 + x5", _dfl_chunk, True),
                                    ("raw x20", _raw_chunk, False)):
             for kind in ("threads", "interleaved", "processes"):
-                if kind != "threads" and k == 1 or kind == "interleaved" and fn is _raw_chunk:
+                if (kind != "threads" and k == 1) or (kind == "interleaved" and fn is _raw_chunk):
                     continue  # the raw loop opens its slide per call: one tile per call would time opening
                 rate = sorted(timed(kind, fn, args.slide, coords, args.size, context, k)
                               for _ in range(args.repeats))[args.repeats // 2]
-                rows.append({"reader": label, "workers": k, "kind": kind, "tiles_per_s": rate,
-                             "tiles_per_s_per_worker": rate / k})
-                print(f"{label:13s} {kind:11s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)", flush=True)
+                row = {"reader": label, "workers": k, "kind": kind, "tiles_per_s": rate, "tiles_per_s_per_worker": rate / k}
+                counts_note = ""
+                if fn is _dfl_chunk and kind != "processes":
+                    row.update(read_counts(kind, args.slide, coords, args.size, context, k))
+                    counts_note = (f", {row['backend_reads_per_box']:.2f} reads per box, "
+                                   f"{row['pixels_read_per_pixel_asked']:.2f} px read per px")
+                rows.append(row)
+                print(f"{label:13s} {kind:11s} k={k:2d}: {rate:7.0f} tiles/s ({rate / k:.0f} per worker)"
+                      + counts_note, flush=True)
     out = {"machine": {"cpu": cpu_model(), "cores": cores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
            "slide": os.path.basename(args.slide), "size": args.size, "tiles": len(grid), "rows": rows}
     Path(args.json).write_text(json.dumps(out, indent=1))

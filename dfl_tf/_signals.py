@@ -1,15 +1,16 @@
-"""SIGTERM handled like SIGINT, so that an interrupted command cleans up before it exits.
+"""SIGTERM and Ctrl-C turned into one exception, so that an interrupted command cleans up before it exits.
 
 By default SIGTERM ends Python at once: no ``finally`` runs, temporary files and locks stay
-behind and the user sees nothing. Inside :func:`interruptible` SIGTERM raises
-:class:`Interrupted` (a KeyboardInterrupt) in the main thread instead, so every
-temporary-name-then-rename writer removes its temporary file, the output lock is released and
-the CLI prints one line (exit 143; 130 for SIGINT).
+behind and the user sees nothing. Inside :func:`interruptible` SIGTERM, and SIGINT where Python's
+own Ctrl-C handler is installed, raise :class:`Interrupted` (a KeyboardInterrupt) in the main
+thread instead, so every temporary-name-then-rename writer removes its temporary file, the
+output lock is released and the CLI prints one line (exit 143; 130 for SIGINT).
 
-Every handled signal is also recorded, because a signal that lands inside a C extension's
-callback (TensorFlow's gradient functions run from C++) can be swallowed there and resurface as
-an unrelated error with no KeyboardInterrupt in its context: :func:`masked_interruption` still
-names it.
+Every handled signal is also recorded in the block's list, because a signal that lands inside a
+C extension's callback (TensorFlow's gradient functions run from C++) can be swallowed there and
+resurface as an unrelated error with no KeyboardInterrupt in its context:
+:func:`masked_interruption` still names it, and :func:`raise_if_interrupted` (called by the long
+training loops) raises it again.
 """
 from __future__ import annotations
 
@@ -28,44 +29,49 @@ class Interrupted(KeyboardInterrupt):
         self.name = signal.Signals(signum).name
 
 
-_received: list[int] = []  # signals handled by the latest interruptible() block, in order
-_active: list[bool] = []  # one entry per interruptible() block now open
+_record: list[int] | None = None  # the signals of the interruptible() block now open; None outside one
 
 
 @contextlib.contextmanager
-def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-    """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only).
+def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only); yields
+    the block's record of the signals handled, in order (a nested block shares its outer one's).
 
     SIGINT is taken over only where Python's own Ctrl-C handler is installed: a SIGINT ignored on
     entry (a background job of a shell script) stays ignored, as POSIX asks.
     """
+    global _record
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
+    outer = _record is None
+    record: list[int] = [] if outer else _record
 
     def handler(signum: int, _frame: object) -> None:
-        _received.append(signum)
+        record.append(signum)
         raise Interrupted(signum)
 
-    if not _active:
-        _received.clear()
-    previous = {s: signal.signal(s, handler) for s in signums
-                if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler}
-    _active.append(True)
+    previous: dict[int, object] = {}
     try:
-        yield
+        if outer:
+            _record = record
+        for s in signums:
+            if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler:
+                previous[s] = signal.signal(s, handler)
+        yield record
     finally:
-        _active.pop()
         for s, old in previous.items():
             signal.signal(s, old)
+        if outer:
+            _record = None
 
 
-def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
+def masked_interruption(exc: BaseException, record: list[int] | tuple[int, ...] = ()) -> KeyboardInterrupt | None:
     """The interruption behind ``exc``, when ``exc`` was raised while one unwound (a library's
     cleanup can fail when a signal lands mid-way, e.g. TensorFlow's tracing raising
-    ``AssertionError: Concurrent access?``), or when a handled signal arrived before ``exc`` and
-    was swallowed on the way (a ``ValueError`` out of TensorFlow's gradient code, seen in CI);
-    None otherwise."""
+    ``AssertionError: Concurrent access?``), or when ``record`` (an :func:`interruptible` block's)
+    holds a signal that was swallowed on the way (a ``ValueError`` out of TensorFlow's gradient
+    code, seen in CI); None otherwise."""
     seen: set[int] = set()
     cause = exc.__context__
     while cause is not None and id(cause) not in seen:
@@ -73,17 +79,18 @@ def masked_interruption(exc: BaseException) -> KeyboardInterrupt | None:
             return cause
         seen.add(id(cause))
         cause = cause.__context__
-    return Interrupted(_received[-1]) if _received else None
+    return Interrupted(record[-1]) if record else None
 
 
 def raise_if_interrupted() -> None:
-    """Raise :class:`Interrupted` again when a handled signal was swallowed on its way up.
+    """Raise :class:`Interrupted` again when the open :func:`interruptible` block handled a signal
+    that was swallowed on its way up (no-op outside a block).
 
-    Long loops (the batched cross-validation fits, each Keras epoch) call this, so a Ctrl-C that a
-    C extension caught and dropped cannot leave the command running on.
+    The long loops (the batched cross-validation fits, each epoch of ``train`` and ``finetune``)
+    call this, so a Ctrl-C that a C extension caught and dropped cannot leave the command running on.
     """
-    if _active and _received:
-        raise Interrupted(_received[-1])
+    if _record:
+        raise Interrupted(_record[-1])
 
 
 def interrupted(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -39,29 +39,31 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         from dfl_tf._signals import interruptible, interrupted, masked_interruption
 
-        try:
-            with interruptible():  # SIGTERM cleans up like Ctrl-C
-                return super().invoke(ctx)
-        except DflError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt as exc:
+        def exit_interrupted(exc: KeyboardInterrupt) -> None:
             message, code = interrupted(exc)
             click.echo(f"error: {message}", err=True)
             sys.exit(code)
-        except OSError as exc:  # a full or failing disk anywhere else: one line too, nothing half-written
-            from dfl_tf._io import WRITE_ERRNOS, write_error
 
-            if exc.errno not in WRITE_ERRNOS:
-                raise
-            click.echo(f"error: {write_error(exc.filename or 'output', exc)}", err=True)
-            sys.exit(2)
-        except Exception as exc:  # noqa: BLE001 - only TF's DataLossError is handled, the rest re-raised
-            signal_exc = masked_interruption(exc)
+        record: list[int] = []
+        try:
+            with interruptible() as record:  # SIGTERM and Ctrl-C clean up, then one line
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            exit_interrupted(exc)
+        except Exception as exc:  # noqa: BLE001 - the kinds below are handled, the rest re-raised
+            signal_exc = masked_interruption(exc, record)
             if signal_exc is not None:  # the signal came first; the error is its side effect
-                message, code = interrupted(signal_exc)
-                click.echo(f"error: {message}", err=True)
-                sys.exit(code)
+                exit_interrupted(signal_exc)
+            if isinstance(exc, DflError):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            if isinstance(exc, OSError):  # a full or failing disk anywhere else: one line too, nothing half-written
+                from dfl_tf._io import WRITE_ERRNOS, write_error
+
+                if exc.errno not in WRITE_ERRNOS:
+                    raise
+                click.echo(f"error: {write_error(exc.filename or 'output', exc)}", err=True)
+                sys.exit(2)
             if type(exc).__name__ != "DataLossError":
                 raise
             detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf._signals import raise_if_interrupted
 from dfl_tf.errors import DflError
 from dfl_tf.options import FINETUNE_FIELDS, ExtractOptions, takes_options
 
@@ -222,6 +223,7 @@ def finetune(
         def on_epoch_end(self, epoch, logs=None):
             from sklearn import metrics as skm
 
+            raise_if_interrupted()  # a Ctrl-C swallowed inside TensorFlow's C++ stops here at the latest
             logs = logs if logs is not None else {}
             probs = np.asarray(self.model.predict(val_ds, verbose=0), np.float32)
             onehot = np.eye(len(classes), dtype=np.float32)[y_val]

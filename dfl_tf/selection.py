@@ -106,6 +106,7 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     import keras
 
     from dfl_tf.evaluation import predict_probs
+    from dfl_tf.heads.callbacks import InterruptCheck
     from dfl_tf.heads.model import build_head, standardisation
 
     keras.utils.set_random_seed(int(seed))
@@ -118,7 +119,7 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss=loss_fn)
     onehot = np.eye(n_classes, dtype=np.float32)[y_train]
     model.fit(np.asarray(X_train, np.float32), onehot, epochs=int(epochs), batch_size=int(batch_size),
-              shuffle=True, verbose=0)
+              shuffle=True, verbose=0, callbacks=[InterruptCheck()])
     probs = predict_probs(model, X_val)
     del model
     return probs

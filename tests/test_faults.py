@@ -288,10 +288,13 @@ def test_interruption_swallowed_by_a_library_still_exits_128_plus_signal(signum)
             pass  # what the C++ caller did with it
         raise ValueError("The target structure is of type <class 'bytes'>")
 
+    # as in a terminal, whatever started pytest (a background job ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = CliRunner().invoke(main, ["swallowed-interruption"])
     finally:
         main.commands.pop("swallowed-interruption")
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 128 + signum, result.output
     assert f"error: interrupted by {signal.Signals(signum).name}" in result.output
     assert "target structure" not in result.output
@@ -308,13 +311,17 @@ def test_swallowed_interruption_stops_the_cv_fits_loop():
 
     X, y = blobs(40, 8, seed=3)
     fit = dict(hidden=4, noise=[0.0], weight_decay=[0.0], epochs=3, batch_size=8)
-    with _signals.interruptible():
+    with _signals.interruptible() as record:
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         except KeyboardInterrupt:
             pass  # swallowed
+        assert record == [signal.SIGTERM]
         with pytest.raises(_signals.Interrupted):
             fit_predict(X, y, 2, [np.arange(40)], [np.arange(40)], **fit)
-    probs = fit_predict(X, y, 2, [np.arange(40)], [np.arange(40)], **fit)  # the block has ended
+    assert _signals.masked_interruption(ValueError("later"), record).signum == signal.SIGTERM  # the CLI's view
+    assert _signals.masked_interruption(ValueError("later")) is None  # no process-wide leftover
+    _signals.raise_if_interrupted()  # the block has ended: no effect
+    probs = fit_predict(X, y, 2, [np.arange(40)], [np.arange(40)], **fit)
     assert probs[0].shape == (40, 2)

@@ -181,19 +181,22 @@ def _assert_same_as_box_reads(monkeypatch, views, slide, centres, size):
         np.testing.assert_array_equal(a5, b5)
 
 
-def test_rows_read_in_turn_keep_their_strips(even_pyramid, monkeypatch):
-    """Two rows walked in turn (as threads on different rows, or a short tissue row beside the next,
-    interleave their reads): each row still reads strips, and the tiles equal box reads."""
-    centres = [(cx, cy) for cx in range(40, 740, 12) for cy in (100, 300)]  # row 100, row 300, row 100, ...
+@pytest.mark.parametrize("rows", [(100, 300), (100, 180, 260, 340, 420, 500)])
+def test_rows_read_in_turn_keep_their_strips(even_pyramid, monkeypatch, rows):
+    """Rows walked in turn (as threads on different rows, or a short tissue row beside the next,
+    interleave their reads): each row still reads strips, fewer pixels than box by box, and the
+    tiles equal box reads. Six rows: more than the strips a row keeps, still no eviction churn."""
+    centres = [(cx, cy) for cx in range(40, 740, 12) for cy in rows]  # row 1, row 2, ..., row 1, ...
     with open_slide(even_pyramid, backend="openslide") as reader:
-        reads = []  # (level y, width) of each backend read
+        reads = []  # (level y, width, height) of each backend read
         plain_read = reader._read
-        monkeypatch.setattr(reader, "_read", lambda backend, level, x, y, w, h: reads.append((y, w))
+        monkeypatch.setattr(reader, "_read", lambda backend, level, x, y, w, h: reads.append((y, w, h))
                             or plain_read(backend, level, x, y, w, h))
         got = [reader.read_region_at_mpp(cx, cy, 2.0, 32) for cx, cy in centres]
         monkeypatch.undo()
     assert len(reads) < len(centres) / 4  # strips, not one read per box
-    assert len({y for y, w in reads if w > 32}) == 2  # on both rows
+    assert len({y for y, w, _ in reads if w > 32}) == len(rows)  # on every row
+    assert sum(w * h for _, w, h in reads) < 0.5 * len(centres) * 32 * 32  # fewer pixels than box reads
     with monkeypatch.context() as m:
         m.setattr(slides_mod.SlideReader, "_strips_exact", lambda self, level: False)
         with open_slide(even_pyramid, backend="openslide") as reader:

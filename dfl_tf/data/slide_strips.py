@@ -23,8 +23,11 @@ from ..errors import DflError
 #: (see ``borrow_reader``).
 STRIP_TILES = 16
 STRIP_MAX_PIXELS = 2 << 20
-#: Strips kept per level (threads may be cutting from two or three at a time).
+#: Strips kept per row of a level (threads may be cutting from two or three at a time), and at most
+#: STRIP_BYTES_PER_LEVEL bytes of strips per level, oldest dropped first: threads on different rows
+#: (up to about 16 of typical x5 strips) keep theirs.
 STRIPS_PER_LEVEL = 3
+STRIP_BYTES_PER_LEVEL = 32 << 20
 #: Rows whose last box is remembered (per slide, all levels together).
 ROWS_TRACKED = 256
 
@@ -83,14 +86,23 @@ class StripCache:
         else:
             arr.flags.writeable = False  # shared from now on
             with self.lock:
-                kept = self.strips.setdefault(level, [])
-                kept.append((x, y, arr))
-                del kept[:-STRIPS_PER_LEVEL]
+                self._keep(level, x, y, arr)
             return arr[:, :w], True
         finally:
             with self.lock:
                 self.pending[level].remove(entry)
             entry[4].set()
+
+    def _keep(self, level: int, x: int, y: int, arr: np.ndarray) -> None:
+        """Under the lock: store a strip, dropping its row's oldest beyond STRIPS_PER_LEVEL, then the
+        level's oldest beyond STRIP_BYTES_PER_LEVEL (never the new one)."""
+        kept = self.strips.setdefault(level, [])
+        kept.append((x, y, arr))
+        same_row = [i for i, (_, sy, _) in enumerate(kept) if sy == y]
+        for i in reversed(same_row[:-STRIPS_PER_LEVEL]):
+            del kept[i]
+        while len(kept) > 1 and sum(a.nbytes for _, _, a in kept) > STRIP_BYTES_PER_LEVEL:
+            del kept[0]
 
     def _plan(self, reader: Any, level: int, x: int, y: int, w: int, h: int
               ) -> tuple[int, int, int, int, threading.Event] | None:
@@ -104,7 +116,7 @@ class StripCache:
             self.last_box.popitem(last=False)
         # Worth it where neighbours share at least a quarter of the box (not for the few pixels
         # of Lanczos margin that tiles without overlap share).
-        if prev is None or prev[1] != y or prev[3] != h or not 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
+        if prev is None or not 0 < x - prev[0] <= 0.75 * min(w, prev[2]) \
                 or self.no_strip_row.get(level) == y or not reader._strips_exact(level):
             return None
         step = x - prev[0]

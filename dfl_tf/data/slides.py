@@ -327,7 +327,7 @@ MAX_POOLED_SLIDES = 32
 _pool_lock = threading.Lock()
 _pool: OrderedDict = OrderedDict()  # key -> list of idle SlideReaders
 _strip_caches: OrderedDict = OrderedDict()  # key -> the StripCache its pooled readers share
-#: Strips are kept for the slides read last (a strip is at most 6 MB per level).
+#: Strips are kept for the slides read last (at most 32 MB of strips per level, see slide_strips).
 STRIP_SLIDES = 4
 
 
