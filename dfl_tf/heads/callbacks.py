@@ -15,6 +15,7 @@ import tensorflow as tf
 from dfl_tf._signals import raise_if_interrupted
 from dfl_tf.evaluation import compute_metrics, predict_probs
 
+
 class InterruptCheck(keras.callbacks.Callback):
     """Stops ``fit`` at the end of an epoch when a signal was swallowed inside TensorFlow's C++
     (see :func:`dfl_tf._signals.raise_if_interrupted`); for fits without a ValidationCallback."""
