@@ -11,9 +11,9 @@ import it), so it runs on the lent GPU machines too. Run by hand; results in a J
 Kinds: ``threads`` and ``processes`` give each worker its own run of rows; ``interleaved`` hands
 consecutive tiles to k threads in turn, as tf.data's parallel map does during extraction. Thread
 rows of dfl's reader also count, in one untimed pass, backend reads per level box and pixels read
-per pixel asked for (:func:`read_counts`). (Before
-the strip cache remembered its last box per row, ``threads`` rows with x5 views read almost every
-x5 box alone: the workers' rows reset each other's strips.)
+per pixel asked for (:func:`read_counts`). (Before the strip cache remembered its last box per
+row, ``threads`` rows with x5 views read almost every x5 box alone: the workers' rows reset each
+other's strips.)
 
     python benchmarks/reader_scaling.py --slide slide.tiff --json out.json [--threads 1 2 4 8 16]
 """
@@ -64,6 +64,14 @@ def _reset() -> None:
     drop_strips()
 
 
+def _jobs(kind: str, path: str, coords: list, size: int, context: bool, k: int) -> list[tuple]:
+    """The worker calls of ``kind``: one per tile (``interleaved``), else one run of rows per worker."""
+    if kind == "interleaved":
+        return [(path, [c], size, context) for c in coords]
+    per = len(coords) // k
+    return [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)]
+
+
 def read_counts(kind: str, path: str, coords: list, size: int, context: bool, k: int) -> dict[str, float]:
     """One untimed pass of dfl's reader in k threads (``threads`` or ``interleaved``): backend reads
     per level box asked for, and level pixels read per pixel asked for (strips make both < 1)."""
@@ -83,11 +91,8 @@ def read_counts(kind: str, path: str, coords: list, size: int, context: bool, k:
     slide_strips.StripCache.read, slides.SlideReader._read = box, read
     try:
         _reset()
-        per = len(coords) // k
-        jobs = ([(path, [c], size, context) for c in coords] if kind == "interleaved"
-                else [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)])
         with ThreadPoolExecutor(k) as pool:
-            list(pool.map(_dfl_chunk, jobs))
+            list(pool.map(_dfl_chunk, _jobs(kind, path, coords, size, context, k)))
     finally:
         slide_strips.StripCache.read, slides.SlideReader._read = plain_box, plain_read
     return {"backend_reads_per_box": done[0] / max(asked[0], 1), "pixels_read_per_pixel_asked": done[1] / max(asked[1], 1)}
@@ -96,15 +101,14 @@ def read_counts(kind: str, path: str, coords: list, size: int, context: bool, k:
 def timed(kind: str, fn, path: str, coords: list, size: int, context: bool, k: int) -> float:
     """Tiles/s reading ``coords`` in k threads or k processes: ``threads`` and ``processes`` split
     them into k consecutive runs (one per worker), ``interleaved`` hands them out one at a time."""
-    per = len(coords) // k
-    jobs = [(path, coords[w * per:(w + 1) * per], size, context) for w in range(k)]
+    jobs = _jobs(kind, path, coords, size, context, k)
     if kind == "interleaved":  # tf.data's parallel map: k threads take consecutive tiles in turn
         _reset()
         with ThreadPoolExecutor(k) as pool:
-            list(pool.map(fn, [(path, [c], size, context) for c in coords[:4 * k]]))  # open handles
+            list(pool.map(fn, jobs[:4 * k]))  # open handles
             _reset()
             start = time.perf_counter()
-            total = sum(pool.map(fn, [(path, [c], size, context) for c in coords]))
+            total = sum(pool.map(fn, jobs))
     elif kind == "threads":
         _reset()
         with ThreadPoolExecutor(k) as pool:

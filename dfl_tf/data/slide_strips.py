@@ -26,7 +26,7 @@ STRIP_MAX_PIXELS = 2 << 20
 #: Strips kept per row of a level (threads may be cutting from two or three at a time), and at most
 #: STRIP_BYTES_PER_LEVEL bytes of strips per level, oldest dropped first: threads on different rows
 #: (up to about 16 of typical x5 strips) keep theirs.
-STRIPS_PER_LEVEL = 3
+STRIPS_PER_ROW = 3
 STRIP_BYTES_PER_LEVEL = 32 << 20
 #: Rows whose last box is remembered (per slide, all levels together).
 ROWS_TRACKED = 256
@@ -94,12 +94,12 @@ class StripCache:
             entry[4].set()
 
     def _keep(self, level: int, x: int, y: int, arr: np.ndarray) -> None:
-        """Under the lock: store a strip, dropping its row's oldest beyond STRIPS_PER_LEVEL, then the
+        """Under the lock: store a strip, dropping its row's oldest beyond STRIPS_PER_ROW, then the
         level's oldest beyond STRIP_BYTES_PER_LEVEL (never the new one)."""
         kept = self.strips.setdefault(level, [])
         kept.append((x, y, arr))
         same_row = [i for i, (_, sy, _) in enumerate(kept) if sy == y]
-        for i in reversed(same_row[:-STRIPS_PER_LEVEL]):
+        for i in reversed(same_row[:-STRIPS_PER_ROW]):
             del kept[i]
         while len(kept) > 1 and sum(a.nbytes for _, _, a in kept) > STRIP_BYTES_PER_LEVEL:
             del kept[0]
