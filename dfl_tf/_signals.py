@@ -6,18 +6,50 @@ own Ctrl-C handler is installed, raise :class:`Interrupted` (a KeyboardInterrupt
 thread instead, so every temporary-name-then-rename writer removes its temporary file, the
 output lock is released and the CLI prints one line (exit 143; 130 for SIGINT).
 
-Every handled signal is also recorded in the block's list, because a signal that lands inside a
-C extension's callback (TensorFlow's gradient functions run from C++) can be swallowed there and
-resurface as an unrelated error with no KeyboardInterrupt in its context:
-:func:`masked_interruption` still names it, and :func:`raise_if_interrupted` (called by the long
-training loops) raises it again.
+A signal that lands while TensorFlow may be running Python callbacks from C++ (the gradient
+functions of ``tape.gradient``; anything while a ``tf.function`` is traced) is not raised there:
+an exception thrown through that C++ was seen to crash the process (SIGSEGV, in CI), to come back
+as ``SystemError: bad argument to internal function`` or to be swallowed into an unrelated
+``ValueError``. The handler defers it instead and sends the signal again every ``REDELIVER_S``
+seconds until it lands outside those calls: a Ctrl-C during a trace takes effect when the trace
+ends (seconds for a large model).
+
+Every handled signal is also recorded in the block's list, so that one swallowed on its way up
+anyway is not lost: :func:`masked_interruption` still names it, and :func:`raise_if_interrupted`
+(called by the long training loops) raises it again.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+from types import FrameType
 from typing import Iterator
+
+REDELIVER_S = 0.05  # how soon a signal deferred out of TensorFlow's C++ callbacks is sent again
+
+# Python functions of TensorFlow beneath which its C++ calls Python back: an exception raised in
+# such a callback corrupts TensorFlow's C++ state. (file name ending, function name)
+_CPP_CALLBACK_ENTRIES = (
+    ("eager/imperative_grad.py", "imperative_grad"),  # tape.gradient: gradient functions, vspace
+    ("eager/forwardprop.py", "_jvp_dispatch"),  # forward-mode autodiff
+    # tracing a tf.function (or a tf.data function): graph building calls Python from C++ all the
+    # time, e.g. Tensor.consumers() (CI: "SystemError: Objects/listobject.c:338: bad argument")
+    ("eager/polymorphic_function/tracing_compilation.py", "trace_function"),
+    ("framework/func_graph.py", "func_graph_from_py_func"),
+)
+
+
+def _inside_cpp_callback(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs beneath one of :data:`_CPP_CALLBACK_ENTRIES`."""
+    while frame is not None:
+        code = frame.f_code
+        for suffix, name in _CPP_CALLBACK_ENTRIES:
+            if code.co_name == name and code.co_filename.replace(os.sep, "/").endswith(suffix):
+                return True
+        frame = frame.f_back
+    return False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,8 +79,22 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
     outer = _record is None
     record: list[int] = [] if outer else _record
 
-    def handler(signum: int, _frame: object) -> None:
+    redeliveries: list[threading.Timer] = []
+    raised = threading.Event()  # once set, deferred signals are not sent again (no second unwind)
+
+    def redeliver(signum: int) -> None:
+        if not raised.is_set():
+            os.kill(os.getpid(), signum)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
         record.append(signum)
+        if _inside_cpp_callback(frame):  # not here: send it again once TensorFlow is back in Python
+            timer = threading.Timer(REDELIVER_S, redeliver, (signum,))
+            timer.daemon = True
+            redeliveries.append(timer)
+            timer.start()
+            return
+        raised.set()
         raise Interrupted(signum)
 
     previous: dict[int, object] = {}
@@ -60,6 +106,8 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
                 previous[s] = signal.signal(s, handler)
         yield record
     finally:
+        for timer in redeliveries:  # none may land after the handler is gone
+            timer.cancel()
         for s, old in previous.items():
             signal.signal(s, old)
         if outer:
