@@ -131,15 +131,16 @@ matmuls and the training are timed alternately (matmuls, train, matmuls) and the
 figures is used, so both see the same load."""
 
 
-NOISE_NOTE = ("The default feature-noise augmentation (std 0.1) draws dim Gaussian numbers per embedding "
-              "and step. They come from a vectorised Box-Muller sampler on philox uniforms "
-              "(``dfl_tf.heads.augment.gaussian_noise``, cheaper than TensorFlow's normal kernel: levers table below); "
-              "even so, drawing them costs about as much as the head's two matmuls (1,024 FLOP per number at "
-              "hidden 256), which is why the run without noise is faster. The Adam(W) update is TensorFlow's "
-              "fused kernel, and training runs several steps per compiled call (``steps_per_execution``, a "
-              "divisor of the epoch's steps). The issue's convention of 6 x dim x H FLOP per embedding counts an "
-              "input gradient that is never computed; it gives about 1.5x the fractions above (``roofline_fraction_6n`` "
-              "in the JSON).")
+NOISE_NOTE = ("The default feature-noise augmentation (std 0.1) adds a dim-long N(0, 0.01 I) vector per embedding "
+              "and step. By default it is a random row of a fixed 16 MB table of Gaussian numbers, rolled by a "
+              "random offset per batch and randomly signed (``dfl_tf.heads.augment.table_noise``, ``sampler: "
+              "table``): drawing dim fresh numbers instead (``sampler: exact``, a vectorised Box-Muller sampler, "
+              "already half the cost of TensorFlow's normal kernel) costs about as much as the head's two matmuls "
+              "(levers table below); the heads study compares the accuracy of the two. The Adam(W) update is "
+              "TensorFlow's fused kernel, and training runs several steps per compiled call "
+              "(``steps_per_execution``, a divisor of the epoch's steps). The issue's convention of 6 x dim x H FLOP "
+              "per embedding counts an input gradient that is never computed; it gives about 1.5x the fractions "
+              "above (``roofline_fraction_6n`` in the JSON).")
 
 
 def head_flop(dim: int, hidden: int, classes: int = 2) -> float:
@@ -201,7 +202,7 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
     from tensorflow.python.framework.config import disable_op_determinism, is_op_determinism_enabled
 
     from common import median
-    from dfl_tf.heads.augment import gaussian_noise
+    from dfl_tf.heads.augment import gaussian_noise, table_noise
     from dfl_tf.heads.model import build_head
     from dfl_tf.heads.selection_cv import make_optimizer
 
@@ -218,14 +219,16 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
 
     seed = tf.constant([1, 2], tf.int64)
     shape = [batch, dim]
-    default = "noise sampler: dfl_tf (default)"
+    default = "noise sampler: table (default)"
     samplers = [
-        (default, "Box-Muller on philox uniforms, as tensor ops", tf.function(lambda: gaussian_noise(shape, seed))),
+        (default, "rolled, signed rows of a fixed N(0, 1) table", tf.function(lambda: table_noise(shape, seed, dim=dim))),
+        ("noise sampler: exact", "Box-Muller on philox uniforms, as tensor ops",
+         tf.function(lambda: gaussian_noise(shape, seed))),
         ("noise sampler: TensorFlow's normal kernel", "tf.random.stateless_normal",
          tf.function(lambda: tf.random.stateless_normal(shape, seed))),
         ("noise sampler: inverse CDF", "tf.math.ndtri of philox uniforms",
          tf.function(lambda: tf.math.ndtri(tf.random.stateless_uniform(shape, seed, 2.0 ** -24, 1.0)))),
-        ("noise sampler: XLA", "dfl_tf's sampler, jit_compile=True",
+        ("noise sampler: exact, XLA", "the exact sampler, jit_compile=True",
          tf.function(lambda: gaussian_noise(shape, seed), jit_compile=True)),
         ("(for scale) philox uniforms only", "tf.random.stateless_uniform",
          tf.function(lambda: tf.random.stateless_uniform(shape, seed))),

@@ -23,6 +23,7 @@ several models in one compiled step. Scores: balanced accuracy on a held-out tes
     .venv/bin/python benchmarks/bench_heads_study.py            # ~10 min on 2 idle cores
     .venv/bin/python benchmarks/bench_heads_study.py --quick    # small sets only (smoke)
     .venv/bin/python benchmarks/bench_heads_study.py --batch-sizes   # batch 256 vs 1024 (~1 min)
+    .venv/bin/python benchmarks/bench_heads_study.py --samplers      # table vs exact noise (~3 min)
 """
 from __future__ import annotations
 
@@ -205,22 +206,28 @@ def write(rows, raw, t_all, args, done: bool) -> bool:
 BATCH_SECTION = "## Heads study: batch size (issue 17)"
 #: (batch size, learning rate); the first is dfl train's default
 BATCH_CONFIGS = [(256, 1e-3), (1024, 1e-3), (1024, 2e-3)]
+SAMPLER_SECTION = "## Heads study: noise sampler (issue 17)"
+#: the small sets of the sampler study (fixed settings, no selection): noise matters most there
+SAMPLER_SMALL = [("n200 d2560 c8 imb", 200, 2560, 8, 1.0, 4, 50), ("n50 d1280 c4", 50, 1280, 4, 0.0, 4, 50),
+                 ("n1000 d768 c20 imb", 1000, 768, 20, 1.0, 4, 50)]
 
 
-def batch_study(args) -> int:
-    """Balanced accuracy of the default head (hidden 256, noise 0.1, weight decay 1e-4) at each of
-    ``BATCH_CONFIGS`` on the sets large enough to skip selection (n >= 5,000), same epochs."""
+def config_study(args, section: str, configs: dict[str, dict], sets: list, intro: str, json_name: str) -> int:
+    """Balanced accuracy of the default head (hidden 256, noise 0.1, weight decay 1e-4, batch 256,
+    lr 1e-3) with each of ``configs`` (name -> fit_predict overrides; the first is the baseline) on
+    ``sets``, same epochs as the heads study; writes ``section`` of results.md and ``json_name``."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dfl_tf.heads.batched import fit_predict
     from dfl_tf.heads.selection_cv import DEFAULT_WEIGHT_DECAY
 
     t_all = time.time()
-    names = [f"batch {b}, lr {lr:g}" for b, lr in BATCH_CONFIGS]
-    lines = ["| set | epochs | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    names = list(configs)
+    lines = ["| set | seeds | epochs | " + " | ".join(names) + " | s |", "|---|---:|---:|" + "---:|" * (len(names) + 1)]
     raw: dict[str, dict[str, list[float]]] = {}
     worst = 0.0
-    for name, n, dim, C, imb, seeds, epochs in [s_ for s_ in SETS if s_[1] >= 5000]:
+    for name, n, dim, C, imb, seeds, epochs in sets:
+        t0 = time.time()
         scores: dict[str, list[float]] = {k: [] for k in names}
         for seed in range(seeds):
             sep = SEP.get(name, 4.0)
@@ -228,39 +235,59 @@ def batch_study(args) -> int:
             Xt, yt, _ = synthetic(2000 if n <= 5000 else 5000, dim, C, imb, 10_000 + seed, sep=sep)
             XA, yA = np.concatenate([X, Xt]), np.concatenate([y, yt])
             tr, te = np.arange(len(y)), np.arange(len(y), len(yA))
-            for key, (batch, lr) in zip(names, BATCH_CONFIGS):
-                p = fit_predict(XA, yA, C, [tr], [te], hidden=256, noise=[0.1], weight_decay=[DEFAULT_WEIGHT_DECAY], lr=lr,
-                                epochs=epochs, batch_size=batch, seed=seed)[0]
+            for key, overrides in configs.items():
+                fit = dict(hidden=256, noise=[0.1], weight_decay=[DEFAULT_WEIGHT_DECAY], lr=1e-3, epochs=epochs,
+                           batch_size=256, seed=seed, **overrides)
+                p = fit_predict(XA, yA, C, [tr], [te], **fit)[0]
                 scores[key].append(float(balanced_accuracy_score(yt, p.argmax(axis=1))))
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), flush=True)
         raw[name] = scores
         base = float(np.mean(scores[names[0]]))
         worst = min([worst] + [float(np.mean(v)) - base for v in scores.values()])
-        lines.append(f"| {name} | {epochs} | " + " | ".join(
+        lines.append(f"| {name} | {seeds} | {epochs} | " + " | ".join(
             f"{np.mean(v):.4f} ± {np.std(v):.4f}" + ("" if k == names[0] else f" ({np.mean(v) - base:+.4f})")
-            for k, v in scores.items()) + " |")
+            for k, v in scores.items()) + f" | {time.time() - t0:.0f} |")
     total = time.time() - t_all
-    verdict = (f"the largest mean loss against batch 256 is {-worst:.4f} balanced accuracy"
-               if worst < 0 else "no larger batch loses accuracy on these sets")
+    verdict = (f"the largest mean loss against {names[0]} is {-worst:.4f} balanced accuracy"
+               if worst < 0 else f"no setting loses accuracy against {names[0]} on these sets")
     print("\n".join(lines) + f"\n{verdict}; {total:.0f} s", flush=True)
     if args.no_write:
         return 0
-    body = (f"{BATCH_SECTION}\n\n`benchmarks/bench_heads_study.py --batch-sizes`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s. Does a larger default batch "
-            "(faster training: see the heads throughput section) cost accuracy? The default head (hidden 256, "
-            "noise 0.1, weight decay 1e-4, focal loss, Adam) on the synthetic sets with n >= 5,000 (smaller sets "
-            "go through cross-validated selection), the same epochs as the heads study, balanced accuracy on "
-            "held-out data, mean ± std over seeds (2 per set: differences under about 2 std are within seed "
-            "noise); in brackets the difference from batch 256. At equal epochs batch 1024 also takes 4x fewer "
-            "optimiser steps.\n\n"
-            + "\n".join(lines) + f"\n\nResult: {verdict}.\n")
+    flag = "--batch-sizes" if section == BATCH_SECTION else "--samplers"
+    body = (f"{section}\n\n`benchmarks/bench_heads_study.py {flag}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total:.0f} s. {intro} Balanced accuracy on "
+            "held-out data, mean ± std over seeds (differences under about 2 std are within seed noise); in "
+            f"brackets the difference from {names[0]}.\n\n" + "\n".join(lines) + f"\n\nResult: {verdict}.\n")
     path = ROOT / "benchmarks" / "results.md"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BATCH_SECTION) + r".*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(re.escape(section) + r".*?(?=\n## |\Z)", re.S)
     new = pattern.sub(lambda _: body.rstrip("\n"), old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
     path.write_text(new if new.endswith("\n") else new + "\n")
-    (ROOT / "benchmarks" / "heads_batch_study.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (ROOT / "benchmarks" / json_name).write_text(json.dumps(raw, indent=1) + "\n")
     return 0
+
+
+def batch_study(args) -> int:
+    """The default head at each of ``BATCH_CONFIGS`` on the sets large enough to skip selection."""
+    configs = {f"batch {b}, lr {lr:g}": {"batch_size": b, "lr": lr} for b, lr in BATCH_CONFIGS}
+    intro = ("Does a larger default batch (faster training: see the heads throughput section) cost accuracy? "
+             "The default head (hidden 256, noise 0.1, weight decay 1e-4, focal loss, Adam) on the synthetic sets "
+             "with n >= 5,000 (smaller sets go through cross-validated selection), the same epochs as the heads "
+             "study. At equal epochs batch 1024 also takes 4x fewer optimiser steps.")
+    return config_study(args, BATCH_SECTION, configs, [s_ for s_ in SETS if s_[1] >= 5000], intro,
+                        "heads_batch_study.json")
+
+
+def sampler_study(args) -> int:
+    """The default head with the table noise sampler (the default) vs fresh Gaussian numbers."""
+    configs = {"table (default)": {"noise_sampler": "table"}, "exact": {"noise_sampler": "exact"}}
+    intro = ("Does drawing the feature noise from the fixed table (``sampler: table``, the default: rolled, "
+             "signed rows of 2^22 Gaussian numbers) cost accuracy against fresh Gaussian numbers (``sampler: "
+             "exact``)? The default head (hidden 256, noise 0.1, weight decay 1e-4, focal loss, Adam, batch 256) "
+             "with fixed settings on small sets (where noise matters most; 4 seeds) and on the sets with "
+             "n >= 5,000, the same epochs as the heads study.")
+    return config_study(args, SAMPLER_SECTION, configs, SAMPLER_SMALL + [s_ for s_ in SETS if s_[1] >= 5000],
+                        intro, "heads_sampler_study.json")
 
 
 def main(argv=None) -> int:
@@ -275,11 +302,13 @@ def main(argv=None) -> int:
                         help="Where the demo tiles' embeddings are built once.")
     parser.add_argument("--batch-sizes", action="store_true",
                         help="Instead: the default head at batch 256 vs 1024 on the sets with n >= 5,000 (~1 min).")
+    parser.add_argument("--samplers", action="store_true",
+                        help="Instead: the default head with the table vs the exact noise sampler (~3 min).")
     args = parser.parse_args(argv)
-    if args.batch_sizes:
+    if args.batch_sizes or args.samplers:
         if args.quick or args.sets:
-            parser.error("--batch-sizes runs its own fixed sets: drop --quick / --sets")
-        return batch_study(args)
+            parser.error("--batch-sizes / --samplers run their own fixed sets: drop --quick / --sets")
+        return batch_study(args) if args.batch_sizes else sampler_study(args)
     t_all = time.time()
     rows, raw = [], {}
     sets = QUICK if args.quick else SETS

@@ -181,7 +181,7 @@ def test_every_option_has_a_help_text():
 
 
 # Flags of other tools that the README's prose mentions (pip, benchmarks/run_all.py).
-OTHER_TOOLS_FLAGS = {"--no-deps", "--only", "--quick", "--repeats", "--export", "--sets", "--batch-sizes"}  # pip, benchmarks/*.py
+OTHER_TOOLS_FLAGS = {"--no-deps", "--only", "--quick", "--repeats", "--export", "--sets", "--batch-sizes", "--samplers"}  # pip, benchmarks/*.py
 
 
 def test_flags_named_in_prose_exist():

@@ -52,6 +52,39 @@ def test_gaussian_noise_sampler_is_gaussian_and_seeded():
     assert gaussian_noise([3, 5], tf.constant([1, 2])).shape == (3, 5)  # odd element count
 
 
+def test_table_noise_is_gaussian_seeded_and_built_from_rolled_table_rows():
+    """The default noise sampler: each vector is a row of the fixed N(0, 1) table, cyclically shifted
+    by the batch's offset and signed, times std; Gaussian per element, uncorrelated between the
+    vectors of a batch and between features, a function of the seed; a std per model broadcasts."""
+    import tensorflow as tf
+    from scipy import stats
+
+    from dfl_tf.heads.augment import noise_table, table_noise
+
+    dim = 1001
+    z = table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy()
+    assert z.shape == (400, dim) and z.dtype == np.float32
+    flat = z.ravel() / 0.1
+    assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
+    assert abs(stats.skew(flat)) < 0.02 and abs(stats.kurtosis(flat)) < 0.05
+    assert stats.kstest(flat, "norm").pvalue > 0.01
+    assert abs(np.corrcoef(z[:200].ravel(), z[200:].ravel())[0, 1]) < 0.01  # vectors of one batch
+    assert abs(np.corrcoef(z[:, :-1].ravel(), z[:, 1:].ravel())[0, 1]) < 0.01  # neighbouring features
+    table = noise_table(dim).numpy()
+    assert table.shape == (4190, dim)  # 2^22 numbers
+    shifts = set()
+    for v in table_noise([5, dim], tf.constant([3, 4]), 1.0, dim=dim).numpy():  # +- rolled table rows
+        (r,), (j,) = np.nonzero(np.abs(table) == abs(v[0]))
+        shifts.add(-j % dim)
+        sign = np.sign(v[0] / table[r, j])
+        np.testing.assert_array_equal(v, sign * np.roll(table[r], -j % dim))
+    assert len(shifts) == 1  # one offset for the batch
+    np.testing.assert_array_equal(z, table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy())
+    assert not np.allclose(z, table_noise([400, dim], tf.constant([3, 5]), 0.1, dim=dim).numpy())
+    per_model = table_noise([2, 300, 8], tf.constant([1, 2]), tf.constant([[[0.0]], [[2.0]]]), dim=8).numpy()
+    assert per_model.shape == (2, 300, 8) and not per_model[0].any() and abs(per_model[1].std() - 2) < 0.15
+
+
 def test_noise_layer_fast_sampler_is_seeded_fresh_and_saves_plain(tmp_path):
     """augment_layers' noise layer draws with the fast sampler: reproducible under the global seed, fresh
     every call, identity at inference, saved as a plain keras.layers.GaussianNoise."""

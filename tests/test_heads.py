@@ -49,7 +49,7 @@ def test_separable_head_and_head_dir(trained, dirs):
     # (hidden is given, so only weight decay x noise std: 6 candidates, and no probe fallback)
     choice = info["selection"]["choice"]
     assert info["selection"]["performed"] and len(info["selection"]["scores"]) == 6
-    assert info["settings"]["augment"] == [{"name": "noise", "std": choice["noise"]}]
+    assert info["settings"]["augment"] == [{"name": "noise", "std": choice["noise"], "sampler": "table"}]
     assert info["settings"]["weight_decay"] == choice["weight_decay"] and info["settings"]["hidden"] == 32
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 12 and info["seed"] == 3
     rows = list(csv.DictReader((head / "history.csv").open()))
@@ -139,11 +139,16 @@ def test_mixup_batch_is_convex():
 def test_resolve_augment():
     from dfl_tf.heads.augment import resolve_augment
 
-    assert resolve_augment(None, None) == [{"name": "noise", "std": 0.1}]
+    T = "table"
+    assert resolve_augment(None, None) == [{"name": "noise", "std": 0.1, "sampler": T}]
     assert resolve_augment(None, 0) == []
-    assert resolve_augment([{"name": "noise", "std": 0.3}], None) == [{"name": "noise", "std": 0.3}]
+    assert resolve_augment([{"name": "noise", "std": 0.3}], None) == [{"name": "noise", "std": 0.3, "sampler": T}]
     assert resolve_augment([{"name": "noise", "std": 0.3}, "mixup"], 0.05) == [
-        {"name": "noise", "std": 0.05}, {"name": "mixup", "alpha": 0.2}]
+        {"name": "noise", "std": 0.05, "sampler": T}, {"name": "mixup", "alpha": 0.2}]
+    assert resolve_augment([{"name": "noise", "sampler": "exact"}], None) == [
+        {"name": "noise", "std": 0.1, "sampler": "exact"}]
+    with pytest.raises(DflError, match="sampler must be one of table, exact"):
+        resolve_augment([{"name": "noise", "sampler": "philox"}], None)
     with pytest.raises(DflError, match="unknown augmentation"):
         resolve_augment([{"name": "rotate"}], None)
     with pytest.raises(DflError, match="no parameter"):
@@ -283,7 +288,7 @@ def test_cli_train_and_evaluate(dirs, tmp_path):
     assert "balanced accuracy" in result.output
     settings = json.loads((tmp_path / "head" / "head.json").read_text())["settings"]
     assert settings["epochs"] == 2 and settings["hidden"] == 16 and settings["loss"] == "crossentropy"
-    assert settings["augment"] == [{"name": "noise", "std": 0.2}, {"name": "mixup", "alpha": 0.2}]
+    assert settings["augment"] == [{"name": "noise", "std": 0.2, "sampler": "table"}, {"name": "mixup", "alpha": 0.2}]
     # an existing head directory is refused (one-line error, exit 2) unless --overwrite
     result = runner.invoke(main, args)
     assert result.exit_code == 2 and "--overwrite" in result.output

@@ -248,5 +248,5 @@ def test_regularisation_options_validated(small_set, tmp_path):
     # given values are not overridden by the selection
     train_head(small_set / "train", tmp_path / "h", hidden=8, epochs=2, noise=0.3, cv_folds=3, **QUIET)
     info = json.loads((tmp_path / "h" / "head.json").read_text())
-    assert info["settings"]["augment"] == [{"name": "noise", "std": 0.3}]
+    assert info["settings"]["augment"] == [{"name": "noise", "std": 0.3, "sampler": "table"}]
     assert [set(s) - {"mean", "std", "folds"} for s in info["selection"]["scores"]] == [{"weight_decay"}] * 2

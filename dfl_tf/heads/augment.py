@@ -24,12 +24,18 @@ The layers are the identity at inference (``training=False``). ``noise`` and
 ``keras.saving.load_model`` (no ``dfl_tf`` import); :class:`FeatureNoise` and
 :class:`FeatureDropout` remain registered aliases so that older ``head.keras`` files load.
 
-Sampling: the Gaussian noise is drawn by :func:`gaussian_noise` (Box-Muller on philox uniforms,
-the algorithm of TensorFlow's own normal kernel, but as vectorised tensor ops: about half the
-cost of ``tf.random.stateless_normal`` on CPU, where that kernel's scalar ``log``/``sin``/``cos``
-made it as expensive as the head's matmuls). The noise layers that :func:`augment_layers`
-builds are Keras built-ins whose training call is switched to it (:func:`use_fast_sampler`), so
-the saved model stays plain Keras; the seed stream is the layer's own ``SeedGenerator``.
+Sampling (``noise``'s ``sampler``): drawing ``dim`` fresh Gaussian numbers per embedding and
+step costs about as much as the head's matmuls on CPU, so by default (``sampler: table``) the
+noise comes from :func:`table_noise`: each embedding gets a random row of a fixed table of
+N(0, 1) numbers (:func:`noise_table`, 16 MB), cyclically shifted by a random offset per batch and
+with a random sign (as the shared noise table of OpenAI's evolution strategies). Each noise vector
+is exactly N(0, I); there are ``2 x 2^22`` different ones per ``dim`` and two embeddings of a batch
+share one with probability 1 / rows. ``sampler: exact`` draws fresh numbers instead
+(:func:`gaussian_noise`: Box-Muller on philox uniforms as vectorised tensor ops, about half the
+cost of ``tf.random.stateless_normal``). The accuracy of the two is compared in
+``benchmarks/results.md`` (heads study). The noise layers that :func:`augment_layers` builds are
+Keras built-ins whose training call is switched (:func:`use_fast_sampler`), so the saved model
+stays plain Keras; the seed stream is the layer's own ``SeedGenerator``.
 """
 from __future__ import annotations
 
@@ -42,13 +48,16 @@ import tensorflow as tf
 from dfl_tf.errors import DflError
 
 #: name -> default parameters
-AUGMENTATIONS: dict[str, dict[str, float]] = {
-    "noise": {"std": 0.1},
-    "scaled-noise": {"std": 0.1},
+AUGMENTATIONS: dict[str, dict[str, float | str]] = {
+    "noise": {"std": 0.1, "sampler": "table"},
+    "scaled-noise": {"std": 0.1, "sampler": "table"},
     "feature-dropout": {"rate": 0.1},
     "mixup": {"alpha": 0.2},
 }
 DEFAULT_NOISE = 0.1
+SAMPLERS = ("table", "exact")  # the noise samplers: table_noise, gaussian_noise
+NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32), whatever dim
+_tables: dict[tuple[int, str], tf.Variable] = {}
 
 
 def gaussian_noise(shape: Any, seed: Any, stddev: float = 1.0, dtype: Any = tf.float32) -> tf.Tensor:
@@ -70,20 +79,66 @@ def gaussian_noise(shape: Any, seed: Any, stddev: float = 1.0, dtype: Any = tf.f
     return tf.cast(tf.reshape(z, shape), dtype)
 
 
-def _fast_noise_call(layer: keras.layers.GaussianNoise, inputs, training=False):
+def noise_table(dim: int) -> tf.Variable:
+    """The fixed ``[rows, dim]`` table of N(0, 1) float32 numbers :func:`table_noise` draws from:
+    ``rows = max(1024, NOISE_TABLE_FLOATS // dim)``, made once per process, ``dim`` and device
+    (a variable, so that it lives on the accelerator with the step), the same numbers every time."""
+    device = tf.config.list_logical_devices("GPU")
+    key = (int(dim), device[0].name if device else "CPU")
+    if key not in _tables:
+        rows = max(1024, NOISE_TABLE_FLOATS // int(dim))
+        with tf.init_scope():  # made eagerly even when first asked for inside a trace
+            values = gaussian_noise([rows, int(dim)], tf.constant([20141127, int(dim)], tf.int64))
+            _tables[key] = tf.Variable(values, trainable=False, name=f"noise_table_{dim}")
+    return _tables[key]
+
+
+def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: Any = tf.float32, *,
+                dim: int) -> tf.Tensor:
+    """``stddev`` x N(0, I) noise vectors of ``shape`` (``[..., dim]``, ``dim`` static), a pure function
+    of the int ``[2]`` ``seed``: row ``r_i`` of :func:`noise_table` for each vector, all of them
+    cyclically shifted by one random offset and each multiplied by a random sign. ``stddev`` may
+    be a tensor broadcasting against ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    dim = int(dim)
+    table = noise_table(dim)
+    n = tf.reduce_prod(shape[:-1])
+    seed = tf.cast(seed, tf.int64)
+    s_rows, s_shift, s_sign = (tf.random.experimental.stateless_fold_in(seed, i) for i in range(3))
+    rows = tf.random.stateless_uniform([n], s_rows, 0, tf.shape(table, out_type=tf.int64)[0], dtype=tf.int64)
+    shift = tf.random.stateless_uniform([], s_shift, 0, dim, dtype=tf.int32)
+    sign = tf.cast(tf.random.stateless_uniform([n, 1], s_sign, 0, 2, dtype=tf.int32) * 2 - 1, tf.float32)
+    z = tf.reshape(tf.roll(tf.gather(table, rows), shift, axis=1), shape)
+    scale = tf.reshape(sign, tf.concat([shape[:-1], [1]], 0)) * tf.cast(stddev, tf.float32)
+    return tf.cast(z * scale, dtype)
+
+
+def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor, dtype: Any, dim: int) -> tf.Tensor:
+    """``stddev`` x N(0, I) noise of ``shape`` from the named sampler (:data:`SAMPLERS`)."""
+    if sampler == "table":
+        return table_noise(shape, seed, stddev, dtype, dim=dim)
+    return tf.cast(gaussian_noise(shape, seed) * tf.cast(stddev, tf.float32), dtype)
+
+
+def _fast_noise_call(layer: keras.layers.GaussianNoise, sampler: str, inputs, training=False):
     if training and layer.stddev > 0:
-        return inputs + gaussian_noise(tf.shape(inputs), layer.seed_generator.next(), layer.stddev, inputs.dtype)
+        dim = int(inputs.shape[-1])
+        return inputs + sample_noise(sampler, tf.shape(inputs), layer.seed_generator.next(), layer.stddev,
+                                     inputs.dtype, dim)
     return inputs
 
 
-def use_fast_sampler(layer: keras.layers.GaussianNoise) -> keras.layers.GaussianNoise:
-    """Make this ``GaussianNoise`` layer draw its training noise with :func:`gaussian_noise`.
+def use_fast_sampler(layer: keras.layers.GaussianNoise, sampler: str = "table") -> keras.layers.GaussianNoise:
+    """Make this ``GaussianNoise`` layer draw its training noise with ``sampler`` (:data:`SAMPLERS`):
+    :func:`table_noise` or :func:`gaussian_noise`.
 
-    Same distribution (per element N(0, stddev), fresh each step), same seed stream (the layer's
+    Each noise vector N(0, stddev^2 I), a new one each step, same seed stream (the layer's
     ``SeedGenerator``), identity at inference; only this instance changes, so it saves (and loads)
     as a plain ``keras.layers.GaussianNoise``.
     """
-    layer.call = lambda inputs, training=False: _fast_noise_call(layer, inputs, training)
+    if sampler not in SAMPLERS:
+        raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    layer.call = lambda inputs, training=False: _fast_noise_call(layer, sampler, inputs, training)
     return layer
 
 
@@ -109,9 +164,11 @@ class ScaledFeatureNoise(keras.layers.Layer):
     """
 
     def __init__(self, dim: int, stddev: float = DEFAULT_NOISE, scale: Sequence[float] | None = None,
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, sampler: str = "table", **kwargs):
         super().__init__(**kwargs)
-        self.dim, self.stddev, self.seed = int(dim), float(stddev), seed
+        if sampler not in SAMPLERS:
+            raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        self.dim, self.stddev, self.seed, self.sampler = int(dim), float(stddev), seed, sampler
         self._init_scale = None if scale is None else np.asarray(scale, np.float32).reshape(self.dim)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -123,7 +180,8 @@ class ScaledFeatureNoise(keras.layers.Layer):
 
     def call(self, inputs, training=False):
         if training and self.stddev > 0:
-            noise = gaussian_noise(tf.shape(inputs), self.seed_generator.next(), self.stddev, inputs.dtype)
+            noise = sample_noise(self.sampler, tf.shape(inputs), self.seed_generator.next(), self.stddev,
+                                 inputs.dtype, self.dim)
             return inputs + noise * keras.ops.cast(self.scale, inputs.dtype)
         return inputs
 
@@ -131,7 +189,8 @@ class ScaledFeatureNoise(keras.layers.Layer):
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "dim": self.dim, "stddev": self.stddev, "seed": self.seed}
+        return {**super().get_config(), "dim": self.dim, "stddev": self.stddev, "seed": self.seed,
+                "sampler": self.sampler}
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
@@ -174,8 +233,11 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
         if any(s["name"] == name for s in specs):
             raise DflError(f"augmentation '{name}' is listed twice")
         spec = {"name": name, **AUGMENTATIONS[name], **params}
+        if "sampler" in spec and spec["sampler"] not in SAMPLERS:
+            raise DflError(f"augmentation '{name}': sampler must be one of {', '.join(SAMPLERS)}, "
+                           f"got {spec['sampler']!r}")
         for key, value in list(spec.items()):
-            if key != "name":
+            if key not in ("name", "sampler"):
                 try:
                     spec[key] = float(value)
                 except (TypeError, ValueError) as exc:
@@ -188,7 +250,7 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
     has_noise = any(s["name"] == "noise" for s in specs)
     if noise is None:
         if not has_noise:
-            specs.insert(0, {"name": "noise", "std": DEFAULT_NOISE})
+            specs.insert(0, {"name": "noise", **AUGMENTATIONS["noise"], "std": DEFAULT_NOISE})
     elif float(noise) <= 0:
         specs = [s for s in specs if s["name"] != "noise"]
     elif has_noise:
@@ -196,7 +258,7 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
             if s["name"] == "noise":
                 s["std"] = float(noise)
     else:
-        specs.insert(0, {"name": "noise", "std": float(noise)})
+        specs.insert(0, {"name": "noise", **AUGMENTATIONS["noise"], "std": float(noise)})
     for s in specs:
         if s["name"] == "noise" and s["std"] > 1:  # keras.layers.GaussianNoise's range
             raise DflError(f"noise std must be in [0, 1] (on standardised features), got {s['std']}")
@@ -209,9 +271,11 @@ def augment_layers(specs: Sequence[dict[str, Any]], dim: int, train_std: np.ndar
     pre, post = [], []
     for spec in specs:
         if spec["name"] == "scaled-noise":
-            pre.append(ScaledFeatureNoise(dim, spec["std"], scale=train_std, name="scaled_noise"))
+            pre.append(ScaledFeatureNoise(dim, spec["std"], scale=train_std, name="scaled_noise",
+                                          sampler=spec.get("sampler", "table")))
         elif spec["name"] == "noise":
-            post.append(use_fast_sampler(keras.layers.GaussianNoise(spec["std"], name="noise")))
+            post.append(use_fast_sampler(keras.layers.GaussianNoise(spec["std"], name="noise"),
+                                         spec.get("sampler", "table")))
         elif spec["name"] == "feature-dropout":
             post.append(keras.layers.Dropout(spec["rate"], name="feature_dropout"))
     return pre, post

@@ -64,16 +64,17 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
                 lr: float = 1e-3, epochs: int = 50, batch_size: int = 256, loss: str = "focal",
                 gamma: float = 2.0, alpha: float = 0.25, class_weights: np.ndarray | None = None,
                 seed: int = 0, zero_output: Sequence[bool] | bool = True,
-                init_weights: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+                init_weights: Sequence[np.ndarray] | None = None, noise_sampler: str = "table") -> list[np.ndarray]:
     """Train ``G = len(train_sets)`` heads on rows ``train_sets[g]`` of ``X`` (model ``g`` with
     ``noise[g]`` and ``weight_decay[g]``); return each one's probabilities on ``X[eval_sets[g]]``.
 
     ``zero_output`` (per model or for all): zero output kernel as :func:`build_head` (False:
     Glorot, as heads were initialised before; for the study). ``init_weights``: starting
-    kernels then biases, each with a leading ``G`` axis (tests: the same start as a Keras head)."""
+    kernels then biases, each with a leading ``G`` axis (tests: the same start as a Keras head).
+    ``noise_sampler``: as the ``noise`` augmentation's ``sampler`` (:mod:`dfl_tf.heads.augment`)."""
     import tensorflow as tf
 
-    from dfl_tf.heads.augment import gaussian_noise
+    from dfl_tf.heads.augment import sample_noise
 
     X = np.asarray(X, np.float32)
     G, N, dim = len(train_sets), X.shape[0], X.shape[1]
@@ -111,7 +112,8 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
     def forward(z, training: bool, step=None):
         h = z
         if training:
-            h = h + noise_t * gaussian_noise(tf.shape(h), tf.random.experimental.stateless_fold_in(seed_t, step * 3))
+            h = h + sample_noise(noise_sampler, tf.shape(h), tf.random.experimental.stateless_fold_in(seed_t, step * 3),
+                                 noise_t, tf.float32, dim)
             if feature_dropout > 0:
                 keep = tf.random.stateless_uniform(tf.shape(h), tf.random.experimental.stateless_fold_in(
                     seed_t, step * 3 + 1)) >= feature_dropout

@@ -149,12 +149,13 @@ def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, folds: Sequence
     t0 = time.time()
     feature_dropout = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
     base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
+    sampler = next((sp.get("sampler", "table") for sp in specs if sp["name"] == "noise"), "table")
     fold_scores = np.zeros((len(candidates), len(folds)))
     for h in sorted({int(c.get("hidden", hidden)) for c in candidates}):  # one batched run per architecture
         pairs = [(c, f) for c in range(len(candidates)) if int(candidates[c].get("hidden", hidden)) == h
                  for f in range(len(folds))]
         probs = fit_predict(X, y, n_classes, [folds[f][0] for _, f in pairs], [folds[f][1] for _, f in pairs],
-                            hidden=h, feature_dropout=feature_dropout,
+                            hidden=h, feature_dropout=feature_dropout, noise_sampler=sampler,
                             noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
                             weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
                             seed=seed, **fit)
