@@ -6,13 +6,14 @@ own Ctrl-C handler is installed, raise :class:`Interrupted` (a KeyboardInterrupt
 thread instead, so every temporary-name-then-rename writer removes its temporary file, the
 output lock is released and the CLI prints one line (exit 143; 130 for SIGINT).
 
-A signal that lands while TensorFlow may be running Python callbacks from C++ (the gradient
-functions of ``tape.gradient``; anything while a ``tf.function`` is traced) is not raised there:
-an exception thrown through that C++ was seen to crash the process (SIGSEGV, in CI), to come back
-as ``SystemError: bad argument to internal function`` or to be swallowed into an unrelated
-``ValueError``. The handler defers it instead and sends the signal again every ``REDELIVER_S``
-seconds until it lands outside those calls: a Ctrl-C during a trace takes effect when the trace
-ends (seconds for a large model).
+A signal that lands beneath the TensorFlow functions where its C++ calls Python back and where
+raising was seen to break it (the gradient functions of ``tape.gradient``; the tracing of a
+``tf.function``: CI saw SIGSEGV, ``SystemError: bad argument to internal function`` and an
+unrelated ``ValueError``) is held instead: a helper thread sends it again every ``REDELIVER_S``
+seconds until it lands outside them, so a Ctrl-C during a trace takes effect when the trace ends.
+It is raised anyway after ``HOLD_MAX_S`` seconds (a trace that never ends) and when the block ends.
+Other places where TensorFlow's C++ calls Python (``tf.nest``'s C++ flattening, for one) are not
+covered: a signal landing there is raised as before.
 
 Every handled signal is also recorded in the block's list, so that one swallowed on its way up
 anyway is not lost: :func:`masked_interruption` still names it, and :func:`raise_if_interrupted`
@@ -24,6 +25,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Iterator
 
@@ -62,6 +64,53 @@ class Interrupted(KeyboardInterrupt):
 
 
 _record: list[int] | None = None  # the signals of the interruptible() block now open; None outside one
+HOLD_MAX_S = 10.0  # a signal held longer than this (a trace that does not end) is raised anyway
+
+
+class _Held:
+    """A signal held back by the handler (see the module docstring), shared by nested blocks, and
+    the thread that sends it again every ``REDELIVER_S`` seconds (started with the outer block:
+    starting a thread inside a signal handler could deadlock on threading's own locks)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.signum: int | None = None  # the signal held, None when none is
+        self.since = 0.0
+        self.resent = False  # the next delivery is our own resend, not a new signal
+        self.closing = False
+        self.wake, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._resend, name="dfl-signal-resend", daemon=True)
+        self.thread.start()
+
+    def hold(self, signum: int) -> None:
+        if self.signum is None:
+            self.since = time.monotonic()
+        self.signum = signum
+        self.wake.set()
+
+    def _resend(self) -> None:
+        while True:
+            self.wake.wait()
+            if self.stop.wait(REDELIVER_S):
+                return
+            with self.lock:
+                if self.closing:
+                    return
+                self.wake.clear()
+                if self.signum is not None:
+                    self.resent = True
+                    os.kill(os.getpid(), self.signum)
+
+    def close(self) -> None:
+        """No resend after this returns (one in flight has been delivered to the handler's flag)."""
+        with self.lock:
+            self.closing = True
+        self.stop.set()
+        self.wake.set()
+        self.thread.join()
+
+
+_held: _Held | None = None
 
 
 @contextlib.contextmanager
@@ -69,49 +118,53 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
     """Turn ``signums`` into :class:`Interrupted` for the ``with`` block (main thread only); yields
     the block's record of the signals handled, in order (a nested block shares its outer one's).
 
+    A signal that lands inside TensorFlow's C++ callbacks is held and raised once TensorFlow is out
+    of them, or after ``HOLD_MAX_S`` seconds, or when the block ends, whichever comes first: the
+    block never ends normally with a signal still held.
+
     SIGINT is taken over only where Python's own Ctrl-C handler is installed: a SIGINT ignored on
     entry (a background job of a shell script) stays ignored, as POSIX asks.
     """
-    global _record
+    global _record, _held
     if threading.current_thread() is not threading.main_thread():
         yield []
         return
     outer = _record is None
     record: list[int] = [] if outer else _record
-
-    redeliveries: list[threading.Timer] = []
-    raised = threading.Event()  # once set, deferred signals are not sent again (no second unwind)
-
-    def redeliver(signum: int) -> None:
-        if not raised.is_set():
-            os.kill(os.getpid(), signum)
+    held = _Held() if outer or _held is None else _held
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        record.append(signum)
-        if _inside_cpp_callback(frame):  # not here: send it again once TensorFlow is back in Python
-            timer = threading.Timer(REDELIVER_S, redeliver, (signum,))
-            timer.daemon = True
-            redeliveries.append(timer)
-            timer.start()
+        if held.resent and held.signum == signum:
+            held.resent = False  # our own resend: already in the record
+        else:
+            record.append(signum)
+        if held.closing:
+            held.signum = held.signum or signum  # raised after the handlers are restored
             return
-        raised.set()
+        if _inside_cpp_callback(frame) and (held.signum is None or time.monotonic() - held.since < HOLD_MAX_S):
+            held.hold(signum)  # not here: sent again once TensorFlow is back in plain Python
+            return
+        held.signum = None
         raise Interrupted(signum)
 
     previous: dict[int, object] = {}
     try:
         if outer:
-            _record = record
+            _record, _held = record, held
         for s in signums:
             if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler:
                 previous[s] = signal.signal(s, handler)
         yield record
     finally:
-        for timer in redeliveries:  # none may land after the handler is gone
-            timer.cancel()
+        if outer:
+            held.close()  # no resend lands after the handlers are gone
         for s, old in previous.items():
             signal.signal(s, old)
         if outer:
-            _record = None
+            _record, _held = None, None
+    if held.signum is not None:  # the block ended normally with a signal still held
+        signum, held.signum = held.signum, None
+        raise Interrupted(signum)
 
 
 def masked_interruption(exc: BaseException, record: list[int] | tuple[int, ...] = ()) -> KeyboardInterrupt | None:

@@ -374,3 +374,56 @@ def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
     assert done == [True]  # not raised inside the callback
     assert results in ([], [2.0] if where.startswith("gradient") else [6.0])
     assert info.value.signum == signal.SIGTERM and record[0] == signal.SIGTERM
+
+
+def _signal_in_gradient(spin_s: float, done: list):
+    """An eager gradient computation whose gradient function (run by TensorFlow's C++) receives
+    SIGTERM, then keeps running Python for ``spin_s`` seconds."""
+
+    @tf.custom_gradient
+    def double(x):
+        def grad(dy):
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + spin_s
+            while time.monotonic() < deadline:
+                pass
+            done.append(True)
+            return dy * 2.0
+        return x * 2.0, grad
+
+    x = tf.constant(3.0)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = double(x)
+    return tape.gradient(y, x)
+
+
+def test_held_signal_is_raised_when_the_block_ends(monkeypatch):
+    """A signal still held when the block ends (its resend not yet due) is raised there: the block
+    never ends normally after a SIGTERM; the resend thread is gone afterwards."""
+    from dfl_tf import _signals
+
+    monkeypatch.setattr(_signals, "REDELIVER_S", 30.0)  # the resend cannot come first
+    done = []
+    t0 = time.monotonic()
+    with pytest.raises(_signals.Interrupted) as info:
+        with _signals.interruptible() as record:
+            assert float(_signal_in_gradient(0.3, done)) == 2.0  # held: the gradient completes
+    assert done == [True] and info.value.signum == signal.SIGTERM and record == [signal.SIGTERM]
+    assert time.monotonic() - t0 < 10  # the block's end did not wait for the resend
+    assert not [t for t in threading.enumerate() if t.name == "dfl-signal-resend"]
+
+
+def test_signal_held_too_long_is_raised_anyway(monkeypatch):
+    """A callback that does not return (a trace that never ends) holds a signal for at most
+    HOLD_MAX_S seconds: then it is raised there after all."""
+    from dfl_tf import _signals
+
+    monkeypatch.setattr(_signals, "HOLD_MAX_S", 0.3)
+    done = []
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with _signals.interruptible() as record:
+            _signal_in_gradient(20.0, done)
+    assert done == [] and time.monotonic() - t0 < 10  # raised inside the 20 s callback
+    assert record == [signal.SIGTERM]  # the resends are not new signals

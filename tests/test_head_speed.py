@@ -74,10 +74,12 @@ def test_table_noise_is_gaussian_seeded_and_built_from_rolled_table_rows():
     assert table.shape == (4190, dim)  # 2^22 numbers
     shifts = set()
     for v in table_noise([5, dim], tf.constant([3, 4]), 1.0, dim=dim).numpy():  # +- rolled table rows
-        (r,), (j,) = np.nonzero(np.abs(table) == abs(v[0]))
+        hits = [(r, j) for r, j in zip(*np.nonzero(np.abs(table) == abs(v[0])))
+                if np.array_equal(np.abs(np.roll(table[r], -j % dim)), np.abs(v))]
+        assert len(hits) == 1, "not one rolled table row"
+        (r, j), = hits
         shifts.add(-j % dim)
-        sign = np.sign(v[0] / table[r, j])
-        np.testing.assert_array_equal(v, sign * np.roll(table[r], -j % dim))
+        np.testing.assert_array_equal(v, np.sign(v[0] / table[r, j]) * np.roll(table[r], -j % dim))
     assert len(shifts) == 1  # one offset for the batch
     np.testing.assert_array_equal(z, table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy())
     assert not np.allclose(z, table_noise([400, dim], tf.constant([3, 5]), 0.1, dim=dim).numpy())

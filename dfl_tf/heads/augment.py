@@ -27,10 +27,12 @@ The layers are the identity at inference (``training=False``). ``noise`` and
 Sampling (``noise``'s ``sampler``): drawing ``dim`` fresh Gaussian numbers per embedding and
 step costs about as much as the head's matmuls on CPU, so by default (``sampler: table``) the
 noise comes from :func:`table_noise`: each embedding gets a random row of a fixed table of
-N(0, 1) numbers (:func:`noise_table`, 16 MB), cyclically shifted by a random offset per batch and
-with a random sign (as the shared noise table of OpenAI's evolution strategies). Each noise vector
-is exactly N(0, I); there are ``2 x 2^22`` different ones per ``dim`` and two embeddings of a batch
-share one with probability 1 / rows. ``sampler: exact`` draws fresh numbers instead
+N(0, 1) draws (:func:`noise_table`, 2^22 numbers, 16 MB, for dim up to 4,096), cyclically
+shifted by a random offset per batch and with a random sign (as the shared noise table of
+OpenAI's evolution strategies). Each noise vector is thus a uniform pick among about
+``2 x 2^22`` fixed vectors (``2 x rows x dim``) whose entries are independent Gaussian draws; two
+embeddings of a batch get the same row with probability 1 / rows (about 16 such pairs in a batch
+of 256 at dim 2,048, each pair's vectors equal or opposite). ``sampler: exact`` draws fresh numbers instead
 (:func:`gaussian_noise`: Box-Muller on philox uniforms as vectorised tensor ops, about half the
 cost of ``tf.random.stateless_normal``). The accuracy of the two is compared in
 ``benchmarks/results.md`` (heads study). The noise layers that :func:`augment_layers` builds are
@@ -56,7 +58,7 @@ AUGMENTATIONS: dict[str, dict[str, float | str]] = {
 }
 DEFAULT_NOISE = 0.1
 SAMPLERS = ("table", "exact")  # the noise samplers: table_noise, gaussian_noise
-NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32), whatever dim
+NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32; at least 1,024 rows)
 _tables: dict[tuple[int, str], tf.Variable] = {}
 
 
@@ -81,8 +83,9 @@ def gaussian_noise(shape: Any, seed: Any, stddev: float = 1.0, dtype: Any = tf.f
 
 def noise_table(dim: int) -> tf.Variable:
     """The fixed ``[rows, dim]`` table of N(0, 1) float32 numbers :func:`table_noise` draws from:
-    ``rows = max(1024, NOISE_TABLE_FLOATS // dim)``, made once per process, ``dim`` and device
-    (a variable, so that it lives on the accelerator with the step), the same numbers every time."""
+    ``rows = max(1024, NOISE_TABLE_FLOATS // dim)``, made once per process and ``dim`` (a variable,
+    placed as TensorFlow places it: on the first GPU when there is one, so that it lives with the
+    step; under a distribution strategy, a mirrored one), the same numbers every time."""
     device = tf.config.list_logical_devices("GPU")
     key = (int(dim), device[0].name if device else "CPU")
     if key not in _tables:
@@ -117,6 +120,10 @@ def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor,
     """``stddev`` x N(0, I) noise of ``shape`` from the named sampler (:data:`SAMPLERS`)."""
     if sampler == "table":
         return table_noise(shape, seed, stddev, dtype, dim=dim)
+    if sampler != "exact":
+        raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if isinstance(stddev, (int, float)):  # the std inside the transform, as before samplers were named
+        return gaussian_noise(shape, seed, float(stddev), dtype)
     return tf.cast(gaussian_noise(shape, seed) * tf.cast(stddev, tf.float32), dtype)
 
 
