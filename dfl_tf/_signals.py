@@ -134,8 +134,10 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
     held = _Held() if outer or _held is None else _held
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if held.resent and held.signum == signum:
-            held.resent = False  # our own resend: already in the record
+        if held.resent:  # our own resend: already in the record
+            held.resent = False
+            if held.signum is None:
+                return  # raised meanwhile (a new signal came first): no second unwind
         else:
             record.append(signum)
         if held.closing:
