@@ -102,7 +102,7 @@ class _Held:
                     os.kill(os.getpid(), self.signum)
 
     def close(self) -> None:
-        """No resend after this returns (one in flight has been delivered to the handler's flag)."""
+        """No resend after this returns (one in flight has, in practice, reached the handler)."""
         with self.lock:
             self.closing = True
         self.stop.set()
@@ -159,11 +159,15 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
         yield record
     finally:
         if outer:
-            held.close()  # no resend lands after the handlers are gone
-        for s, old in previous.items():
-            signal.signal(s, old)
-        if outer:
-            _record, _held = None, None
+            held.closing = True  # first: from here a signal is only recorded, never raised mid-cleanup
+        try:
+            if outer:
+                held.close()  # no resend lands after the handlers are gone
+        finally:
+            for s, old in previous.items():
+                signal.signal(s, old)
+            if outer:
+                _record, _held = None, None
     if held.signum is not None:  # the block ended normally with a signal still held
         signum, held.signum = held.signum, None
         raise Interrupted(signum)
@@ -193,6 +197,8 @@ def raise_if_interrupted() -> None:
     call this, so a Ctrl-C that a C extension caught and dropped cannot leave the command running on.
     """
     if _record:
+        if _held is not None:
+            _held.signum = None  # raised now: a resend still due must not unwind a second time
         raise Interrupted(_record[-1])
 
 
