@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -30,6 +31,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs ungua
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".dfl.lock"
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, hdfs://, ...
 log = logging.getLogger(__name__)
 
 
@@ -78,9 +80,12 @@ def _written_by_live_process(held: dict[str, Any]) -> bool:
 def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> Iterator[dict[str, Any]]:
     """Hold the lock of output ``out`` for the ``with`` block; yields what the lock file says
     (``took_over`` holds the previous owner when a stale lock was taken over)."""
+    if URL.match(str(out)):  # Path() would turn gs://b/x into the local folders gs:/b/x
+        raise DflError(f"{out} is not supported as an output: dfl writes through the local filesystem "
+                       "(use a path every machine mounts, e.g. an NFS or GCS FUSE mount)")
     path = lock_path(out, inside)
     folder = path.parent
-    created = not folder.exists()
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield {"pid": os.getpid(), "command": command}
@@ -123,9 +128,11 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if the run left it empty
+        for made in created:  # the folders this lock made, as long as the run left them empty
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def locks_output(command: str, arg: str = "out", inside: bool = True) -> Callable:

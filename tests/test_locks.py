@@ -49,6 +49,25 @@ def test_second_holder_refused_then_released(tmp_path):
     assert not lock_path(out).exists() and not out.exists()  # nothing left behind
 
 
+def test_refused_run_leaves_no_folders_and_urls_are_refused(tmp_path, monkeypatch):
+    """A run refused after taking its lock removes every folder the lock made (not just the last);
+    a URL output (gs://...) is refused before anything is made (Path() would make gs:/ locally)."""
+    from click.testing import CliRunner
+
+    from dfl_tf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "no_such_emb", "--out", "a/b/c/head"])
+    assert result.exit_code == 2 and "no_such_emb" in result.output
+    assert not (tmp_path / "a").exists()
+    result = CliRunner().invoke(main, ["train", "no_such_emb", "--out", "gs://bucket/heads/h"])
+    assert result.exit_code == 2 and "gs://bucket/heads/h is not supported as an output" in result.output
+    with pytest.raises(DflError, match="s3://b/emb is not supported as an output"):
+        with output_lock("s3://b/emb", "extract"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_refusal_names_the_new_holder_not_the_dead_one_it_replaced(tmp_path):
     """A second run arriving between the winner's flock and its write of the lock file (which still
     holds a killed run's lines) waits for the winner's lines instead of naming the dead pid."""
