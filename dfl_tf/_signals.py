@@ -131,7 +131,7 @@ def interruptible(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
         return
     outer = _record is None
     record: list[int] = [] if outer else _record
-    held = _Held() if outer or _held is None else _held
+    held = _Held() if outer else _held  # _held is set whenever _record is
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if held.resent:  # our own resend: already in the record

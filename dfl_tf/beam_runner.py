@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from dfl_tf._lock import URL
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions, takes_options
 
@@ -211,7 +212,7 @@ def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions
     from dfl_tf.extract_core import build_backbone, open_run, part_path
 
     flags = parse_beam_options(beam_options)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(out)):
+    if URL.match(str(out)):
         raise DflError(f"--runner beam writes --out through the local filesystem; {out} is not supported "
                        "(use a path every worker mounts, e.g. an NFS or GCS FUSE mount)")
     samples = load_source(source, split=split, classes=classes)

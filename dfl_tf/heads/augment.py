@@ -62,6 +62,12 @@ NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32; at le
 _tables: dict[tuple[int, str], tf.Variable] = {}
 
 
+def check_sampler(sampler: str, what: str = "noise sampler") -> None:
+    """Refuse a sampler name that is not one of :data:`SAMPLERS` (``what`` names it in the error)."""
+    if sampler not in SAMPLERS:
+        raise DflError(f"{what} must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+
+
 def gaussian_noise(shape: Any, seed: Any, stddev: float = 1.0, dtype: Any = tf.float32) -> tf.Tensor:
     """``stddev`` x N(0, 1) samples of ``shape``, a pure function of the int ``[2]`` ``seed``.
 
@@ -120,8 +126,7 @@ def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor,
     """``stddev`` x N(0, I) noise of ``shape`` from the named sampler (:data:`SAMPLERS`)."""
     if sampler == "table":
         return table_noise(shape, seed, stddev, dtype, dim=dim)
-    if sampler != "exact":
-        raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_sampler(sampler)
     if isinstance(stddev, (int, float)):  # the std inside the transform, as before samplers were named
         return gaussian_noise(shape, seed, float(stddev), dtype)
     return tf.cast(gaussian_noise(shape, seed) * tf.cast(stddev, tf.float32), dtype)
@@ -143,8 +148,7 @@ def use_fast_sampler(layer: keras.layers.GaussianNoise, sampler: str = "table") 
     ``SeedGenerator``), identity at inference; only this instance changes, so it saves (and loads)
     as a plain ``keras.layers.GaussianNoise``.
     """
-    if sampler not in SAMPLERS:
-        raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_sampler(sampler)
     layer.call = lambda inputs, training=False: _fast_noise_call(layer, sampler, inputs, training)
     return layer
 
@@ -173,8 +177,7 @@ class ScaledFeatureNoise(keras.layers.Layer):
     def __init__(self, dim: int, stddev: float = DEFAULT_NOISE, scale: Sequence[float] | None = None,
                  seed: int | None = None, sampler: str = "table", **kwargs):
         super().__init__(**kwargs)
-        if sampler not in SAMPLERS:
-            raise DflError(f"noise sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        check_sampler(sampler)
         self.dim, self.stddev, self.seed, self.sampler = int(dim), float(stddev), seed, sampler
         self._init_scale = None if scale is None else np.asarray(scale, np.float32).reshape(self.dim)
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -240,9 +243,8 @@ def resolve_augment(augment: Iterable[Any] | None, noise: float | None) -> list[
         if any(s["name"] == name for s in specs):
             raise DflError(f"augmentation '{name}' is listed twice")
         spec = {"name": name, **AUGMENTATIONS[name], **params}
-        if "sampler" in spec and spec["sampler"] not in SAMPLERS:
-            raise DflError(f"augmentation '{name}': sampler must be one of {', '.join(SAMPLERS)}, "
-                           f"got {spec['sampler']!r}")
+        if "sampler" in spec:
+            check_sampler(spec["sampler"], f"augmentation '{name}': sampler")
         for key, value in list(spec.items()):
             if key not in ("name", "sampler"):
                 try:
