@@ -327,6 +327,34 @@ def test_swallowed_interruption_stops_the_cv_fits_loop():
     assert probs[0].shape == (40, 2)
 
 
+def _sigterm_then_spin(spin_s: float, done: list) -> None:
+    """Send this process SIGTERM, then run Python for ``spin_s`` seconds (the handler is called
+    here, between bytecodes); ``done`` gets True if nothing was raised meanwhile."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + spin_s
+    while time.monotonic() < deadline:
+        pass
+    done.append(True)
+
+
+def _gradient_receiving_sigterm(spin_s: float, done: list):
+    """d(2x)/dx, whose gradient function (run by TensorFlow's C++) calls :func:`_sigterm_then_spin`."""
+
+    @tf.custom_gradient
+    def double(x):
+        def grad(dy):
+            _sigterm_then_spin(spin_s, done)
+            return dy * 2.0
+        return x * 2.0, grad
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = double(x)
+        return tape.gradient(y, x)
+    return gradient
+
+
 @pytest.mark.parametrize("where", ["gradient, eager", "gradient, tf.function", "tf.function trace"])
 def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
     """A signal that lands while TensorFlow's C++ may run Python callbacks (a gradient function;
@@ -337,29 +365,10 @@ def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
     from dfl_tf import _signals
 
     done = []
-
-    def signal_and_spin():
-        os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:  # bytecodes run here: the handler is called here
-            pass
-        done.append(True)
-
-    @tf.custom_gradient
-    def double(x):
-        def grad(dy):
-            signal_and_spin()
-            return dy * 2.0
-        return x * 2.0, grad
-
-    def gradient(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = double(x)
-        return tape.gradient(y, x)
+    gradient = _gradient_receiving_sigterm(0.5, done)
 
     def traced_body(x):
-        signal_and_spin()
+        _sigterm_then_spin(0.5, done)
         return x * 2.0
 
     step = {"gradient, eager": gradient, "gradient, tf.function": tf.function(gradient),
@@ -376,28 +385,6 @@ def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
     assert info.value.signum == signal.SIGTERM and record[0] == signal.SIGTERM
 
 
-def _signal_in_gradient(spin_s: float, done: list):
-    """An eager gradient computation whose gradient function (run by TensorFlow's C++) receives
-    SIGTERM, then keeps running Python for ``spin_s`` seconds."""
-
-    @tf.custom_gradient
-    def double(x):
-        def grad(dy):
-            os.kill(os.getpid(), signal.SIGTERM)
-            deadline = time.monotonic() + spin_s
-            while time.monotonic() < deadline:
-                pass
-            done.append(True)
-            return dy * 2.0
-        return x * 2.0, grad
-
-    x = tf.constant(3.0)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = double(x)
-    return tape.gradient(y, x)
-
-
 def test_held_signal_is_raised_when_the_block_ends(monkeypatch):
     """A signal still held when the block ends (its resend not yet due) is raised there: the block
     never ends normally after a SIGTERM; the resend thread is gone afterwards."""
@@ -408,7 +395,7 @@ def test_held_signal_is_raised_when_the_block_ends(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(_signals.Interrupted) as info:
         with _signals.interruptible() as record:
-            assert float(_signal_in_gradient(0.3, done)) == 2.0  # held: the gradient completes
+            assert float(_gradient_receiving_sigterm(0.3, done)(tf.constant(3.0))) == 2.0  # held: the gradient completes
     assert done == [True] and info.value.signum == signal.SIGTERM and record == [signal.SIGTERM]
     assert time.monotonic() - t0 < 10  # the block's end did not wait for the resend
     assert not [t for t in threading.enumerate() if t.name == "dfl-signal-resend"]
@@ -424,6 +411,6 @@ def test_signal_held_too_long_is_raised_anyway(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         with _signals.interruptible() as record:
-            _signal_in_gradient(20.0, done)
+            _gradient_receiving_sigterm(20.0, done)(tf.constant(3.0))
     assert done == [] and time.monotonic() - t0 < 10  # raised inside the 20 s callback
     assert record == [signal.SIGTERM]  # the resends are not new signals
