@@ -73,8 +73,9 @@ def run(cfg: dict) -> Section:
         data.append({"implementation": label, "precision": precision, "threads": threads, "img_per_s": r})
         log(f"[torch] {label} {precision}: {r:.1f} img/s (dfl_tf / this {ratio:.2f})")
     best_fp32 = max(rates[2], rates[3])
-    headline = {"resnet50_vs_torch_float32": round(rates[0] / best_fp32, 3),
-                "resnet50_vs_torch_bfloat16": round(rates[1] / rates[4], 3)} if name == "resnet50" else {}
+    # unrounded: the README summary formats these as the body does (no double rounding)
+    headline = {"resnet50_vs_torch_float32": rates[0] / best_fp32,
+                "resnet50_vs_torch_bfloat16": rates[1] / rates[4]} if name == "resnet50" else {}
     body = (f"{__doc__.strip()}\n\n{size} px, batch {batch}, {threads} threads for both, median of {repeats} "
             f"round-robin runs after a warm-up.\n\n"
             + table(["implementation", "precision", "threads", "img/s", "dfl_tf / this"], rows)

@@ -121,7 +121,7 @@ def run(cfg: dict) -> Section:
                              "img_per_s": r, "gflop_per_image": gf, "roofline_fraction": r * gf / peak})
                 log(f"[vit] {label} {impl} {precision}: {r:.2f} img/s ({r * gf / peak:.0%} of roofline)")
                 if ratio is not None and not impl.startswith("dfl_tf"):
-                    headline[f"{HEADLINE[label]}_vs_torch_{precision}"] = round(ratio, 3)
+                    headline[f"{HEADLINE[label]}_vs_torch_{precision}"] = ratio  # unrounded, as the table
             del configs
     finally:
         torch.set_num_threads(saved)

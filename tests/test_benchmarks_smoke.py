@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,3 +75,18 @@ def test_extract_input_threads_writes_every_mode(tmp_path):
         for mode in ("auto", "workers 1", "workers 2", "nice 10"):
             assert entry["median_efficiency"][mode] > 0, (source, mode)
         assert set(entry["rounds_beating_auto"]) == {"workers 1", "workers 2", "nice 10"}
+
+
+@pytest.mark.parametrize("worst, x20, both", [(0.9149, 9490.5, 5999.47), (1.0049, 415.96, 286.2)])
+def test_reader_headline_reads_as_the_section_prints_it(worst, x20, both):
+    """The reader headline, as the README summary formats it (ratio "{:.2f}", tiles/s "{:.0f}"),
+    reads as the section body prints it: no double rounding (5,999.47 stored as 5,999.5 read "6000"
+    beside a printed "5,999" and failed test_docs' summary check)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_reader import headline
+    from common import fmt
+
+    h = headline(worst, x20, both)
+    assert f"{h['reader_vs_openslide']:.2f}" == f"{worst:.2f}"
+    for key, value in (("reader_tiles_per_s_per_core_x20", x20), ("reader_tiles_per_s_per_core_x20_x5", both)):
+        assert f"{h[key]:.0f}" == fmt(value, 0).replace(",", ""), key
