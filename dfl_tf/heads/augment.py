@@ -26,13 +26,15 @@ The layers are the identity at inference (``training=False``). ``noise`` and
 
 Sampling (``noise``'s ``sampler``): drawing ``dim`` fresh Gaussian numbers per embedding and
 step costs about as much as the head's matmuls on CPU, so by default (``sampler: table``) the
-noise comes from :func:`table_noise`: each embedding gets a random row of a fixed table of
-N(0, 1) draws (:func:`noise_table`, 2^22 numbers, 16 MB, for dim up to 4,096), cyclically
-shifted by a random offset per batch and with a random sign (as the shared noise table of
-OpenAI's evolution strategies). Each noise vector is thus a uniform pick among about
-``2 x 2^22`` fixed vectors (``2 x rows x dim``) whose entries are independent Gaussian draws; two
-embeddings of a batch get the same row with probability 1 / rows (about 16 such pairs in a batch
-of 256 at dim 2,048, each pair's vectors equal or opposite). ``sampler: exact`` draws fresh numbers instead
+noise comes from :func:`table_noise`: a fixed table of N(0, 1) draws (:func:`noise_table`, 2^22
+numbers, 16 MB, for dim up to 4,096) is read as one flat sequence, and the batch's vectors are
+consecutive windows of ``dim`` numbers from a random offset per batch (a multiple of 16, so the
+slice shares the table's memory), each with a random sign (after the shared noise table of
+OpenAI's evolution strategies). The draw is then one multiply-add over the batch; each vector is a
+pick among about ``2 x 2^22 / 16`` fixed vectors whose entries are independent Gaussian draws, and
+the vectors of one batch share no numbers. Draws larger than the table (the batched
+cross-validation fits) take a random table row per vector, cyclically shifted by a random offset
+per batch. ``sampler: exact`` draws fresh numbers instead
 (:func:`gaussian_noise`: Box-Muller on philox uniforms as vectorised tensor ops, about half the
 cost of ``tf.random.stateless_normal``). The accuracy of the two is compared in
 ``benchmarks/results.md`` (heads study). The noise layers that :func:`augment_layers` builds are
@@ -59,6 +61,7 @@ AUGMENTATIONS: dict[str, dict[str, float | str]] = {
 DEFAULT_NOISE = 0.1
 SAMPLERS = ("table", "exact")  # the noise samplers: table_noise, gaussian_noise
 NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32; at least 1,024 rows)
+_ALIGN = 16  # window offsets: multiples of 64 bytes, so that a slice of the table is not a copy
 _tables: dict[tuple[int, str], tf.Variable] = {}
 
 
@@ -105,21 +108,39 @@ def noise_table(dim: int) -> tf.Variable:
 def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: Any = tf.float32, *,
                 dim: int) -> tf.Tensor:
     """``stddev`` x N(0, I) noise vectors of ``shape`` (``[..., dim]``, ``dim`` static), a pure function
-    of the int ``[2]`` ``seed``: row ``r_i`` of :func:`noise_table` for each vector, all of them
-    cyclically shifted by one random offset and each multiplied by a random sign. ``stddev`` may
-    be a tensor broadcasting against ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
+    of the int ``[2]`` ``seed``, read from :func:`noise_table` and each multiplied by a random sign.
+
+    When the ``n = prod(shape[:-1])`` vectors fit in the table (``n x dim <= 2^22 - 16``, e.g. a batch
+    of up to about 2,000 at dim 2,048), they are ``n`` consecutive windows of ``dim`` numbers of the
+    flattened table from one random offset (a multiple of 16, so that the slice shares the table's
+    memory instead of copying it): the whole draw is one multiply-add over the batch, and the
+    vectors of one batch share no numbers. Larger draws (the batched cross-validation fits) take a
+    random table row per vector, all rows cyclically shifted by one random offset. ``stddev`` may be
+    a tensor broadcasting against ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
     shape = tf.convert_to_tensor(shape, tf.int32)
     dim = int(dim)
-    table = noise_table(dim)
+    # read_value, never tf.gather on the variable: a ResourceGather switches the variable to
+    # copy-on-read, and every later read would copy all 16 MB
+    table = noise_table(dim).read_value()
     n = tf.reduce_prod(shape[:-1])
     seed = tf.cast(seed, tf.int64)
-    s_rows, s_shift, s_sign = (tf.random.experimental.stateless_fold_in(seed, i) for i in range(3))
-    rows = tf.random.stateless_uniform([n], s_rows, 0, tf.shape(table, out_type=tf.int64)[0], dtype=tf.int64)
-    shift = tf.random.stateless_uniform([], s_shift, 0, dim, dtype=tf.int32)
+    s_offset, s_rows, s_sign = (tf.random.experimental.stateless_fold_in(seed, i) for i in range(3))
+    total = tf.size(table)
+    need = n * dim
+
+    def windows():
+        offset = tf.random.stateless_uniform([], s_offset, 0, (total - need) // _ALIGN + 1, dtype=tf.int32) * _ALIGN
+        return tf.reshape(tf.slice(tf.reshape(table, [-1]), [offset], [need]), [n, dim])
+
+    def rolled_rows():
+        rows = tf.random.stateless_uniform([n], s_rows, 0, tf.shape(table)[0], dtype=tf.int32)
+        shift = tf.random.stateless_uniform([], s_offset, 0, dim, dtype=tf.int32)
+        return tf.roll(tf.gather(table, rows), shift, axis=1)
+
+    z = tf.cond(need <= total - _ALIGN, windows, rolled_rows)
     sign = tf.cast(tf.random.stateless_uniform([n, 1], s_sign, 0, 2, dtype=tf.int32) * 2 - 1, tf.float32)
-    z = tf.reshape(tf.roll(tf.gather(table, rows), shift, axis=1), shape)
-    scale = tf.reshape(sign, tf.concat([shape[:-1], [1]], 0)) * tf.cast(stddev, tf.float32)
-    return tf.cast(z * scale, dtype)
+    scale = sign * tf.reshape(tf.cast(stddev, tf.float32) * tf.ones(tf.concat([shape[:-1], [1]], 0)), [n, 1])
+    return tf.cast(tf.reshape(z * scale, shape), dtype)
 
 
 def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor, dtype: Any, dim: int) -> tf.Tensor:
