@@ -52,10 +52,11 @@ def test_gaussian_noise_sampler_is_gaussian_and_seeded():
     assert gaussian_noise([3, 5], tf.constant([1, 2])).shape == (3, 5)  # odd element count
 
 
-def test_table_noise_is_gaussian_seeded_and_built_from_rolled_table_rows():
-    """The default noise sampler: each vector is a row of the fixed N(0, 1) table, cyclically shifted
-    by the batch's offset and signed, times std; Gaussian per element, uncorrelated between the
-    vectors of a batch and between features, a function of the seed; a std per model broadcasts."""
+def test_table_noise_is_gaussian_seeded_and_read_from_the_table():
+    """The default noise sampler: a batch's vectors are consecutive windows of the flattened N(0, 1)
+    table from one 64-byte-aligned offset (rolled table rows when the draw is larger than the table),
+    each signed, times std; Gaussian per element, uncorrelated between the vectors of a batch and
+    between features, a function of the seed; a std per model broadcasts."""
     import tensorflow as tf
     from scipy import stats
 
@@ -72,19 +73,30 @@ def test_table_noise_is_gaussian_seeded_and_built_from_rolled_table_rows():
     assert abs(np.corrcoef(z[:, :-1].ravel(), z[:, 1:].ravel())[0, 1]) < 0.01  # neighbouring features
     table = noise_table(dim).numpy()
     assert table.shape == (4190, dim)  # 2^22 numbers
-    shifts = set()
-    for v in table_noise([5, dim], tf.constant([3, 4]), 1.0, dim=dim).numpy():  # +- rolled table rows
-        hits = [(r, j) for r, j in zip(*np.nonzero(np.abs(table) == abs(v[0])))
-                if np.array_equal(np.abs(np.roll(table[r], -j % dim)), np.abs(v))]
-        assert len(hits) == 1, "not one rolled table row"
-        (r, j), = hits
-        shifts.add(-j % dim)
-        np.testing.assert_array_equal(v, np.sign(v[0] / table[r, j]) * np.roll(table[r], -j % dim))
-    assert len(shifts) == 1  # one offset for the batch
+    table_flat = table.ravel()
+    offsets = set()
+    for seed in ([3, 4], [5, 6], [7, 8]):
+        v = table_noise([5, dim], tf.constant(seed), 1.0, dim=dim).numpy()
+        start, = np.nonzero(np.abs(table_flat) == abs(v[0, 0]))
+        assert len(start) == 1 and start[0] % 16 == 0, "not a 64-byte-aligned window of the table"
+        window = table_flat[start[0]:start[0] + 5 * dim].reshape(5, dim)
+        signs = np.sign(v[:, :1] / window[:, :1])
+        np.testing.assert_array_equal(v, signs * window)  # consecutive windows, one sign per vector
+        offsets.add(int(start[0]))
+    assert len(offsets) == 3  # the offset depends on the seed
     np.testing.assert_array_equal(z, table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy())
     assert not np.allclose(z, table_noise([400, dim], tf.constant([3, 5]), 0.1, dim=dim).numpy())
     per_model = table_noise([2, 300, 8], tf.constant([1, 2]), tf.constant([[[0.0]], [[2.0]]]), dim=8).numpy()
     assert per_model.shape == (2, 300, 8) and not per_model[0].any() and abs(per_model[1].std() - 2) < 0.15
+    # more numbers than the table holds: one random table row per vector, all rolled by one offset
+    small = noise_table(8).numpy()
+    big = table_noise([2, len(small), 8], tf.constant([1, 2]), tf.constant([[[1.0]], [[3.0]]]), dim=8).numpy()
+    assert abs(big[0].std() - 1) < 0.01 and abs(big[1].std() - 3) < 0.03
+    lookup = {tuple(np.abs(row)): i for i, row in enumerate(small)}
+    shifts = {k for k in range(8) if tuple(np.abs(np.roll(big[0, 0], -k))) in lookup}
+    assert len(shifts) == 1
+    k, = shifts
+    assert all(tuple(np.abs(np.roll(v, -k))) in lookup for v in big[0, :50])
 
 
 def test_noise_layer_fast_sampler_is_seeded_fresh_and_saves_plain(tmp_path):
@@ -142,3 +154,44 @@ def test_fused_adam_takes_the_keras_steps(weight_decay):
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert not np.allclose(results[1][0], start[0])
+
+
+@pytest.mark.parametrize("cache_gb", [2.0, 0.0])  # in memory, streamed from the shards
+def test_training_on_standardised_view_equals_training_the_whole_head(tmp_path, monkeypatch, cache_gb):
+    """train_head fits the head's layers after its standardisation on embeddings standardised once
+    (training_view): the saved head is the one that training the whole head on raw embeddings gives
+    (float32 store, same seed), and without a validation set its metrics come from the raw records."""
+    import json
+
+    import keras
+
+    import dfl_tf.heads.train as train_mod
+    from dfl_tf import train_head
+    from dfl_tf.heads.model import build_head, standardize_values, training_view
+    from emb_utils import blobs, make_embedding_dir
+
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(size=12).astype(np.float32) * 5, rng.uniform(0.1, 4, 12).astype(np.float32)
+    head = build_head(12, 3, 8, mean=mean, std=std)
+    view = training_view(head)
+    assert [w.path for w in view.weights] == [w.path for w in head.trainable_weights]
+    x = rng.normal(size=(6, 12)).astype(np.float32) * 3 + 1
+    mu, denominator = standardize_values(mean, std)
+    np.testing.assert_array_equal(view((x - mu) / denominator).numpy(), head(x).numpy())
+
+    X, y = blobs(400, 12, 2, sep=4.0, seed=0)
+    X = X * 7 + 30  # far from standardised
+    make_embedding_dir(tmp_path / "train", X, y, ["a", "b"], dtype="float32")
+    fit = dict(hidden=16, epochs=6, batch_size=64, select="never", probe=False, seed=4, progress=False,
+               cache_gb=cache_gb)
+    train_head(tmp_path / "train", tmp_path / "view", **fit)
+    monkeypatch.setattr(train_mod, "training_view", lambda model: None)  # the whole head, as before
+    train_head(tmp_path / "train", tmp_path / "whole", **fit)
+    heads = [keras.saving.load_model(tmp_path / name / "head.keras") for name in ("view", "whole")]
+    for a, b in zip(*(h.get_weights() for h in heads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(heads[0].get_layer("hidden").get_weights()[0],
+                           build_head(12, 2, 16).get_layer("hidden").get_weights()[0])  # it did train
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("view", "whole")]
+    assert metrics[0]["split"] == "train" and metrics[0]["balanced_accuracy"] > 0.8
+    assert metrics[0]["balanced_accuracy"] == pytest.approx(metrics[1]["balanced_accuracy"], abs=1e-6)

@@ -35,8 +35,9 @@ class ValidationCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, X: np.ndarray | None, y: np.ndarray | None, n_classes: int, loss_fn, monitor: str,
-                 patience: int, batch_size: int = 2048):
+                 patience: int, batch_size: int = 2048, predict_model: keras.Model | None = None):
         super().__init__()
+        self.predict_model = predict_model  # predicts on raw embeddings; default: the fitted model
         self.X, self.y, self.n_classes, self.loss_fn = X, y, n_classes, loss_fn
         self.monitor, self.patience, self.batch_size = monitor, patience, batch_size
         self.mode = "min" if monitor == "val_loss" else "max"
@@ -51,7 +52,7 @@ class ValidationCallback(keras.callbacks.Callback):
     def _metrics(self) -> dict[str, float]:
         from sklearn import metrics as skm
 
-        probs = predict_probs(self.model, self.X, self.batch_size)
+        probs = predict_probs(self.predict_model or self.model, self.X, self.batch_size)
         pred = probs.argmax(axis=1)
         onehot = np.eye(self.n_classes, dtype=np.float32)[self.y]
         out = {"val_loss": float(keras.ops.convert_to_numpy(self.loss_fn(onehot, probs))),

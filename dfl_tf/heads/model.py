@@ -72,6 +72,28 @@ def standardize_layer(dim: int, mean: Sequence[float] | None = None, std: Sequen
     return keras.layers.Normalization(mean=mean, variance=variance, name=name)
 
 
+def standardize_values(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, denominator)``, float32, with which :func:`standardize_layer` (Keras'
+    ``Normalization``) computes ``(x - mean) / denominator``: the same numbers, for standardising
+    data outside the model (:func:`training_view`)."""
+    dim = len(np.asarray(mean).reshape(-1))
+    layer = standardize_layer(dim, mean, std)
+    layer.build((None, dim))
+    mean32 = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32).reshape(-1)
+    var32 = np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32).reshape(-1)
+    return mean32, np.maximum(np.sqrt(var32), np.float32(keras.backend.epsilon())).astype(np.float32)
+
+
+def training_view(model: keras.Model) -> keras.Model | None:
+    """The part of a :func:`build_head` model after its ``standardize`` layer, as a model of its own
+    on standardised embeddings that shares the head's layers and weights (training it trains the
+    head), or ``None`` when layers come before the standardisation (``scaled-noise``)."""
+    layer = model.get_layer("standardize")
+    if layer.input is not model.inputs[0]:
+        return None
+    return keras.Model(layer.output, model.output, name=f"{model.name}_on_standardised")
+
+
 def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std (float64 accumulation; std floored at 1e-6 -> 1)."""
     X = np.asarray(X)

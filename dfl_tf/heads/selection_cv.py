@@ -186,7 +186,7 @@ class SmallData:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(X float32, y) of the labeled training records, in shard order."""
-        if self._arrays is None and self.data.in_memory:
+        if self._arrays is None and self.data.in_memory and self.data.X is not None:
             return np.asarray(self.data.X, np.float32), self.data.y
         return self._load()[:2]
 

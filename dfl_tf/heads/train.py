@@ -38,7 +38,8 @@ from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
 from dfl_tf.heads.inputs import check_out, class_weights, history_csv, load_val, refuse_non_finite
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
-from dfl_tf.heads.model import HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation
+from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
+                                 standardize_values, training_view)
 from dfl_tf.heads.selection_cv import (DEFAULT_FOLDS, DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE,
                                        SELECT_MODES, SmallData, grid_candidates, make_optimizer)
 from dfl_tf.store.manifest import load_manifest
@@ -120,21 +121,42 @@ class _TrainData:
         self.std = safe_std(np.sqrt(m2 / max(n, 1)))
         self.counts, self.unlabeled = counts, unlabeled
 
+    def _standardise_in_place(self, mean: np.ndarray, denominator: np.ndarray, chunk: int = 65536) -> None:
+        """``X = (X - mean) / denominator`` in float32, chunk by chunk, stored back in X's dtype."""
+        for i in range(0, len(self.X), chunk):
+            part = self.X[i:i + chunk].astype(np.float32)
+            part -= mean
+            part /= denominator
+            self.X[i:i + chunk] = part
+
     def dataset(self, batch_size: int, seed: int, balanced: bool, class_weights: np.ndarray | None,
-                mixup: float) -> tuple[tf.data.Dataset, int | None]:
-        """(endless dataset of (x, y_onehot, sample_weight) batches, steps_per_epoch)."""
+                mixup: float, standardise: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[tf.data.Dataset, int | None]:
+        """(endless dataset of (x, y_onehot, sample_weight) batches, steps_per_epoch).
+
+        ``standardise=(mean, denominator)``: the batches are standardised embeddings (for
+        :func:`dfl_tf.heads.model.training_view`). In memory they are standardised once, in place
+        and in the storage dtype (so a float16 store adds one float16 rounding of the standardised
+        value, far below the noise augmentation's 0.1 std), and the raw records are no longer
+        kept (``X`` becomes None); streamed batches are standardised in the pipeline."""
         C = self.n_classes
         steps = math.ceil(self.num / batch_size)
         cw = tf.constant(class_weights if class_weights is not None else np.ones(C), tf.float32)
 
         def finish(x, label):
             x = tf.cast(x, tf.float32)
+            if standardise is not None and not self.in_memory:
+                x = (x - standardise[0]) / standardise[1]
             y = tf.one_hot(label, C, dtype=tf.float32)
             w = tf.reduce_sum(y * cw, axis=-1)
             return x, y, w
 
         if self.in_memory:
+            if standardise is not None:
+                self._standardise_in_place(*standardise)
             Xc, yc = tf.constant(self.X), tf.constant(self.y)
+            if standardise is not None:
+                self.X = None  # standardised now: raw records are read from the shards if asked for
             if balanced:
                 parts = [tf.data.Dataset.from_tensor_slices(np.flatnonzero(self.y == c).astype(np.int64))
                          .shuffle(int(self.counts[c]), seed=seed + c, reshuffle_each_iteration=True).repeat()
@@ -239,7 +261,9 @@ def train_head(
     None, ``"balanced"`` or {class: weight}; ``balanced_sampling`` draws classes uniformly.
     Training records are kept in memory when they take at most ``cache_gb`` GB in their
     storage dtype, else streamed from the shards. ``callbacks``: extra Keras callbacks
-    (Python API only). ``devices``: train under ``tf.distribute.MirroredStrategy`` (see
+    (Python API only); their ``self.model`` is the model being fitted, which (without
+    ``scaled-noise``) is the head after its standardisation layer, sharing the head's layers and
+    taking standardised embeddings (:func:`dfl_tf.heads.model.training_view`). ``devices``: train under ``tf.distribute.MirroredStrategy`` (see
     :mod:`dfl_tf.distribute`; default: all GPUs when more than one is visible); the batch is
     the global batch, split across replicas. Returns a summary dict.
     """
@@ -332,12 +356,17 @@ def train_head(
     with strategy_scope(strategy):
         model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
                            pre_augment=pre)
-        model.compile(optimizer=make_optimizer(lr, weight_decay), loss=loss_fn,
+        # Trained on embeddings standardised once beforehand (not at every step): the part of the head
+        # after its standardisation, sharing its layers; the full head when layers precede it.
+        view = training_view(model)
+        trainer = view if view is not None else model
+        trainer.compile(optimizer=make_optimizer(lr, weight_decay), loss=loss_fn,
                       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                       # several steps per call fails under MirroredStrategy (Keras 3.13): one there
                       steps_per_execution=steps_per_execution(math.ceil(data.num / int(batch_size)))
                       if replicas == 1 else 1)
-    ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs))
+    ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs),
+                             standardise=None if view is None else standardize_values(data.mean, data.std))
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -345,13 +374,13 @@ def train_head(
     try:
         log_root = Path(logdir) if logdir else tmp / "logs"
         valcb = ValidationCallback(Xv, yv, len(classes), loss_fn, monitor, int(patience) if val else 0,
-                                   batch_size=max(int(batch_size), 2048))
+                                   batch_size=max(int(batch_size), 2048), predict_model=model)
         if (selection.get("choice") or {}).get("model") == PROBE_CHOICE:
             # cross-validation preferred the probe: a linear head with its weights, no training
             model.get_layer("probabilities").set_weights([probe_model.W.T, probe_model.b])
             hist, epochs_run, best_epoch = {}, 0, 0
         else:
-            history = model.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
+            history = trainer.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
                                 callbacks=[valcb, TensorBoardLogger(log_root, histogram_freq), *(callbacks or [])],
                                 verbose=2 if progress else 0, shuffle=False)
             hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
