@@ -95,11 +95,10 @@ def read_speed(emb_dir: Path, batch_size: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float, hidden: int = 256,
-                noise: float | None = None) -> tuple[float, dict]:
+def epoch_timer():
+    """A Keras callback keeping the seconds of the last epoch (``last``), from its start to its end
+    (Keras imported only when called)."""
     import keras
-
-    from dfl_tf.heads.train import train_head
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -108,7 +107,14 @@ def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float, hidd
         def on_epoch_end(self, epoch, logs=None):
             self.last = time.perf_counter() - self.t0
 
-    timer = EpochTimer()
+    return EpochTimer()
+
+
+def train_speed(emb_dir: Path, out: Path, batch_size: int, cache_gb: float, hidden: int = 256,
+                noise: float | None = None) -> tuple[float, dict]:
+    from dfl_tf.heads.train import train_head
+
+    timer = epoch_timer()
     summary = train_head(emb_dir, out, hidden=hidden, noise=noise, select="never", probe=False, epochs=2, batch_size=batch_size, patience=0,
                          cache_gb=cache_gb, progress=False, callbacks=[timer])
     return summary["train_records"] / timer.last, summary
@@ -132,9 +138,10 @@ figures is used, so both see the same load."""
 
 
 NOISE_NOTE = ("The default feature-noise augmentation (std 0.1) adds a dim-long N(0, 0.01 I) vector per embedding "
-              "and step. By default it is a random row of a fixed 16 MB table of Gaussian numbers, rolled by a "
-              "random offset per batch and randomly signed (``dfl_tf.heads.augment.table_noise``, ``sampler: "
-              "table``): drawing dim fresh numbers instead (``sampler: exact``, a vectorised Box-Muller sampler, "
+              "and step. By default the batch's vectors are consecutive windows of a fixed 16 MB table of Gaussian "
+              "numbers from one random 64-byte-aligned offset per batch (a slice that shares the table's memory), "
+              "each randomly signed (``dfl_tf.heads.augment.table_noise``, ``sampler: table``): one multiply-add over "
+              "the batch. Drawing dim fresh numbers instead (``sampler: exact``, a vectorised Box-Muller sampler, "
               "already half the cost of TensorFlow's normal kernel) costs about as much as the head's two matmuls "
               "(levers table below); the heads study compares the accuracy of the two. The Adam(W) update is "
               "TensorFlow's fused kernel, and training runs several steps per compiled call "
@@ -182,8 +189,10 @@ def levers_doc(repeats: int) -> str:
     return f"""Levers for the training step, timed alone at the default batch; ratios > 1 are slower than
 what dfl_tf uses. Noise samplers: ``[batch, dim]`` standard normal numbers, one compiled
 ``tf.function`` each, median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
-without noise, ``keras.Model.fit`` of 128 steps (``steps_per_execution`` 32, data in memory, after a
-warm-up fit), with ``jit_compile`` False and True alternately, median of {repeats} fits each, op
+without noise, one epoch of 128 steps of ``keras.Model.fit`` (``steps_per_execution`` 32, data in
+memory, after a warm-up fit; timed from the epoch's start to its end by a callback, so the setting up
+and tearing down of the fit's data iterator is left out), with ``jit_compile`` False and True
+alternately, median of {repeats} fits each, op
 determinism off for both (under it Keras silently turns XLA off; dfl_tf trains with it on). The
 larger-batch row above and the heads study's batch-size section give the other lever, a larger batch,
 and what it costs in accuracy."""
@@ -221,7 +230,7 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
     shape = [batch, dim]
     default = "noise sampler: table (default)"
     samplers = [
-        (default, "rolled, signed rows of a fixed N(0, 1) table", tf.function(lambda: table_noise(shape, seed, dim=dim))),
+        (default, "signed windows of a fixed N(0, 1) table", tf.function(lambda: table_noise(shape, seed, dim=dim))),
         ("noise sampler: exact", "Box-Muller on philox uniforms, as tensor ops",
          tf.function(lambda: gaussian_noise(shape, seed))),
         ("noise sampler: TensorFlow's normal kernel", "tf.random.stateless_normal",
@@ -253,9 +262,9 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(repeats):
             for jit, model in models.items():
-                t0 = time.perf_counter()
-                model.fit(ds, epochs=1, steps_per_epoch=128, verbose=0)
-                times[jit].append((time.perf_counter() - t0) / 128 * 1e3)
+                timer = epoch_timer()
+                model.fit(ds, epochs=1, steps_per_epoch=128, verbose=0, callbacks=[timer])
+                times[jit].append(timer.last / 128 * 1e3)
     finally:
         if determinism:
             tf.config.experimental.enable_op_determinism()
