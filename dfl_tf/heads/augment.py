@@ -29,10 +29,11 @@ step costs about as much as the head's matmuls on CPU, so by default (``sampler:
 noise comes from :func:`table_noise`: a fixed table of N(0, 1) draws (:func:`noise_table`, 2^22
 numbers, 16 MB, for dim up to 4,096) is read as one flat sequence, and the batch's vectors are
 consecutive windows of ``dim`` numbers from a random offset per batch (a multiple of 16, so the
-slice shares the table's memory), each with a random sign (after the shared noise table of
-OpenAI's evolution strategies). The draw is then one multiply-add over the batch; each vector is a
-pick among about ``2 x 2^22 / 16`` fixed vectors whose entries are independent Gaussian draws, and
-the vectors of one batch share no numbers. Draws larger than the table (the batched
+slice shares the table's memory when ``batch x dim`` is one too), each with a random sign (after
+the shared noise table of OpenAI's evolution strategies). The draw is then one multiply-add over
+the batch; each vector is a pick among ``2 x (2^22 - batch x dim) / 16`` fixed vectors (about
+460,000 at batch 256 and dim 2,048) whose entries are independent Gaussian draws, and the vectors
+of one batch share no numbers. Draws larger than the table (e.g. the larger batched
 cross-validation fits) take a random table row per vector, cyclically shifted by a random offset
 per batch. ``sampler: exact`` draws fresh numbers instead
 (:func:`gaussian_noise`: Box-Muller on philox uniforms as vectorised tensor ops, about half the
@@ -113,10 +114,11 @@ def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: A
     When the ``n = prod(shape[:-1])`` vectors fit in the table (``n x dim <= 2^22 - 16``, e.g. a batch
     of up to about 2,000 at dim 2,048), they are ``n`` consecutive windows of ``dim`` numbers of the
     flattened table from one random offset (a multiple of 16, so that the slice shares the table's
-    memory instead of copying it): the whole draw is one multiply-add over the batch, and the
-    vectors of one batch share no numbers. Larger draws (the batched cross-validation fits) take a
-    random table row per vector, all rows cyclically shifted by one random offset. ``stddev`` may be
-    a tensor broadcasting against ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
+    memory instead of copying it when ``n x dim`` is a multiple of 16 too): the whole draw is one
+    multiply-add over the batch, and the vectors of one batch share no numbers. Larger draws (e.g.
+    the larger batched cross-validation fits) take a random table row per vector, all rows
+    cyclically shifted by one random offset. ``stddev`` may be a tensor broadcasting against
+    ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
     shape = tf.convert_to_tensor(shape, tf.int32)
     dim = int(dim)
     # read_value, never tf.gather on the variable: a ResourceGather switches the variable to

@@ -365,6 +365,9 @@ def train_head(
                       # several steps per call fails under MirroredStrategy (Keras 3.13): one there
                       steps_per_execution=steps_per_execution(math.ceil(data.num / int(batch_size)))
                       if replicas == 1 else 1)
+        if view is not None:  # head.keras keeps the compile config and optimizer state, as before
+            model.compile(optimizer=trainer.optimizer, loss=loss_fn,
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs),
                              standardise=None if view is None else standardize_values(data.mean, data.std))
 
