@@ -62,6 +62,21 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def cpu_bf16() -> str:
+    """The CPU's bfloat16 instruction sets (AMX, AVX-512 BF16) from /proc/cpuinfo's flags, or "none":
+    without them bfloat16 matmuls are emulated and slower than float32. Cloud VMs of one model name
+    can land on hosts with and without them, so runs are comparable only where this matches."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+                return ", ".join(found) or "none (bfloat16 emulated)"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict:
     import keras
     import tensorflow as tf
@@ -80,7 +95,7 @@ def machine_info() -> dict:
         torch_v = "not installed"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cores": cores, "ram": ram, "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_bf16": cpu_bf16(), "cores": cores, "ram": ram, "python": platform.python_version(),
             "tensorflow": tf.__version__, "keras": keras.__version__, "torch": torch_v,
             "gpus": ", ".join(gpus) or "none", "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "load": load_avg()}
@@ -216,7 +231,8 @@ def write_results(path: Path, info: dict, sections: list[Section], command: str)
         if title not in produced and title != "Machine":
             kept.append(f"## {title}\n{m.group(2).rstrip()}\n")
     machine = table(["", ""], [[k, v] for k, v in [
-        ("CPU", info["cpu"]), ("cores available", info["cores"]), ("RAM", info["ram"]), ("GPUs", info["gpus"]),
+        ("CPU", info["cpu"]), ("bfloat16 instructions", info.get("cpu_bf16", "not recorded")),
+        ("cores available", info["cores"]), ("RAM", info["ram"]), ("GPUs", info["gpus"]),
         ("Python", info["python"]), ("TensorFlow", info["tensorflow"]), ("Keras", info["keras"]),
         ("torch", info["torch"]), ("date", info["date"]),
         ("load average (1/5/15 min) at start", info["load"]),
@@ -348,7 +364,7 @@ def readme_summary(result: dict) -> str:
     lines.append("| fine-tuning vs heads, shards, peak memory, serving latency | see `benchmarks/results.md` | | |")
     m = result.get("machine", {})
     head = (f"Summary of `benchmarks/results.json` (last run: {result.get('command', '')}, {result.get('date', '?')}; "
-            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average {m.get('load', '?')} at start, "
+            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, bfloat16 instructions: {m.get('cpu_bf16', 'not recorded')}; load average {m.get('load', '?')} at start, "
             f"{m.get('load_end', '?')} at end; each row dated by the run that measured it):")
     return "\n".join([README_START, head, "", *lines, README_END])
 
