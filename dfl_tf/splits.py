@@ -74,8 +74,10 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
     """``([(train_idx, val_idx)] * k', method)``: stratified k-fold, grouped when groups are known.
 
     ``k'`` is ``k`` reduced to what the data allows (the number of groups, the largest class
-    count); with a single group the folds are stratified only (``method`` says so); at least 2
-    folds are needed, else :class:`DflError`. Deterministic in ``seed``.
+    count); with a single group, or when grouped folds would leave a class that a validation part
+    holds out of its training part (class-pure groups: that fold could only score 0 on it), the
+    folds are stratified only (``method`` says so); at least 2 folds are needed, else
+    :class:`DflError`. Deterministic in ``seed``.
     """
     import warnings
 
@@ -108,4 +110,13 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
             splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
             folds = list(splitter.split(np.zeros(len(y)), y))
     folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in folds if len(b)]
+    if use_groups and any(set(np.unique(y[b])) - set(np.unique(y[a])) for a, b in folds):
+        # class-pure groups (e.g. one annotated region per class): a fold would score a class its
+        # training part never saw, so every candidate scores ~0 and the choice is arbitrary
+        k_eff = min(int(k), int(counts.max()))
+        splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
+        folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64))
+                 for a, b in splitter.split(np.zeros(len(y)), y) if len(b)]
+        method = (f"{k_eff}-fold stratified, not grouped (grouped folds would leave a class out of a "
+                  f"training part: the {int(codes.max()) + 1} groups are too few or too class-pure)")
     return folds, method

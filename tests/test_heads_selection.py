@@ -90,6 +90,23 @@ def test_cv_folds_grouped_stratified_deterministic():
         cv_folds(np.arange(3), ["one"] * 3, k=5)  # one record per class
 
 
+def test_cv_folds_fall_back_to_stratified_when_groups_are_class_pure():
+    """Grouped folds where a validation part holds a class its training part lacks (one region per
+    class, as in the demo) cannot score that class: the folds become stratified, and method says why."""
+    from dfl_tf.heads.selection_cv import cv_folds
+
+    y = np.repeat([0, 1, 0], 40)
+    groups = np.repeat(["tumour band", "stroma band", "normal band"], 40).tolist()
+    folds, method = cv_folds(y, groups, k=3, seed=0)
+    assert method.startswith("3-fold stratified, not grouped (grouped folds would leave a class out")
+    for train, val in folds:
+        assert set(y[val]) <= set(y[train]) and np.bincount(y[val]).min() >= 13
+    mixed = np.repeat(["a", "b", "c", "d", "e", "f"], 20).tolist()  # every group holds both classes
+    y_mixed = np.tile([0, 1], 60)
+    _, method = cv_folds(y_mixed, mixed, k=3, seed=0)
+    assert method == "3-fold stratified, grouped by group (6 groups)"
+
+
 def test_selection_deterministic_under_seed(small_set):
     from dfl_tf.heads.selection_cv import cross_validate, cv_folds, grid_candidates
     from dfl_tf.store.shards import load_embeddings
