@@ -43,14 +43,9 @@ NOTE = ("Target (issue 3): training >= 80 % of read speed. Training a hidden-256
 def machine_info() -> str:
     import tensorflow as tf
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from common import cpu_model
+
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"CPU: {cpu}, {cores} cores available (os.cpu_count {os.cpu_count()}); "
             f"Python {platform.python_version()}; TensorFlow {tf.__version__}")

@@ -51,30 +51,31 @@ def ensure_backbone(name: str) -> None:
         register_tiny()
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` field of /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    return cpuinfo_field("model name") or "unknown"
 
 
 def cpu_bf16() -> str:
     """The CPU's bfloat16 instruction sets (AMX, AVX-512 BF16) from /proc/cpuinfo's flags, or "none":
     without them bfloat16 matmuls are emulated and slower than float32. Cloud VMs of one model name
     can land on hosts with and without them, so runs are comparable only where this matches."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-                return ", ".join(found) or "none (bfloat16 emulated)"
-    except OSError:
-        pass
-    return "unknown"
+    flags = cpuinfo_field("flags")
+    if flags is None:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags.split()]
+    return ", ".join(found) or "none (bfloat16 emulated)"
 
 
 def machine_info() -> dict:

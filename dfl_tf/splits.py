@@ -101,22 +101,23 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
     if k_eff < 2:
         raise DflError(f"cross-validation needs at least 2 folds; the data allow {k_eff} "
                        f"({'groups' if use_groups else 'records per class'} too few)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
-        if use_groups:
-            splitter = StratifiedGroupKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
-            folds = list(splitter.split(np.zeros(len(y)), y, codes))
-        else:
-            splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
-            folds = list(splitter.split(np.zeros(len(y)), y))
-    folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in folds if len(b)]
+    def split(n_splits: int, grouped: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
+            if grouped:
+                pairs = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=int(seed)).split(
+                    np.zeros(len(y)), y, codes)
+            else:
+                pairs = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(seed)).split(
+                    np.zeros(len(y)), y)
+            return [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64)) for a, b in pairs if len(b)]
+
+    folds = split(k_eff, use_groups)
     if use_groups and any(set(np.unique(y[b])) - set(np.unique(y[a])) for a, b in folds):
         # class-pure groups (e.g. one annotated region per class): a fold would score a class its
         # training part never saw, so every candidate scores ~0 and the choice is arbitrary
         k_eff = min(int(k), int(counts.max()))
-        splitter = StratifiedKFold(n_splits=k_eff, shuffle=True, random_state=int(seed))
-        folds = [(np.sort(a).astype(np.int64), np.sort(b).astype(np.int64))
-                 for a, b in splitter.split(np.zeros(len(y)), y) if len(b)]
+        folds = split(k_eff, grouped=False)
         method = (f"{k_eff}-fold stratified, not grouped (grouped folds would leave a class out of a "
                   f"training part: the {int(codes.max()) + 1} groups are too few or too class-pure)")
     return folds, method

@@ -263,7 +263,8 @@ def train_head(
     storage dtype, else streamed from the shards. ``callbacks``: extra Keras callbacks
     (Python API only); their ``self.model`` is the model being fitted, which (without
     ``scaled-noise``) is the head after its standardisation layer, sharing the head's layers and
-    taking standardised embeddings (:func:`dfl_tf.heads.model.training_view`). ``devices``: train under ``tf.distribute.MirroredStrategy`` (see
+    taking standardised embeddings (:func:`dfl_tf.heads.model.training_view`). ``devices``: train
+    under ``tf.distribute.MirroredStrategy`` (see
     :mod:`dfl_tf.distribute`; default: all GPUs when more than one is visible); the batch is
     the global batch, split across replicas. Returns a summary dict.
     """
