@@ -135,8 +135,9 @@ figures is used, so both see the same load."""
 NOISE_NOTE = ("The default feature-noise augmentation (std 0.1) adds a dim-long N(0, 0.01 I) vector per embedding "
               "and step. By default the batch's vectors are consecutive windows of a fixed 16 MB table of Gaussian "
               "numbers from one random 64-byte-aligned offset per batch (a slice that shares the table's memory), "
-              "each randomly signed (``dfl_tf.heads.augment.table_noise``, ``sampler: table``): one multiply-add over "
-              "the batch. Drawing dim fresh numbers instead (``sampler: exact``, a vectorised Box-Muller sampler, "
+              "with one random sign per batch; the noise layer reads a copy of the table pre-multiplied by its std "
+              "(``dfl_tf.heads.augment.add_table_noise``, ``sampler: table``), so the draw is one add or subtract "
+              "over the batch. Drawing dim fresh numbers instead (``sampler: exact``, a vectorised Box-Muller sampler, "
               "already half the cost of TensorFlow's normal kernel) costs about as much as the head's two matmuls "
               "(levers table below); the heads study compares the accuracy of the two. The Adam(W) update is "
               "TensorFlow's fused kernel, and training runs several steps per compiled call "
@@ -182,8 +183,8 @@ def head_matmul_gflops(batch: int, dim: int, hidden: int, repeats: int = 3, step
 
 def levers_doc(repeats: int) -> str:
     return f"""Levers for the training step, timed alone at the default batch; ratios > 1 are slower than
-what dfl_tf uses. Noise samplers: ``[batch, dim]`` standard normal numbers, one compiled
-``tf.function`` each, median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
+what dfl_tf uses. Noise samplers: a ``[batch, dim]`` batch plus N(0, 0.01 I) noise (the noise
+layer's work; the last row draws uniforms only, for scale), one compiled ``tf.function`` each, median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
 without noise, one epoch of 128 steps of ``keras.Model.fit`` (``steps_per_execution`` 32, data in
 memory, after a warm-up fit; timed from the epoch's start to its end by a callback, so the setting up
 and tearing down of the fit's data iterator is left out), with ``jit_compile`` False and True
@@ -206,7 +207,7 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
     from tensorflow.python.framework.config import disable_op_determinism, is_op_determinism_enabled
 
     from common import median
-    from dfl_tf.heads.augment import gaussian_noise, table_noise
+    from dfl_tf.heads.augment import add_table_noise, gaussian_noise, table_noise
     from dfl_tf.heads.model import build_head
     from dfl_tf.heads.selection_cv import make_optimizer
 
@@ -223,18 +224,22 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
 
     seed = tf.constant([1, 2], tf.int64)
     shape = [batch, dim]
+    xb = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
     default = "noise sampler: table (default)"
-    samplers = [
-        (default, "signed windows of a fixed N(0, 1) table", tf.function(lambda: table_noise(shape, seed, dim=dim))),
-        ("noise sampler: exact", "Box-Muller on philox uniforms, as tensor ops",
-         tf.function(lambda: gaussian_noise(shape, seed))),
-        ("noise sampler: TensorFlow's normal kernel", "tf.random.stateless_normal",
-         tf.function(lambda: tf.random.stateless_normal(shape, seed))),
-        ("noise sampler: inverse CDF", "tf.math.ndtri of philox uniforms",
-         tf.function(lambda: tf.math.ndtri(tf.random.stateless_uniform(shape, seed, 2.0 ** -24, 1.0)))),
+    samplers = [  # each adds std 0.1 noise to a batch, as the noise layer does
+        (default, "batch +- a window of the table times std, made once (the noise layer)",
+         tf.function(lambda: add_table_noise(xb, seed, 0.1, dim))),
+        ("noise sampler: table, std applied per draw", "batch + signed windows of the table x std (batched fits)",
+         tf.function(lambda: xb + table_noise(shape, seed, 0.1, dim=dim))),
+        ("noise sampler: exact", "batch + Box-Muller on philox uniforms, as tensor ops",
+         tf.function(lambda: xb + gaussian_noise(shape, seed, 0.1))),
+        ("noise sampler: TensorFlow's normal kernel", "batch + tf.random.stateless_normal",
+         tf.function(lambda: xb + tf.random.stateless_normal(shape, seed, stddev=0.1))),
+        ("noise sampler: inverse CDF", "batch + tf.math.ndtri of philox uniforms",
+         tf.function(lambda: xb + 0.1 * tf.math.ndtri(tf.random.stateless_uniform(shape, seed, 2.0 ** -24, 1.0)))),
         ("noise sampler: exact, XLA", "the exact sampler, jit_compile=True",
-         tf.function(lambda: gaussian_noise(shape, seed), jit_compile=True)),
-        ("(for scale) philox uniforms only", "tf.random.stateless_uniform",
+         tf.function(lambda: xb + gaussian_noise(shape, seed, 0.1), jit_compile=True)),
+        ("(for scale) philox uniforms only", "tf.random.stateless_uniform, no add",
          tf.function(lambda: tf.random.stateless_uniform(shape, seed))),
     ]
     rows = [{"lever": name, "what": what, "ms": ms(fn, inner=20 if "XLA" not in name else 2)}

@@ -54,13 +54,14 @@ def test_gaussian_noise_sampler_is_gaussian_and_seeded():
 
 def test_table_noise_is_gaussian_seeded_and_read_from_the_table():
     """The default noise sampler: a batch's vectors are consecutive windows of the flattened N(0, 1)
-    table from one 64-byte-aligned offset (rolled table rows when the draw is larger than the table),
-    each signed, times std; Gaussian per element, uncorrelated between the vectors of a batch and
-    between features, a function of the seed; a std per model broadcasts."""
+    table from one 64-byte-aligned offset with one sign per batch (rolled table rows, signed one by one,
+    when the draw is larger than the table), times std; Gaussian per element, uncorrelated between the
+    vectors of a batch and between features, a function of the seed; a std per model broadcasts; the
+    noise layer's one-pass draw (add_table_noise) adds the same numbers."""
     import tensorflow as tf
     from scipy import stats
 
-    from dfl_tf.heads.augment import noise_table, table_noise
+    from dfl_tf.heads.augment import add_table_noise, noise_table, table_noise
 
     dim = 1001
     z = table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy()
@@ -74,16 +75,21 @@ def test_table_noise_is_gaussian_seeded_and_read_from_the_table():
     table = noise_table(dim).numpy()
     assert table.shape == (4190, dim)  # 2^22 numbers
     table_flat = table.ravel()
-    offsets = set()
-    for seed in ([3, 4], [5, 6], [7, 8]):
+    offsets, signs = set(), set()
+    for seed in ([3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14]):
         v = table_noise([5, dim], tf.constant(seed), 1.0, dim=dim).numpy()
-        start, = np.nonzero(np.abs(table_flat) == abs(v[0, 0]))
+        start = [c for c in np.flatnonzero(np.abs(table_flat) == abs(v[0, 0]))  # (values can repeat)
+                 if np.array_equal(np.abs(table_flat[c:c + dim]), np.abs(v[0]))]
         assert len(start) == 1 and start[0] % 16 == 0, "not a 64-byte-aligned window of the table"
         window = table_flat[start[0]:start[0] + 5 * dim].reshape(5, dim)
-        signs = np.sign(v[:, :1] / window[:, :1])
-        np.testing.assert_array_equal(v, signs * window)  # consecutive windows, one sign per vector
+        sign = np.sign(v[0, 0] / window[0, 0])
+        np.testing.assert_array_equal(v, sign * window)  # consecutive windows, one sign for the batch
         offsets.add(int(start[0]))
-    assert len(offsets) == 3  # the offset depends on the seed
+        signs.add(float(sign))
+    assert len(offsets) == 6 and signs == {-1.0, 1.0}  # offset and sign depend on the seed
+    x = np.random.default_rng(0).normal(size=(5, dim)).astype(np.float32)
+    np.testing.assert_allclose(add_table_noise(tf.constant(x), tf.constant([3, 4]), 0.1, dim).numpy(),
+                               x + table_noise([5, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy(), atol=1e-6)
     np.testing.assert_array_equal(z, table_noise([400, dim], tf.constant([3, 4]), 0.1, dim=dim).numpy())
     assert not np.allclose(z, table_noise([400, dim], tf.constant([3, 5]), 0.1, dim=dim).numpy())
     per_model = table_noise([2, 300, 8], tf.constant([1, 2]), tf.constant([[[0.0]], [[2.0]]]), dim=8).numpy()
@@ -97,6 +103,12 @@ def test_table_noise_is_gaussian_seeded_and_read_from_the_table():
     assert len(shifts) == 1
     k, = shifts
     assert all(tuple(np.abs(np.roll(v, -k))) in lookup for v in big[0, :50])
+    rows = [np.roll(v, -k) for v in big[0, :50]]
+    row_signs = {float(np.sign(r[0] / small[lookup[tuple(np.abs(r))], 0])) for r in rows}
+    assert row_signs == {-1.0, 1.0}  # rows can repeat: signed one by one
+    xb = np.zeros((len(small), 8), np.float32)  # the one-pass draw falls back the same way
+    np.testing.assert_allclose(add_table_noise(tf.constant(xb), tf.constant([1, 2]), 1.0, 8).numpy(),
+                               table_noise([len(small), 8], tf.constant([1, 2]), 1.0, dim=8).numpy(), atol=1e-6)
 
 
 def test_noise_layer_fast_sampler_is_seeded_fresh_and_saves_plain(tmp_path):

@@ -29,8 +29,9 @@ step costs about as much as the head's matmuls on CPU, so by default (``sampler:
 noise comes from :func:`table_noise`: a fixed table of N(0, 1) draws (:func:`noise_table`, 2^22
 numbers, 16 MB, for dim up to 4,096) is read as one flat sequence, and the batch's vectors are
 consecutive windows of ``dim`` numbers from a random offset per batch (a multiple of 16, so the
-slice shares the table's memory when ``batch x dim`` is one too), each with a random sign (after
-the shared noise table of OpenAI's evolution strategies). The draw is then one multiply-add over
+slice shares the table's memory when ``batch x dim`` is one too), with one random sign per batch
+(after the shared noise table of OpenAI's evolution strategies). The noise layer reads a copy of the
+table pre-multiplied by its std (:func:`add_table_noise`), so its draw is one add (or subtract) over
 the batch; each vector is a pick among ``2 x (2^22 - batch x dim) / 16`` fixed vectors (about
 460,000 at batch 256 and dim 2,048) whose entries are independent Gaussian draws, and the vectors
 of one batch share no numbers. Draws larger than the table (e.g. the larger batched
@@ -63,7 +64,7 @@ DEFAULT_NOISE = 0.1
 SAMPLERS = ("table", "exact")  # the noise samplers: table_noise, gaussian_noise
 NOISE_TABLE_FLOATS = 1 << 22  # size of the noise table (16 MB of float32; at least 1,024 rows)
 _ALIGN = 16  # window offsets: multiples of 64 bytes, so that a slice of the table is not a copy
-_tables: dict[tuple[int, str], tf.Variable] = {}
+_tables: dict[tuple[int, float, str], tf.Variable] = {}
 
 
 def check_sampler(sampler: str, what: str = "noise sampler") -> None:
@@ -91,58 +92,110 @@ def gaussian_noise(shape: Any, seed: Any, stddev: float = 1.0, dtype: Any = tf.f
     return tf.cast(tf.reshape(z, shape), dtype)
 
 
-def noise_table(dim: int) -> tf.Variable:
+def noise_table(dim: int, scale: float = 1.0) -> tf.Variable:
     """The fixed ``[rows, dim]`` table of N(0, 1) float32 numbers :func:`table_noise` draws from:
     ``rows = max(1024, NOISE_TABLE_FLOATS // dim)``, made once per process and ``dim`` (a variable,
     placed as TensorFlow places it: on the first GPU when there is one, so that it lives with the
-    step; under a distribution strategy, a mirrored one), the same numbers every time."""
+    step; under a distribution strategy, a mirrored one), the same numbers every time. ``scale`` != 1:
+    that table times ``scale`` (another variable of the same size, for :func:`add_table_noise`)."""
     device = tf.config.list_logical_devices("GPU")
-    key = (int(dim), device[0].name if device else "CPU")
+    key = (int(dim), float(scale), device[0].name if device else "CPU")
     if key not in _tables:
         rows = max(1024, NOISE_TABLE_FLOATS // int(dim))
         with tf.init_scope():  # made eagerly even when first asked for inside a trace
-            values = gaussian_noise([rows, int(dim)], tf.constant([20141127, int(dim)], tf.int64))
+            if float(scale) == 1.0:
+                values = gaussian_noise([rows, int(dim)], tf.constant([20141127, int(dim)], tf.int64))
+            else:
+                values = noise_table(dim).read_value() * float(scale)
             _tables[key] = tf.Variable(values, trainable=False, name=f"noise_table_{dim}")
     return _tables[key]
 
 
 def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: Any = tf.float32, *,
                 dim: int) -> tf.Tensor:
-    """``stddev`` x N(0, I) noise vectors of ``shape`` (``[..., dim]``, ``dim`` static), a pure function
-    of the int ``[2]`` ``seed``, read from :func:`noise_table` and each multiplied by a random sign.
+    """``stddev`` x N(0, I) noise vectors of ``shape`` (``[..., batch, dim]``, ``dim`` static), a pure
+    function of the int ``[2]`` ``seed``, read from :func:`noise_table` and randomly signed.
 
     When the ``n = prod(shape[:-1])`` vectors fit in the table (``n x dim <= 2^22 - 16``, e.g. a batch
     of up to about 2,000 at dim 2,048), they are ``n`` consecutive windows of ``dim`` numbers of the
     flattened table from one random offset (a multiple of 16, so that the slice shares the table's
-    memory instead of copying it when ``n x dim`` is a multiple of 16 too): the whole draw is one
-    multiply-add over the batch, and the vectors of one batch share no numbers. Larger draws (e.g.
-    the larger batched cross-validation fits) take a random table row per vector, all rows
-    cyclically shifted by one random offset. ``stddev`` may be a tensor broadcasting against
-    ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
+    memory instead of copying it when ``n x dim`` is a multiple of 16 too), and each batch (each
+    ``[batch, dim]`` slice) has one random sign: the vectors of a batch share no numbers, so flipping
+    them together leaves them independent N(0, I). Larger draws (e.g. the larger batched
+    cross-validation fits) take a random table row per vector, all rows cyclically shifted by one
+    random offset, with a random sign per vector (rows can repeat there). ``stddev`` may be a tensor
+    broadcasting against ``shape[:-1] + [1]`` (one std per model in the batched fits)."""
     shape = tf.convert_to_tensor(shape, tf.int32)
-    dim = int(dim)
-    # read_value, never tf.gather on the variable: a ResourceGather switches the variable to
-    # copy-on-read, and every later read would copy all 16 MB
-    table = noise_table(dim).read_value()
-    n = tf.reduce_prod(shape[:-1])
     seed = tf.cast(seed, tf.int64)
-    s_offset, s_rows, s_sign = (tf.random.experimental.stateless_fold_in(seed, i) for i in range(3))
-    total = tf.size(table)
-    need = n * dim
+    table = noise_table(dim).read_value()
+    lead = tf.concat([shape[:-2], tf.ones([tf.minimum(tf.size(shape), 2)], tf.int32)], 0)  # one per batch
 
     def windows():
-        offset = tf.random.stateless_uniform([], s_offset, 0, (total - need) // _ALIGN + 1, dtype=tf.int32) * _ALIGN
-        return tf.reshape(tf.slice(tf.reshape(table, [-1]), [offset], [need]), [n, dim])
+        return _windows(table, shape, int(dim), seed) * _signs(lead, seed)
 
-    def rolled_rows():
-        rows = tf.random.stateless_uniform([n], s_rows, 0, tf.shape(table)[0], dtype=tf.int32)
-        shift = tf.random.stateless_uniform([], s_offset, 0, dim, dtype=tf.int32)
-        return tf.roll(tf.gather(table, rows), shift, axis=1)
+    def rows():
+        return _rolled_rows(table, shape, int(dim), seed) * _signs(tf.concat([shape[:-1], [1]], 0), seed)
 
-    z = tf.cond(need <= total - _ALIGN, windows, rolled_rows)
-    sign = tf.cast(tf.random.stateless_uniform([n, 1], s_sign, 0, 2, dtype=tf.int32) * 2 - 1, tf.float32)
-    scale = sign * tf.reshape(tf.cast(stddev, tf.float32) * tf.ones(tf.concat([shape[:-1], [1]], 0)), [n, 1])
-    return tf.cast(tf.reshape(z * scale, shape), dtype)
+    z = tf.cond(_fits(table, shape, int(dim)), windows, rows)
+    return tf.cast(z * tf.cast(stddev, tf.float32), dtype)
+
+
+def add_table_noise(inputs: tf.Tensor, seed: Any, stddev: float, dim: int) -> tf.Tensor:
+    """``inputs + table_noise(tf.shape(inputs), seed, stddev, dim=dim)`` for ``inputs`` ``[batch, dim]``,
+    in one elementwise pass (the noise layer's default draw): the windows come from the table
+    pre-multiplied by ``stddev``
+    (:func:`noise_table` ``(dim, stddev)``, made once), so the draw is ``inputs + window`` or
+    ``inputs - window`` with ``window`` a slice that shares the table's memory, where adding
+    :func:`table_noise` takes a multiply and an add. Same numbers as :func:`table_noise` up to
+    float32 rounding of the pre-multiplied table."""
+    seed = tf.cast(seed, tf.int64)
+    shape = tf.shape(inputs)
+    table = noise_table(dim, float(stddev)).read_value()
+    positive = tf.reshape(_signs(tf.ones([tf.minimum(tf.size(shape), 2)], tf.int32), seed), []) > 0
+
+    def windows():
+        z = tf.cast(_windows(table, shape, int(dim), seed), inputs.dtype)
+        return tf.cond(positive, lambda: inputs + z, lambda: inputs - z)
+
+    def rows():
+        z = _rolled_rows(table, shape, int(dim), seed) * _signs(tf.concat([shape[:-1], [1]], 0), seed)
+        return inputs + tf.cast(z, inputs.dtype)
+
+    return tf.cond(_fits(table, shape, int(dim)), windows, rows)
+
+
+# The table draws. Seeds: the window offset (and the rows' shift) from fold 0, the rows from fold 1,
+# the signs from fold 2 of the call's seed. Tables are tensors from read_value, never tf.gather on
+# the variable: a ResourceGather switches the variable to copy-on-read, and every later read would
+# copy all 16 MB.
+
+def _fold(seed: tf.Tensor, i: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, i)
+
+
+def _fits(table: tf.Tensor, shape: tf.Tensor, dim: int) -> tf.Tensor:
+    return tf.reduce_prod(shape[:-1]) * dim <= tf.size(table) - _ALIGN
+
+
+def _windows(table: tf.Tensor, shape: tf.Tensor, dim: int, seed: tf.Tensor) -> tf.Tensor:
+    """``prod(shape[:-1])`` consecutive windows of ``dim`` numbers from one random 16-aligned offset."""
+    need = tf.reduce_prod(shape[:-1]) * dim
+    offset = tf.random.stateless_uniform([], _fold(seed, 0), 0, (tf.size(table) - need) // _ALIGN + 1,
+                                         dtype=tf.int32) * _ALIGN
+    return tf.reshape(tf.slice(tf.reshape(table, [-1]), [offset], [need]), shape)
+
+
+def _rolled_rows(table: tf.Tensor, shape: tf.Tensor, dim: int, seed: tf.Tensor) -> tf.Tensor:
+    """A random table row per vector, all cyclically shifted by one random offset."""
+    rows = tf.random.stateless_uniform([tf.reduce_prod(shape[:-1])], _fold(seed, 1), 0, tf.shape(table)[0],
+                                       dtype=tf.int32)
+    shift = tf.random.stateless_uniform([], _fold(seed, 0), 0, dim, dtype=tf.int32)
+    return tf.reshape(tf.roll(tf.gather(table, rows), shift, axis=1), shape)
+
+
+def _signs(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Random +1 / -1 float32 numbers of ``shape``."""
+    return tf.cast(tf.random.stateless_uniform(shape, _fold(seed, 2), 0, 2, dtype=tf.int32) * 2 - 1, tf.float32)
 
 
 def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor, dtype: Any, dim: int) -> tf.Tensor:
@@ -158,6 +211,8 @@ def sample_noise(sampler: str, shape: Any, seed: Any, stddev: float | tf.Tensor,
 def _fast_noise_call(layer: keras.layers.GaussianNoise, sampler: str, inputs, training=False):
     if training and layer.stddev > 0:
         dim = int(inputs.shape[-1])
+        if sampler == "table":
+            return add_table_noise(inputs, layer.seed_generator.next(), layer.stddev, dim)
         return inputs + sample_noise(sampler, tf.shape(inputs), layer.seed_generator.next(), layer.stddev,
                                      inputs.dtype, dim)
     return inputs
