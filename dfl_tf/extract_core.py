@@ -24,6 +24,7 @@ from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.compat import read_geometry, view_fit
+from dfl_tf.data.pipeline import fixed_prefetch
 from dfl_tf.data.sources import SampleSet, SlideRead, load_sample
 from dfl_tf.data.views import View, check_x5_field, compose_views, needs_context, parse_views
 from dfl_tf.distribute import distributed_infer
@@ -271,7 +272,7 @@ class ShardRunner:
 
         ds = tf.data.Dataset.range(indices.start, indices.stop)
         ds = ds.map(load_and_compose, num_parallel_calls=self.workers, deterministic=True)
-        return ds.batch(self.options.batch_size).prefetch(2)
+        return fixed_prefetch(ds.batch(self.options.batch_size))
 
     def run(self, indices: range, bar: Any) -> tuple[list[bytes], list[int], list[dict]]:
         """Embed samples ``indices``; returns (serialized records, labels, skipped entries)."""

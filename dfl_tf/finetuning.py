@@ -64,6 +64,7 @@ def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, read,
                    batch_size: int, training: bool, seed: int, augment: bool, jitter: float):
     import tensorflow as tf
 
+    from dfl_tf.data.pipeline import fixed_prefetch
     from dfl_tf.data.sources import load_sample
     from dfl_tf.data.views import CONTEXT_FACTOR, compose_views, needs_context
 
@@ -97,7 +98,7 @@ def _image_dataset(samples, view, size: int, fit: str, pad_to: int | None, read,
         ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment_image(xy[0], s, jitter), xy[1]),
                                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Training drops the last partial batch (when there is a full one): one traced train step.
-    return ds.batch(batch_size, drop_remainder=training and n >= batch_size).prefetch(2)
+    return fixed_prefetch(ds.batch(batch_size, drop_remainder=training and n >= batch_size))
 
 
 def _history_csv(hist: dict[str, list[float]]) -> str:
