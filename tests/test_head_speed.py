@@ -207,3 +207,22 @@ def test_training_on_standardised_view_equals_training_the_whole_head(tmp_path, 
     metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("view", "whole")]
     assert metrics[0]["split"] == "train" and metrics[0]["balanced_accuracy"] > 0.8
     assert metrics[0]["balanced_accuracy"] == pytest.approx(metrics[1]["balanced_accuracy"], abs=1e-6)
+
+
+def test_index_batches_are_a_fresh_permutation_per_epoch():
+    """In-memory training batches: each epoch covers every record once (batches of B, the last one
+    partial), in a new order each epoch, reproducible from the seed."""
+    from dfl_tf.heads.inputs import index_batches
+
+    def epochs(seed, n=3):
+        it = iter(index_batches(10, 4, seed))
+        return [[next(it).numpy() for _ in range(3)] for _ in range(n)]
+
+    first = epochs(7)
+    for batches in first:
+        assert [len(b) for b in batches] == [4, 4, 2] and batches[0].dtype == np.int64
+        assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+    orders = [np.concatenate(b).tolist() for b in first]
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert [np.concatenate(b).tolist() for b in epochs(7)] == orders
+    assert [np.concatenate(b).tolist() for b in epochs(8)] != orders

@@ -143,11 +143,10 @@ def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: A
 def add_table_noise(inputs: tf.Tensor, seed: Any, stddev: float, dim: int) -> tf.Tensor:
     """``inputs + table_noise(tf.shape(inputs), seed, stddev, dim=dim)`` for ``inputs`` ``[batch, dim]``,
     in one elementwise pass (the noise layer's default draw): the windows come from the table
-    pre-multiplied by ``stddev``
-    (:func:`noise_table` ``(dim, stddev)``, made once), so the draw is ``inputs + window`` or
-    ``inputs - window`` with ``window`` a slice that shares the table's memory, where adding
-    :func:`table_noise` takes a multiply and an add. Same numbers as :func:`table_noise` up to
-    float32 rounding of the pre-multiplied table."""
+    pre-multiplied by ``stddev`` (:func:`noise_table` ``(dim, stddev)``, made once), so the draw is
+    ``inputs + window`` or ``inputs - window`` with ``window`` a slice that shares the table's
+    memory, where adding :func:`table_noise` takes a multiply and an add. Same numbers as
+    :func:`table_noise` up to float32 rounding of the pre-multiplied table."""
     seed = tf.cast(seed, tf.int64)
     shape = tf.shape(inputs)
     table = noise_table(dim, float(stddev)).read_value()

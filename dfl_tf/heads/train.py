@@ -36,7 +36,7 @@ from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
-from dfl_tf.heads.inputs import check_out, class_weights, history_csv, load_val, refuse_non_finite
+from dfl_tf.heads.inputs import check_out, class_weights, history_csv, index_batches, load_val, refuse_non_finite
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
                                  standardize_values, training_view)
@@ -162,11 +162,11 @@ class _TrainData:
                          .shuffle(int(self.counts[c]), seed=seed + c, reshuffle_each_iteration=True).repeat()
                          for c in range(C) if self.counts[c] > 0]
                 idx = tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / len(parts)] * len(parts),
-                                                           seed=seed)
+                                                           seed=seed).batch(batch_size)
             else:
-                idx = tf.data.Dataset.range(self.num).shuffle(self.num, seed=seed, reshuffle_each_iteration=True)
-            ds = idx.batch(batch_size).map(lambda i: finish(tf.gather(Xc, i), tf.gather(yc, i)),
-                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                idx = index_batches(self.num, batch_size, seed)  # a fresh permutation per epoch
+            ds = idx.map(lambda i: finish(tf.gather(Xc, i), tf.gather(yc, i)),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
             # Filter at batch level (cheap), then unbatch -> shuffle -> batch (per record).
             def labeled(r, c=None):
