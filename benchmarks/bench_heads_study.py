@@ -22,7 +22,7 @@ several models in one compiled step. Scores: balanced accuracy on a held-out tes
 
     .venv/bin/python benchmarks/bench_heads_study.py            # ~10 min on 2 idle cores
     .venv/bin/python benchmarks/bench_heads_study.py --quick    # small sets only (smoke)
-    .venv/bin/python benchmarks/bench_heads_study.py --batch-sizes   # batch 256 vs 1024 (~1 min)
+    .venv/bin/python benchmarks/bench_heads_study.py --batch-sizes   # batch 256 vs 512 / 1024, scaled lr (~2-4 min)
     .venv/bin/python benchmarks/bench_heads_study.py --samplers      # table vs exact noise (~2 min)
 """
 from __future__ import annotations
@@ -302,7 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "bench_heads_study"),
                         help="Where the demo tiles' embeddings are built once.")
     parser.add_argument("--batch-sizes", action="store_true",
-                        help="Instead: the default head at batch 256 vs 1024 on the sets with n >= 5,000 (~1 min).")
+                        help="Instead: the default head at batch 256 vs 512 and 1024 (some with scaled learning rates) on the "
+                             "sets with n >= 5,000 (~2-4 min).")
     parser.add_argument("--seeds", type=int, default=None,
                         help="With --batch-sizes / --samplers: seeds per set (default: each set's own).")
     parser.add_argument("--samplers", action="store_true",

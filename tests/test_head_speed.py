@@ -107,8 +107,9 @@ def test_table_noise_is_gaussian_seeded_and_read_from_the_table():
     row_signs = {float(np.sign(r[0] / small[lookup[tuple(np.abs(r))], 0])) for r in rows}
     assert row_signs == {-1.0, 1.0}  # rows can repeat: signed one by one
     xb = np.zeros((len(small), 8), np.float32)  # the one-pass draw falls back the same way
-    np.testing.assert_allclose(add_table_noise(tf.constant(xb), tf.constant([1, 2]), 1.0, 8).numpy(),
-                               table_noise([len(small), 8], tf.constant([1, 2]), 1.0, dim=8).numpy(), atol=1e-6)
+    for std in (1.0, 0.5):  # the base table and a pre-multiplied one
+        np.testing.assert_allclose(add_table_noise(tf.constant(xb), tf.constant([1, 2]), std, 8).numpy(),
+                                   table_noise([len(small), 8], tf.constant([1, 2]), std, dim=8).numpy(), atol=1e-6)
 
 
 def test_noise_layer_fast_sampler_is_seeded_fresh_and_saves_plain(tmp_path):
@@ -212,6 +213,7 @@ def test_training_on_standardised_view_equals_training_the_whole_head(tmp_path, 
 def test_index_batches_are_a_fresh_permutation_per_epoch():
     """In-memory training batches: each epoch covers every record once (batches of B, the last one
     partial), in a new order each epoch, reproducible from the seed."""
+    from dfl_tf.errors import DflError
     from dfl_tf.heads.inputs import index_batches
 
     def epochs(seed, n=3):
@@ -226,3 +228,9 @@ def test_index_batches_are_a_fresh_permutation_per_epoch():
     assert orders[0] != orders[1] and orders[1] != orders[2]
     assert [np.concatenate(b).tolist() for b in epochs(7)] == orders
     assert [np.concatenate(b).tolist() for b in epochs(8)] != orders
+    exact = iter(index_batches(8, 4, 0))  # no empty batch when B divides num; one short batch when num < B
+    assert [len(next(exact)) for _ in range(4)] == [4, 4, 4, 4]
+    short = iter(index_batches(3, 4, 0))
+    assert [sorted(next(short).numpy().tolist()) for _ in range(2)] == [[0, 1, 2], [0, 1, 2]]
+    with pytest.raises(DflError, match="num >= 1"):
+        index_batches(0, 4, 0)

@@ -97,17 +97,22 @@ def noise_table(dim: int, scale: float = 1.0) -> tf.Variable:
     ``rows = max(1024, NOISE_TABLE_FLOATS // dim)``, made once per process and ``dim`` (a variable,
     placed as TensorFlow places it: on the first GPU when there is one, so that it lives with the
     step; under a distribution strategy, a mirrored one), the same numbers every time. ``scale`` != 1:
-    that table times ``scale`` (another variable of the same size, for :func:`add_table_noise`)."""
+    that table times ``scale`` (another variable of the same size, for :func:`add_table_noise`; one
+    scaled table is kept per ``dim``, the last one asked for)."""
     device = tf.config.list_logical_devices("GPU")
-    key = (int(dim), float(scale), device[0].name if device else "CPU")
+    where = device[0].name if device else "CPU"
+    key = (int(dim), float(scale), where)
     if key not in _tables:
+        if float(scale) != 1.0:  # keep one scaled table per dim and device: 16 MB each
+            for old in [k for k in _tables if k[0] == int(dim) and k[2] == where and k[1] != 1.0]:
+                del _tables[old]
         rows = max(1024, NOISE_TABLE_FLOATS // int(dim))
         with tf.init_scope():  # made eagerly even when first asked for inside a trace
             if float(scale) == 1.0:
                 values = gaussian_noise([rows, int(dim)], tf.constant([20141127, int(dim)], tf.int64))
             else:
                 values = noise_table(dim).read_value() * float(scale)
-            _tables[key] = tf.Variable(values, trainable=False, name=f"noise_table_{dim}")
+            _tables[key] = tf.Variable(values, trainable=False, name=f"noise_table_{dim}_x{float(scale):g}")
     return _tables[key]
 
 
@@ -147,6 +152,8 @@ def add_table_noise(inputs: tf.Tensor, seed: Any, stddev: float, dim: int) -> tf
     ``inputs + window`` or ``inputs - window`` with ``window`` a slice that shares the table's
     memory, where adding :func:`table_noise` takes a multiply and an add. Same numbers as
     :func:`table_noise` up to float32 rounding of the pre-multiplied table."""
+    if inputs.shape.rank != 2:  # one sign per [batch, dim] slice: the general path
+        return inputs + table_noise(tf.shape(inputs), seed, stddev, inputs.dtype, dim=dim)
     seed = tf.cast(seed, tf.int64)
     shape = tf.shape(inputs)
     table = noise_table(dim, float(stddev)).read_value()

@@ -77,6 +77,8 @@ def index_batches(num: int, batch_size: int, seed: int):
     that the training step's matmuls compete for."""
     import tensorflow as tf
 
+    if num < 1 or batch_size < 1:  # an empty epoch would make the stream loop forever
+        raise DflError(f"index_batches needs num >= 1 and batch_size >= 1, got {num} and {batch_size}")
     starts = tf.range(0, num, batch_size, dtype=tf.int64)
 
     def epoch(e):
