@@ -184,7 +184,8 @@ def head_matmul_gflops(batch: int, dim: int, hidden: int, repeats: int = 3, step
 def levers_doc(repeats: int) -> str:
     return f"""Levers for the training step, timed alone at the default batch; ratios > 1 are slower than
 what dfl_tf uses. Noise samplers: a ``[batch, dim]`` batch plus N(0, 0.01 I) noise (the noise
-layer's work; the last row draws uniforms only, for scale), one compiled ``tf.function`` each, median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
+layer's work; the last row draws uniforms only, for scale), one compiled ``tf.function`` each,
+median of {repeats} runs of 20 calls (2 for XLA). Train step: the default head
 without noise, one epoch of 128 steps of ``keras.Model.fit`` (``steps_per_execution`` 32, data in
 memory, after a warm-up fit; timed from the epoch's start to its end by a callback, so the setting up
 and tearing down of the fit's data iterator is left out), with ``jit_compile`` False and True

@@ -86,17 +86,18 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
     y = np.asarray(y)
     counts = np.bincount(y)
     counts = counts[counts > 0]
+    k_stratified = min(int(k), int(counts.max()))  # folds without groups
     use_groups = groups is not None and len(groups) == len(y) and all(g not in (None, "") for g in groups)
     if use_groups:
         codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
-        k_eff = min(int(k), int(codes.max()) + 1, int(counts.max()))
+        k_eff = min(k_stratified, int(codes.max()) + 1)
         method = f"{k_eff}-fold stratified, grouped by group ({int(codes.max()) + 1} groups)"
-        if k_eff < 2 and int(counts.max()) >= 2:  # one group (e.g. every tile from one slide): folds cannot be grouped
+        if k_eff < 2 and k_stratified >= 2:  # one group (e.g. every tile from one slide): folds cannot be grouped
             use_groups = False
-            k_eff = min(int(k), int(counts.max()))
+            k_eff = k_stratified
             method = f"{k_eff}-fold stratified, not grouped (only {int(codes.max()) + 1} group)"
     else:
-        k_eff = min(int(k), int(counts.max()))
+        k_eff = k_stratified
         method = f"{k_eff}-fold stratified"
     if k_eff < 2:
         raise DflError(f"cross-validation needs at least 2 folds; the data allow {k_eff} "
@@ -116,7 +117,7 @@ def cv_folds(y: np.ndarray, groups: Sequence[str | None] | None = None, k: int =
     if use_groups and any(set(np.unique(y[b])) - set(np.unique(y[a])) for a, b in folds):
         # class-pure groups (e.g. one annotated region per class): a fold would score a class its
         # training part never saw, so every candidate scores ~0 and the choice is arbitrary
-        k_eff = min(int(k), int(counts.max()))
+        k_eff = k_stratified
         folds = split(k_eff, grouped=False)
         method = (f"{k_eff}-fold stratified, not grouped (grouped folds would leave a class out of a "
                   f"training part: the {int(codes.max()) + 1} groups are too few or too class-pure)")

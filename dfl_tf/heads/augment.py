@@ -139,7 +139,7 @@ def table_noise(shape: Any, seed: Any, stddev: float | tf.Tensor = 1.0, dtype: A
         return _windows(table, shape, int(dim), seed) * _signs(lead, seed)
 
     def rows():
-        return _rolled_rows(table, shape, int(dim), seed) * _signs(tf.concat([shape[:-1], [1]], 0), seed)
+        return _signed_rows(table, shape, int(dim), seed)
 
     z = tf.cond(_fits(table, shape, int(dim)), windows, rows)
     return tf.cast(z * tf.cast(stddev, tf.float32), dtype)
@@ -157,15 +157,14 @@ def add_table_noise(inputs: tf.Tensor, seed: Any, stddev: float, dim: int) -> tf
     seed = tf.cast(seed, tf.int64)
     shape = tf.shape(inputs)
     table = noise_table(dim, float(stddev)).read_value()
-    positive = tf.reshape(_signs(tf.ones([tf.minimum(tf.size(shape), 2)], tf.int32), seed), []) > 0
+    positive = tf.reshape(_signs([1, 1], seed), []) > 0  # table_noise's sign for a [batch, dim] draw
 
     def windows():
         z = tf.cast(_windows(table, shape, int(dim), seed), inputs.dtype)
         return tf.cond(positive, lambda: inputs + z, lambda: inputs - z)
 
     def rows():
-        z = _rolled_rows(table, shape, int(dim), seed) * _signs(tf.concat([shape[:-1], [1]], 0), seed)
-        return inputs + tf.cast(z, inputs.dtype)
+        return inputs + tf.cast(_signed_rows(table, shape, int(dim), seed), inputs.dtype)
 
     return tf.cond(_fits(table, shape, int(dim)), windows, rows)
 
@@ -191,12 +190,14 @@ def _windows(table: tf.Tensor, shape: tf.Tensor, dim: int, seed: tf.Tensor) -> t
     return tf.reshape(tf.slice(tf.reshape(table, [-1]), [offset], [need]), shape)
 
 
-def _rolled_rows(table: tf.Tensor, shape: tf.Tensor, dim: int, seed: tf.Tensor) -> tf.Tensor:
-    """A random table row per vector, all cyclically shifted by one random offset."""
+def _signed_rows(table: tf.Tensor, shape: tf.Tensor, dim: int, seed: tf.Tensor) -> tf.Tensor:
+    """A random table row per vector, all cyclically shifted by one random offset, each with a random
+    sign (rows can repeat, so one sign per batch would repeat them exactly)."""
     rows = tf.random.stateless_uniform([tf.reduce_prod(shape[:-1])], _fold(seed, 1), 0, tf.shape(table)[0],
                                        dtype=tf.int32)
     shift = tf.random.stateless_uniform([], _fold(seed, 0), 0, dim, dtype=tf.int32)
-    return tf.reshape(tf.roll(tf.gather(table, rows), shift, axis=1), shape)
+    rolled = tf.reshape(tf.roll(tf.gather(table, rows), shift, axis=1), shape)
+    return rolled * _signs(tf.concat([shape[:-1], [1]], 0), seed)
 
 
 def _signs(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
