@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import TINY, write_images
 from dfl_tf import extract, load_backbone, load_embeddings
 from dfl_tf.cli import main
-from dfl_tf.data.views import compose_views, fit_field, parse_views
+from dfl_tf.data.views import compose_views, fit_field, parse_views, resize_field
 from dfl_tf.errors import DflError
 from dfl_tf.store.shards import verify_shards
 
@@ -91,6 +91,25 @@ def test_fit_pad_scale_and_x5_rule():
     views = compose_views(tf.constant(field), None, parse_views("x20:rgb,x5:rgb"), 16, "scale").numpy()
     assert np.allclose(views[0], 200.0)  # centre 16x16 is the bright square
     assert views[1].mean() == pytest.approx(200.0 * 16 * 16 / (64 * 64), rel=0.05)
+
+
+def test_field_already_at_input_size_skips_the_resize_with_the_same_numbers():
+    """resize_field passes a size x size field through: exactly what the resize returns, with a
+    static shape, with a dynamic one (the extraction pipeline's) and in a batch."""
+    rng = np.random.default_rng(3)
+    for shape in [(32, 32, 3), (5, 32, 32, 3)]:
+        field = tf.constant(rng.integers(0, 256, shape).astype(np.float32))
+        resized = tf.image.resize(field, (32, 32), method="bilinear", antialias=True)
+        assert (resize_field(field, 32).numpy() == resized.numpy()).all()
+        dynamic = tf.function(lambda t: fit_field(t, 32, "scale"),
+                              input_signature=[tf.TensorSpec([None] * len(shape[:-1]) + [3], tf.float32)])
+        graph = dynamic.get_concrete_function().graph
+        assert (dynamic(field).numpy() == resized.numpy()).all()
+        assert any(op.type in ("If", "StatelessIf") for op in graph.get_operations())
+    # other sizes still resize; uint8 comes back float32 either way
+    odd = tf.constant(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8))
+    assert resize_field(odd, 32).dtype == tf.float32 and resize_field(odd, 32).shape == (32, 32, 3)
+    assert resize_field(tf.constant(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)), 32).dtype == tf.float32
 
 
 def test_context_path_csv_split_and_tiff(tmp_path):
