@@ -192,7 +192,8 @@ def finetune(
     split = {**split, "train": len(train_samples), "val": len(val_samples)}
 
     keras.utils.set_random_seed(int(seed))
-    bb = load_backbone(options.backbone, weights=options.weights, input_size=options.input_size, seed=int(seed))
+    bb = load_backbone(options.backbone, weights=options.weights, input_size=options.input_size, seed=int(seed),
+                       fold_bn=False)  # its normalisation trains
     size = bb.input_size
     base = bb.model
     base.trainable = True

@@ -43,6 +43,13 @@ def test_finetune_writes_metrics_history_model(tmp_path):
     for key in ("balanced_accuracy", "cohen_kappa", "f1_weighted", "confusion_matrix"):
         assert key in m
     assert json.loads((out / "metrics.json").read_text())["wall_seconds"] == m["wall_seconds"]
+    # fine-tuning trains the backbone's normalisation: it is not folded into the convolution
+    import keras
+
+    saved = keras.saving.load_model(out / "model.keras")
+    bns = [layer for layer in saved.get_layer("dfltest_tiny_cnn").layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 1 and float(np.abs(bns[0].moving_mean.numpy()).max()) > 0  # and it moved
     with open(out / "history.csv") as fh:
         hist = list(csv.DictReader(fh))
     assert len(hist) == 2 and {"loss", "val_loss", "val_balanced_accuracy"} <= set(hist[0])

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from dfl_tf.backbones.base import Backbone
+from dfl_tf.backbones.fold import fold_batchnorm
 from dfl_tf.errors import DflError
 from dfl_tf.options import PRECISIONS
 
@@ -141,6 +142,7 @@ def load_backbone(
     input_size: int | None = None,
     precision: str = "float32",
     seed: int = 0,
+    fold_bn: bool = True,
 ) -> Backbone:
     """Build a frozen backbone by registry name or SavedModel directory.
 
@@ -151,6 +153,9 @@ def load_backbone(
         input_size: square input side in pixels; defaults to the spec's.
         precision: ``float32``, ``bfloat16`` or ``mixed_float16`` compute.
         seed: seed of the random init when ``weights="none"``.
+        fold_bn: fold batch normalisation into the convolution before it (frozen inference, see
+            :mod:`dfl_tf.backbones.fold`); fine-tuning, which trains it, passes False. The
+            fingerprint is taken before folding: it names the weights, whichever way they run.
     """
     if precision not in PRECISIONS:
         raise DflError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
@@ -182,6 +187,9 @@ def load_backbone(
             model = spec.builder(size, build_weights)
         finally:
             keras.config.set_dtype_policy(previous)
+    fingerprint = fingerprint_model(model)
+    if fold_bn:
+        model, _ = fold_batchnorm(model)
     model = _freeze(model)
     dim = int(model.output_shape[-1])
     return Backbone(
@@ -190,7 +198,7 @@ def load_backbone(
         input_size=size,
         dim=dim,
         weights=label,
-        fingerprint=fingerprint_model(model),
+        fingerprint=fingerprint,
         precision=precision,
     )
 
