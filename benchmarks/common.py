@@ -328,9 +328,9 @@ def readme_summary(result: dict) -> str:
     h = result.get("headline", {})
     t = "dfl_tf vs PyTorch ResNet-50"
     if h.get("resnet50_vs_torch_float32") is not None:
-        lines.append(f"| ResNet-50 vs PyTorch (same threads): float32 vs fastest layout / bfloat16 vs channels_last + "
-                     f"autocast | {r2(h['resnet50_vs_torch_float32'])}x / {r2(h.get('resnet50_vs_torch_bfloat16'))}x "
-                     f"| >= 1.0 | {date(t)} |")
+        lines.append(f"| ResNet-50 vs the fastest PyTorch configuration (same threads; channels_last, BN folded or "
+                     f"not; bfloat16: autocast): float32 / bfloat16 | {r2(h['resnet50_vs_torch_float32'])}x / "
+                     f"{r2(h.get('resnet50_vs_torch_bfloat16'))}x | >= 1.0 | {date(t)} |")
     t = "Vision Transformers: throughput and dfl_tf vs PyTorch"
     vit = [r for r in _rows(result, t) if str(r.get("implementation", "")).startswith("dfl_tf")]
     for model in dict.fromkeys(r["model"] for r in vit):
