@@ -185,11 +185,11 @@ def load_backbone(
         keras.config.set_dtype_policy(policy)
         try:
             model = spec.builder(size, build_weights)
+            fingerprint = fingerprint_model(model)
+            if fold_bn:  # under the build lock: nothing here may touch another thread's seeded draws
+                model, _ = fold_batchnorm(model)
         finally:
             keras.config.set_dtype_policy(previous)
-    fingerprint = fingerprint_model(model)
-    if fold_bn:
-        model, _ = fold_batchnorm(model)
     model = _freeze(model)
     dim = int(model.output_shape[-1])
     return Backbone(
