@@ -46,8 +46,8 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, int]:
     count = len(pairs) + sum(n for _, n in nested.values())
     if count == 0:
         return model, 0
-    convs = {conv.name: (conv, bn) for conv, bn in pairs}
-    folded_bns = {bn.name for _, bn in pairs}
+    convs = {conv.name: (conv, weights) for conv, _, weights in pairs}
+    folded_bns = {bn.name for _, bn, _ in pairs}
 
     def clone(layer):
         if layer.name in nested:
@@ -61,8 +61,8 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, int]:
     return keras.models.clone_model(model, clone_function=clone), count
 
 
-def _pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.layers.BatchNormalization]]:
-    """(convolution, normalisation) pairs of ``model``'s own graph that fold exactly."""
+def _pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.layers.BatchNormalization, list]]:
+    """(convolution, normalisation, folded weights) of ``model``'s own graph where it folds exactly."""
     pairs = []
     outputs = {id(t) for t in model.outputs}
     for bn in model.layers:
@@ -74,9 +74,10 @@ def _pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.layers.Ba
         conv = parents[0].operation if len(parents) == 1 else None
         if (isinstance(conv, _CONVS) and conv.data_format == "channels_last" and len(conv._inbound_nodes) == 1
                 and len(conv._outbound_nodes) == 1 and id(conv.output) not in outputs
-                and conv.activation is keras.activations.linear
-                and _fits(conv, bn)):
-            pairs.append((conv, bn))
+                and conv.activation is keras.activations.linear):
+            weights = _folded_weights(conv, bn)
+            if _fits(conv, weights):
+                pairs.append((conv, bn, weights))
     return pairs
 
 
@@ -100,18 +101,19 @@ def _folded_weights(conv: keras.layers.Layer, bn: keras.layers.BatchNormalizatio
     return [kernel.astype(np.float32), (bias * scale + shift).astype(np.float32)]
 
 
-def _fits(conv: keras.layers.Layer, bn: keras.layers.BatchNormalization) -> bool:
+def _fits(conv: keras.layers.Layer, weights: list[np.ndarray]) -> bool:
     """Folded weights stay finite in the compute dtype (float16's range is 65504)."""
     limit = 6e4 if conv.dtype_policy.compute_dtype == "float16" else 1e30
-    return all(np.all(np.isfinite(w)) and np.abs(w).max() < limit for w in _folded_weights(conv, bn))
+    return all(np.all(np.isfinite(w)) and np.abs(w).max() < limit for w in weights)
 
 
-def _folded_conv(conv: keras.layers.Layer, bn: keras.layers.BatchNormalization) -> keras.layers.Layer:
+def _folded_conv(conv: keras.layers.Layer, weights: list[np.ndarray]) -> keras.layers.Layer:
+    config = conv.get_config()
     # zeros initialisers: the weights are set below, and a random one would draw from Keras' seed stream
     inits = {key: "zeros" for key in ("kernel_initializer", "depthwise_initializer", "bias_initializer")
-             if key in conv.get_config()}
-    layer = conv.__class__.from_config({**conv.get_config(), "use_bias": True, **inits})
+             if key in config}
+    layer = conv.__class__.from_config({**config, "use_bias": True, **inits})
     layer.build(conv.input.shape)
-    layer.set_weights(_folded_weights(conv, bn))
+    layer.set_weights(weights)
     layer.trainable = conv.trainable
     return layer
