@@ -156,6 +156,57 @@ def test_parity_hub_full_depth_dino_vits16(tmp_path):
     _check(cfg, path, ref, (224, 160))
 
 
+def test_parity_hub_full_depth_dino_vits16_bfloat16(tmp_path):
+    """Under mixed_bfloat16 (bfloat16 projections and attention matmuls, float32 softmax and
+    LayerNorm) the full-depth ViT-S/16 stays within 2 % (relative L2) of the float32 reference."""
+    import keras
+
+    cfg = CONFIGS["dino_vits16"]
+    ref = _ref_for(cfg, "hub")
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in ref.state_dict().items()}}, path)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_vit(cfg, 224)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    load_vit_file(model, cfg, path, "test")
+    x = np.random.default_rng(1).uniform(0, 255, (4, 224, 224, 3)).astype("float32")
+    ours = np.asarray(model(x))
+    mean, std = np.asarray(cfg.mean, "float32"), np.asarray(cfg.std, "float32")
+    with torch.no_grad():
+        want = ref(torch.from_numpy(((x / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy())).numpy()
+    rel = np.linalg.norm(ours - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert ours.dtype == np.float32 and rel.max() < 0.02, rel
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_norm_matches_keras_layer_normalization(policy):
+    """dfl_tf's LayerNorm (float32, five ops) computes Keras' LayerNormalization with the same weights."""
+    import keras
+
+    from dfl_tf.backbones.vit import LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 5, 48)) * 3 + 1).astype("float32")
+    ours, theirs = LayerNorm(epsilon=1e-6, dtype=policy), keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy)
+    ours.build(x.shape), theirs.build(x.shape)
+    weights = [rng.uniform(0.5, 1.5, 48).astype("float32"), rng.standard_normal(48).astype("float32")]
+    ours.set_weights(weights), theirs.set_weights(weights)
+    if policy == "float32":
+        np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), atol=2e-5)
+    else:  # bfloat16 in and out, float32 inside both: at most one bfloat16 rounding step apart
+        xb = keras.ops.cast(x, "bfloat16")
+        a, b = (np.asarray(keras.ops.cast(layer(xb), "float32")) for layer in (ours, theirs))
+        assert keras.backend.standardize_dtype(ours(xb).dtype) == "bfloat16"
+        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=2 ** -7)
+    other_axis = LayerNorm(axis=1, epsilon=1e-6)  # not the last axis: Keras' own implementation
+    keras_axis = keras.layers.LayerNormalization(axis=1, epsilon=1e-6)
+    np.testing.assert_allclose(np.asarray(other_axis(x)), np.asarray(keras_axis(x)), atol=1e-6)
+    assert LayerNorm.from_config(ours.get_config()).epsilon == 1e-6
+
+
 @pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitg14_reg"])
 def test_parity_hub_dinov2(tmp_path, name):
     """DINOv2 hub models: grid 37 resampled at 224 (offset 0.1, or antialias for _reg); SwiGLU w12/w3."""

@@ -131,6 +131,30 @@ def resize_matrix(in_size: int, out_size: int, interpolation: str = "bicubic",
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")
+class LayerNorm(keras.layers.LayerNormalization):
+    """LayerNormalization over the last axis in float32 whatever the policy, in five ops
+    (mean, centre, mean of squares, rsqrt, scale and shift) instead of Keras' eleven: under
+    ``mixed_bfloat16`` half the time of ``keras.layers.LayerNormalization`` on ViT-S/16 token
+    matrices (README, ViT A/B). Same weights (``gamma``, ``beta``) and config."""
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
+        if [a % rank for a in axes] != [rank - 1] or self.rms_scaling:
+            return super().call(inputs)
+        x = tf.cast(inputs, "float32")
+        centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+        variance = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+        scale = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * tf.cast(self.gamma, "float32")
+        out = centred * scale
+        if self.center:
+            out = out + tf.cast(self.beta, "float32")
+        return tf.cast(out, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="dfl_tf")
 class ViTEmbed(keras.layers.Layer):
     """Patch embedding, class/register tokens and (resampled) position embeddings.
 
@@ -205,10 +229,10 @@ class ViTBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim, self.heads, self.mlp_hidden, self.mlp = dim, heads, mlp_hidden, mlp
         self.layer_scale, self.eps = layer_scale, eps
-        self.norm1 = keras.layers.LayerNormalization(epsilon=eps, name="norm1")
+        self.norm1 = LayerNorm(epsilon=eps, name="norm1")
         self.qkv = keras.layers.Dense(3 * dim, name="qkv")
         self.proj = keras.layers.Dense(dim, name="proj")
-        self.norm2 = keras.layers.LayerNormalization(epsilon=eps, name="norm2")
+        self.norm2 = LayerNorm(epsilon=eps, name="norm2")
         self.fc1 = keras.layers.Dense(2 * mlp_hidden if mlp == "swiglu" else mlp_hidden, name="fc1")
         self.fc2 = keras.layers.Dense(dim, name="fc2")
 
@@ -230,16 +254,17 @@ class ViTBlock(keras.layers.Layer):
         return tf.nn.bias_add(tf.matmul(x, ops.cast(layer.kernel, dtype)), ops.cast(layer.bias, dtype))
 
     def _attention(self, x, tokens):
-        """``[B*N, dim]`` -> ``[B*N, dim]``. Logits, softmax and the weighted sum run in float32
-        under every policy: on CPUs without native bfloat16 that is faster than bfloat16 batched
-        matmuls (benchmarks/bench_vit.py) and closer to the float32 reference."""
+        """``[B*N, dim]`` -> ``[B*N, dim]``. The two attention matmuls run in the compute dtype
+        (bfloat16 under ``mixed_bfloat16``, as torch's autocast runs them), the scaled logits'
+        softmax in float32. q, k and v come out of one transpose to ``[3, B, H, N, Dh]``, not
+        three strided slices (benchmarks/bench_vit.py; the A/B is in the README)."""
         head_dim = self.dim // self.heads
-        qkv = ops.cast(ops.reshape(self._dense(self.qkv, x), (-1, tokens, 3, self.heads, head_dim)), "float32")
-        q, k, v = qkv[:, :, 0] * head_dim ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
-        # einsum on the [B, N, H, Dh] layout: no explicit head transposes around the batched matmuls
-        weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
-        out = tf.reshape(tf.einsum("bhqk,bkhd->bqhd", weights, v), (-1, self.dim))
-        return self._dense(self.proj, ops.cast(out, self.compute_dtype))
+        qkv = ops.reshape(self._dense(self.qkv, x), (-1, tokens, 3, self.heads, head_dim))
+        q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, N, Dh]
+        logits = tf.cast(tf.matmul(q, k, transpose_b=True), "float32") * head_dim ** -0.5
+        weights = tf.cast(tf.nn.softmax(logits, axis=-1), q.dtype)
+        out = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])  # [B, N, H, Dh]
+        return self._dense(self.proj, tf.reshape(out, (-1, self.dim)))
 
     def _mlp(self, x):
         h = self._dense(self.fc1, x)
@@ -302,7 +327,7 @@ def build_vit(config: ViTConfig, input_size: int, name: str = "vit") -> keras.Mo
     for index in range(config.depth):
         x = ViTBlock(config.dim, config.heads, config.mlp_hidden, config.mlp, config.layer_scale, config.eps,
                      name=f"blocks_{index}")(x)
-    x = keras.layers.LayerNormalization(epsilon=config.eps, name="norm")(x)
+    x = LayerNorm(epsilon=config.eps, name="norm")(x)
     x = ViTPool(config.pool, 1 + config.registers, name="pool")(x)
     x = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
     return keras.Model(inputs, x, name=name)
