@@ -7,7 +7,8 @@ under ``torch.inference_mode``, float32 and ``torch.autocast("cpu", torch.bfloat
 threads as TensorFlow. All configurations of one model are timed round-robin. FLOP per image
 (torch_vit.vit_gflop): patch embedding + 12 d^2 per token and block (qkv, projection, MLP x4)
 + 2 N^2 d per block (attention), 2 FLOP per multiply-add; % of roofline = achieved GFLOP/s /
-measured float32 matmul GFLOP/s (bfloat16 can exceed 100 %).
+measured float32 matmul GFLOP/s (bfloat16 can exceed 100 %); bfloat16 rows also against the
+measured bfloat16 matmul rate.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def run(cfg: dict) -> Section:
     size, repeats = cfg["size"], cfg["repeats"]
     threads = tf_threads()
     peak = matmul_gflops(cfg["matmul_n"], repeats=3)
+    peak_bf16 = matmul_gflops(cfg["matmul_n"], repeats=3, dtype="bfloat16") if "bfloat16" in cfg["precisions"] else None
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows, data, headline, missing = [], [], {}, []
@@ -115,10 +117,12 @@ def run(cfg: dict) -> Section:
             ours = {p: r for (impl, p, _), r in zip(configs, rates) if impl.startswith("dfl_tf")}
             for (impl, precision, _), r in zip(configs, rates):
                 ratio = ours[precision] / r if precision in ours else None
+                bf16 = r * gf / peak_bf16 if precision == "bfloat16" and peak_bf16 else None
                 rows.append([label, impl, precision, batch, fmt(r), fmt(r * gf), pct(r * gf / peak),
-                             "-" if ratio is None else f"{ratio:.2f}"])
+                             "-" if bf16 is None else pct(bf16), "-" if ratio is None else f"{ratio:.2f}"])
                 data.append({"model": label, "implementation": impl, "precision": precision, "batch": batch,
-                             "img_per_s": r, "gflop_per_image": gf, "roofline_fraction": r * gf / peak})
+                             "img_per_s": r, "gflop_per_image": gf, "roofline_fraction": r * gf / peak,
+                             "roofline_fraction_bf16": bf16})
                 log(f"[vit] {label} {impl} {precision}: {r:.2f} img/s ({r * gf / peak:.0%} of roofline)")
                 if ratio is not None and not impl.startswith("dfl_tf"):
                     headline[f"{HEADLINE[label]}_vs_torch_{precision}"] = ratio  # unrounded, as the table
@@ -132,7 +136,9 @@ def run(cfg: dict) -> Section:
              "Keras architecture is built directly (``dfl_tf.backbones.vit.build_vit``, random weights)."
              if any(d["implementation"].startswith("dfl_tf build_vit") for d in data) else "")
     body = (f"{__doc__.strip()}\n\n{size} px, {threads} threads, median of {repeats} round-robin runs after a "
-            f"warm-up; measured float32 matmul ({cfg['matmul_n']} x {cfg['matmul_n']}): **{peak:.1f} GFLOP/s**."
-            f"\n\n" + table(["model", "implementation", "precision", "batch", "img/s", "GFLOP/s", "% of roofline",
-                             "dfl_tf / this"], rows) + note)
-    return Section(TITLE, body, headline, {"rows": data, "size": size, "matmul_gflops": peak})
+            f"warm-up; measured float32 matmul ({cfg['matmul_n']} x {cfg['matmul_n']}): **{peak:.1f} GFLOP/s**"
+            + (f", bfloat16: **{peak_bf16:.1f} GFLOP/s**." if peak_bf16 else ".")
+            + "\n\n" + table(["model", "implementation", "precision", "batch", "img/s", "GFLOP/s", "% of roofline",
+                               "% of bfloat16 matmul", "dfl_tf / this"], rows) + note)
+    return Section(TITLE, body, headline, {"rows": data, "size": size, "matmul_gflops": peak,
+                                           "matmul_gflops_bf16": peak_bf16})

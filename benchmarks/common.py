@@ -137,23 +137,23 @@ def rate(n: int, seconds: list[float]) -> float:
     return n / median(seconds)
 
 
-_MATMUL: dict[int, float] = {}
+_MATMUL: dict[tuple[int, str], float] = {}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """Measured float32 tf.linalg.matmul GFLOP/s of two n x n matrices (2 n^3 FLOP); measured once
-    per process and size, so every section of one run divides by the same roofline."""
-    if n not in _MATMUL:
-        _MATMUL[n] = _measure_matmul(n, repeats)
-    return _MATMUL[n]
+def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: str = "float32") -> float:
+    """Measured tf.linalg.matmul GFLOP/s of two n x n ``dtype`` matrices (2 n^3 FLOP); measured once
+    per process, size and dtype, so every section of one run divides by the same roofline."""
+    if (n, dtype) not in _MATMUL:
+        _MATMUL[n, dtype] = _measure_matmul(n, repeats, dtype)
+    return _MATMUL[n, dtype]
 
 
-def _measure_matmul(n: int, repeats: int) -> float:
+def _measure_matmul(n: int, repeats: int, dtype: str = "float32") -> float:
     import tensorflow as tf
 
-    a = tf.random.normal([n, n], seed=1)
-    b = tf.random.normal([n, n], seed=2)
-    f = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+    a = tf.cast(tf.random.normal([n, n], seed=1), dtype)
+    b = tf.cast(tf.random.normal([n, n], seed=2), dtype)
+    f = tf.function(lambda: tf.reduce_sum(tf.cast(tf.linalg.matmul(a, b), "float32")))
     secs = time_runs(lambda: f().numpy(), repeats, warmup=1)
     return 2 * n ** 3 / median(secs) / 1e9
 
@@ -315,6 +315,10 @@ def readme_summary(result: dict) -> str:
     def r2(x) -> str:
         return "-" if x is None else f"{x:.2f}"
 
+    def bf16_share(row: dict) -> str:
+        frac = row.get("roofline_fraction_bf16")
+        return "" if frac is None else f"; {pct(frac)} of bfloat16 matmul"
+
     def r0(x) -> str:  # as results.md prints tiles/s (tests/test_docs.py checks the summary against it)
         return "-" if x is None else f"{x:.0f}"
 
@@ -323,8 +327,8 @@ def readme_summary(result: dict) -> str:
     bb = [r for r in _rows(result, t) if r.get("backbone") == "resnet50" and r.get("size") == 224 and not r.get("jit")]
     if bb:
         lines.append("| ResNet-50 224 px: " + " / ".join(r["precision"] for r in bb) + " | "
-                     + " / ".join(f"{r['img_per_s']:.1f} img/s ({pct(r['roofline_fraction'])} of float32 matmul)"
-                                  for r in bb) + f" | | {date(t)} |")
+                     + " / ".join(f"{r['img_per_s']:.1f} img/s ({pct(r['roofline_fraction'])} of float32 matmul"
+                                  f"{bf16_share(r)})" for r in bb) + f" | | {date(t)} |")
     h = result.get("headline", {})
     t = "dfl_tf vs PyTorch ResNet-50"
     if h.get("resnet50_vs_torch_float32") is not None:
@@ -336,7 +340,8 @@ def readme_summary(result: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in vit):
         rs = [r for r in vit if r["model"] == model]
         lines.append(f"| {model} 224 px: " + " / ".join(r["precision"] for r in rs) + " | "
-                     + " / ".join(f"{fmt(r['img_per_s'])} img/s ({pct(r['roofline_fraction'])})" for r in rs)
+                     + " / ".join(f"{fmt(r['img_per_s'])} img/s ({pct(r['roofline_fraction'])}{bf16_share(r)})"
+                                  for r in rs)
                      + f" | | {date(t)} |")
     for key, label in (("vit_s16", "ViT-S/16"), ("vit_b16", "ViT-B/16")):
         if h.get(f"{key}_vs_torch_float32") is not None:

@@ -63,11 +63,11 @@ def configs(mode: str, repeats: int | None) -> dict[str, dict]:
         }
     else:  # tiny: structure only
         c = {
-            "backbone": dict(backbone="bench_tiny", sizes=[32], precisions=["float32"], batch=4, repeats=1,
+            "backbone": dict(backbone="bench_tiny", sizes=[32], precisions=["float32", "bfloat16"], batch=4, repeats=1,
                              matmul_n=128, jit=False),
             "extract": dict(backbone="bench_tiny", size=32, batch=4, n=8, repeats=1),
             "torch": dict(backbone="bench_tiny", size=32, batch=2, repeats=1),
-            "vit": dict(size=32, models={"ViT-S/16": 2}, torch=["ViT-S/16"], precisions=["float32"], repeats=1,
+            "vit": dict(size=32, models={"ViT-S/16": 2}, torch=["ViT-S/16"], precisions=["float32", "bfloat16"], repeats=1,
                         matmul_n=128),
             "reader": dict(size=32, n=4, repeats=1, slide_side=512, svs=False),
             "heads": dict(n=512, dims=[16], batch=64, hidden=8, matmul_n=128, extra_batches=[128], levers=1),

@@ -53,6 +53,10 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     summary = readme.read_text()
     assert summary.startswith("intro\n") and summary.endswith("rest\n") and "\nold\n" not in summary
     assert "| slide reader vs raw `openslide.read_region` loop" in summary and "| head training" in summary
+    # bfloat16 rows are also measured against the bfloat16 matmul rate, in the table and the summary
+    vit_rows = result["sections"]["Vision Transformers: throughput and dfl_tf vs PyTorch"]["data"]["rows"]
+    assert all((r["roofline_fraction_bf16"] is None) == (r["precision"] != "bfloat16") for r in vit_rows)
+    assert "| % of bfloat16 matmul |" in text and "of bfloat16 matmul)" in summary
     # ...and quotes each figure as results.md prints it (what tests/test_docs.py checks on the real files)
     from test_docs import summary_mismatches
 
