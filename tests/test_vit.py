@@ -201,6 +201,9 @@ def test_layer_norm_matches_keras_layer_normalization(policy):
         a, b = (np.asarray(keras.ops.cast(layer(xb), "float32")) for layer in (ours, theirs))
         assert keras.backend.standardize_dtype(ours(xb).dtype) == "bfloat16"
         np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=2 ** -7)
+    for kwargs in ({"scale": False}, {"center": False}, {"epsilon": None}):  # no gamma / no beta / default eps
+        plain, keras_plain = LayerNorm(**kwargs), keras.layers.LayerNormalization(**kwargs)
+        np.testing.assert_allclose(np.asarray(plain(x)), np.asarray(keras_plain(x)), atol=2e-5)
     other_axis = LayerNorm(axis=1, epsilon=1e-6)  # not the last axis: Keras' own implementation
     keras_axis = keras.layers.LayerNormalization(axis=1, epsilon=1e-6)
     np.testing.assert_allclose(np.asarray(other_axis(x)), np.asarray(keras_axis(x)), atol=1e-6)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import write_images
 from dfl_tf import extract, load_embeddings, load_model, select_backbones
@@ -61,6 +62,20 @@ def test_tiny_vit_bfloat16_extraction_close_to_float32(tmp_path):
     assert manifest["settings"]["precision"] == "bfloat16" and manifest["dim"] == 64
     a, b = load_embeddings(tmp_path / "f32").X, load_embeddings(tmp_path / "bf16").X
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("precision,tol", [("bfloat16", 0.05), ("mixed_float16", 0.01)])
+def test_tiny_vit_half_precision_close_to_float32_with_large_activations(precision, tol):
+    """Half-precision attention (matmuls in the compute dtype) stays close to float32 even when
+    q and k are large: under float16 q is scaled before the product, so the logits stay in range."""
+    x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    f32 = load_backbone("tiny_vit", weights="none", input_size=48)
+    half = load_backbone("tiny_vit", weights="none", input_size=48, precision=precision)
+    for layer in (f32.model.get_layer("blocks_0"), half.model.get_layer("blocks_0")):
+        layer.qkv.kernel.assign(layer.qkv.kernel * 100.0)  # q.k up to 1.1e5 > 65504 unscaled
+    half.model.set_weights(f32.model.get_weights())
+    want, got = np.asarray(f32(x)), np.asarray(half(x))
+    assert np.isfinite(got).all() and np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
 def test_tiny_vit_beam_equals_local(tmp_path):

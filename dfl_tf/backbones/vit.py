@@ -142,10 +142,13 @@ class LayerNorm(keras.layers.LayerNormalization):
         axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
         if [a % rank for a in axes] != [rank - 1] or self.rms_scaling:
             return super().call(inputs)
+        if inputs.dtype == tf.float64:
+            return super().call(inputs)
+        epsilon = keras.config.epsilon() if self.epsilon is None else self.epsilon
         x = tf.cast(inputs, "float32")
         centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
         variance = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-        scale = tf.math.rsqrt(variance + self.epsilon)
+        scale = tf.math.rsqrt(variance + epsilon)
         if self.scale:
             scale = scale * tf.cast(self.gamma, "float32")
         out = centred * scale
@@ -255,13 +258,16 @@ class ViTBlock(keras.layers.Layer):
 
     def _attention(self, x, tokens):
         """``[B*N, dim]`` -> ``[B*N, dim]``. The two attention matmuls run in the compute dtype
-        (bfloat16 under ``mixed_bfloat16``, as torch's autocast runs them), the scaled logits'
-        softmax in float32. q, k and v come out of one transpose to ``[3, B, H, N, Dh]``, not
+        (bfloat16 under ``mixed_bfloat16``, float16 under ``mixed_float16``, as torch's autocast
+        runs them), the scaled logits' softmax in float32. q, k and v come out of one transpose to ``[3, B, H, N, Dh]``, not
         three strided slices (benchmarks/bench_vit.py; the A/B is in the README)."""
         head_dim = self.dim // self.heads
         qkv = ops.reshape(self._dense(self.qkv, x), (-1, tokens, 3, self.heads, head_dim))
         q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, N, Dh]
-        logits = tf.cast(tf.matmul(q, k, transpose_b=True), "float32") * head_dim ** -0.5
+        if q.dtype == tf.float16:  # float16's range (65504): scale q before the product, not the logits after
+            logits = tf.cast(tf.matmul(q * tf.cast(head_dim ** -0.5, q.dtype), k, transpose_b=True), "float32")
+        else:
+            logits = tf.cast(tf.matmul(q, k, transpose_b=True), "float32") * head_dim ** -0.5
         weights = tf.cast(tf.nn.softmax(logits, axis=-1), q.dtype)
         out = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])  # [B, N, H, Dh]
         return self._dense(self.proj, tf.reshape(out, (-1, self.dim)))
