@@ -135,7 +135,7 @@ class LayerNorm(keras.layers.LayerNormalization):
     """LayerNormalization over the last axis in float32 whatever the policy, in five ops
     (mean, centre, mean of squares, rsqrt, scale and shift) instead of Keras' eleven: under
     ``mixed_bfloat16`` half the time of ``keras.layers.LayerNormalization`` on ViT-S/16 token
-    matrices (README, ViT A/B). Same weights (``gamma``, ``beta``) and config."""
+    matrices (benchmarks/vit_kernels.py). Same weights (``gamma``, ``beta``) and config."""
 
     def call(self, inputs):
         rank = len(inputs.shape)
@@ -259,8 +259,8 @@ class ViTBlock(keras.layers.Layer):
     def _attention(self, x, tokens):
         """``[B*N, dim]`` -> ``[B*N, dim]``. The two attention matmuls run in the compute dtype
         (bfloat16 under ``mixed_bfloat16``, float16 under ``mixed_float16``, as torch's autocast
-        runs them), the scaled logits' softmax in float32. q, k and v come out of one transpose to ``[3, B, H, N, Dh]``, not
-        three strided slices (benchmarks/bench_vit.py; the A/B is in the README)."""
+        runs them), the scaled logits' softmax in float32. q, k and v come out of one transpose
+        to ``[3, B, H, N, Dh]``, not three strided slices (A/B: benchmarks/vit_kernels.py)."""
         head_dim = self.dim // self.heads
         qkv = ops.reshape(self._dense(self.qkv, x), (-1, tokens, 3, self.heads, head_dim))
         q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, N, Dh]
