@@ -8,8 +8,8 @@ bfloat16 rows also against the measured bfloat16 matmul rate (the same n x n mat
 """
 from __future__ import annotations
 
-from common import Section, ensure_backbone, fmt, log, matmul_gflops, pct, rate, resnet50_gflop, table, \
-    time_runs
+from common import Section, bf16_matmul_gflops, ensure_backbone, fmt, log, matmul_gflops, pct, rate, \
+    resnet50_gflop, table, time_runs
 
 TITLE = "Backbone throughput vs matmul roofline"
 NOTE = 'The roofline is the float32 matmul rate, so bfloat16 (on CPUs with native bf16 instructions, AVX512-BF16/AMX) and XLA-fused runs (jit on) can exceed 100 %: for bfloat16 the last column is the fair one; a value above 100 % for float32 also means the single-call matmul measurement underestimates the peak (it was taken on a shared, loaded machine).'
@@ -49,7 +49,7 @@ def run(cfg: dict) -> Section:
     ensure_backbone(name)
     peak = matmul_gflops(cfg["matmul_n"], repeats=3)
     log(f"[backbone] matmul float32 {cfg['matmul_n']}^2: {peak:.1f} GFLOP/s")
-    peak_bf16 = matmul_gflops(cfg["matmul_n"], repeats=3, dtype="bfloat16") if "bfloat16" in cfg["precisions"] else None
+    peak_bf16 = bf16_matmul_gflops(cfg)
     if peak_bf16:
         log(f"[backbone] matmul bfloat16 {cfg['matmul_n']}^2: {peak_bf16:.1f} GFLOP/s")
     rows, data = [], []

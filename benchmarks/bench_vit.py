@@ -12,7 +12,7 @@ measured bfloat16 matmul rate.
 """
 from __future__ import annotations
 
-from common import Section, fmt, log, matmul_gflops, pct, table, tf_threads
+from common import Section, bf16_matmul_gflops, fmt, log, matmul_gflops, pct, table, tf_threads
 
 TITLE = "Vision Transformers: throughput and dfl_tf vs PyTorch"
 
@@ -97,7 +97,7 @@ def run(cfg: dict) -> Section:
     size, repeats = cfg["size"], cfg["repeats"]
     threads = tf_threads()
     peak = matmul_gflops(cfg["matmul_n"], repeats=3)
-    peak_bf16 = matmul_gflops(cfg["matmul_n"], repeats=3, dtype="bfloat16") if "bfloat16" in cfg["precisions"] else None
+    peak_bf16 = bf16_matmul_gflops(cfg)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows, data, headline, missing = [], [], {}, []

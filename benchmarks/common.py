@@ -148,6 +148,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: str = "float32") -> fl
     return _MATMUL[n, dtype]
 
 
+def bf16_matmul_gflops(cfg: dict) -> float | None:
+    """The bfloat16 roofline (``cfg["matmul_n"]``) of a section that times bfloat16 rows, else None."""
+    return matmul_gflops(cfg["matmul_n"], repeats=3, dtype="bfloat16") if "bfloat16" in cfg["precisions"] else None
+
+
 def _measure_matmul(n: int, repeats: int, dtype: str = "float32") -> float:
     import tensorflow as tf
 

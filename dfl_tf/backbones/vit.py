@@ -140,9 +140,7 @@ class LayerNorm(keras.layers.LayerNormalization):
     def call(self, inputs):
         rank = len(inputs.shape)
         axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-        if [a % rank for a in axes] != [rank - 1] or self.rms_scaling:
-            return super().call(inputs)
-        if inputs.dtype == tf.float64:
+        if [a % rank for a in axes] != [rank - 1] or self.rms_scaling or inputs.dtype == tf.float64:
             return super().call(inputs)
         epsilon = keras.config.epsilon() if self.epsilon is None else self.epsilon
         x = tf.cast(inputs, "float32")
