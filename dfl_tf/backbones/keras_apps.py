@@ -29,19 +29,28 @@ def _builder(app, mode: str, name: str, **app_kwargs):
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
-# name, application, preprocessing mode, dim, weights file under _BASE, description
+# What each preprocessing mode does to float RGB [0, 255] (dfl_tf.backbones.layers.Preprocess).
+PREPROCESSING = {
+    "caffe": "RGB -> BGR, minus the ImageNet mean (103.939, 116.779, 123.68) in BGR order, no scaling (caffe)",
+    "torch": "x/255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)",
+    "none": "built into the Keras model ([0, 255] in)",
+}
+
+# name, application, preprocessing mode, dim, trainable parameters (without batch-norm statistics;
+# tests/test_backbones_listing.py builds each and counts), weights file under _BASE, description
 _APPS = (
-    ("resnet50", keras.applications.ResNet50, "caffe", 2048,
+    ("resnet50", keras.applications.ResNet50, "caffe", 2048, 23_534_592,
      "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
      "ResNet-50 v1 (Keras Applications), caffe preprocessing"),
-    ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, "convnext/convnext_tiny_notop.h5",
+    ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, 27_820_128, "convnext/convnext_tiny_notop.h5",
      "ConvNeXt-Tiny (Keras Applications), built-in normalisation"),
-    ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, "efficientnetb0_notop.h5",
+    ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, 4_007_548, "efficientnetb0_notop.h5",
      "EfficientNet-B0 (Keras Applications), built-in rescaling"),
-    ("densenet121", keras.applications.DenseNet121, "torch", 1024,
+    ("densenet121", keras.applications.DenseNet121, "torch", 1024, 6_953_856,
      "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
      "DenseNet-121 (Keras Applications), torch preprocessing"),
 )
-for _name, _app, _mode, _dim, _file, _description in _APPS:
+for _name, _app, _mode, _dim, _params, _file, _description in _APPS:
     register(BackboneSpec(name=_name, builder=_builder(_app, _mode, _name), input_size=224, dim=_dim,
-                          weights=_imagenet(_file.rsplit("/", 1)[-1], _BASE + _file), description=_description))
+                          weights=_imagenet(_file.rsplit("/", 1)[-1], _BASE + _file), description=_description,
+                          params=_params, preprocessing=PREPROCESSING[_mode]))

@@ -23,4 +23,5 @@ def register_toy(name: str = "toy", input_size: int = 32) -> BackboneSpec:
         return model
 
     return register(BackboneSpec(name=name, builder=build, input_size=input_size, dim=16, default_weights="none",
+                                 params=1_392, preprocessing="x/255",
                                  description="toy backbone for tests and smoke runs"))
