@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import keras
 
-from dfl_tf.backbones.layers import wrap
+from dfl_tf.backbones.layers import PREPROCESSING, wrap
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, register
 
 _KERAS_LICENSE = "Keras Applications weights (Apache-2.0 code); trained on ImageNet-1k, whose terms restrict use to research"
@@ -28,13 +28,6 @@ def _builder(app, mode: str, name: str, **app_kwargs):
 
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
-
-# What each preprocessing mode does to float RGB [0, 255] (dfl_tf.backbones.layers.Preprocess).
-PREPROCESSING = {
-    "caffe": "RGB -> BGR, minus the ImageNet mean (103.939, 116.779, 123.68) in BGR order, no scaling (caffe)",
-    "torch": "x/255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)",
-    "none": "built into the Keras model ([0, 255] in)",
-}
 
 # name, application, preprocessing mode, dim, trainable parameters (without batch-norm statistics;
 # tests/test_backbones_listing.py builds each and counts), weights file under _BASE, description
