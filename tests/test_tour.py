@@ -11,7 +11,8 @@ input of a line must be made by an earlier line, so a README edit that breaks th
 Each line runs as written (`shlex.split`, in-process through click's CliRunner, in a temporary
 directory holding a copy of `configs/`), with only these flags appended to keep it fast (a later
 flag wins over the README's): :data:`FAST` (the `tiny_test` backbone of tests/conftest.py with
-random weights at 32 px instead of efficientnet_lite0 at 224 px, a few epochs) and `--no-progress`.
+random weights at 32 px instead of efficientnet_lite0 at 224 px; 4 epochs, no early stopping and 2
+cross-validation folds for `train`) and `--no-progress`. The whole tour takes about 40 s on 2 cores.
 """
 from __future__ import annotations
 
