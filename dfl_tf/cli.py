@@ -145,11 +145,10 @@ def backbones_cmd(as_json: bool) -> None:
         sources = ", ".join(f"{k}({'yes' if v else 'no'})" for k, v in row["offline"].items())
         licences = "; ".join(f"{k}: {'[gated] ' if row['gated'].get(k) else ''}{v}"
                              for k, v in row["licences"].items()) or "-"
-        params = f"{row['params'] / 1e6:.1f}M" if row.get("params") else "-"
+        count = row.get("params")
+        params = "-" if not count else f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count / 1e3:.1f}k"
         click.echo(f"{row['name']:<22} {row['input_size']:>5} {row['dim']:>5} {params:>7}  {sources:<30} {licences}")
-        details = [f"embedding: {row['embedding']}"]
-        if row.get("preprocessing"):
-            details.append(f"preprocessing: {row['preprocessing']}")
+        details = [f"embedding: {row['embedding']}", f"preprocessing: {row.get('preprocessing') or '-'}"]
         details += [f"{k}: {url}" for k, url in row["sources"].items() if url]
         click.echo("    " + "; ".join(details))
     click.echo("Any SavedModel directory also works as --backbone PATH (keras.layers.TFSMLayer).")

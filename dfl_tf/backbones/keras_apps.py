@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import keras
 
-from dfl_tf.backbones.layers import wrap
+from dfl_tf.backbones.layers import PREPROCESSING, wrap
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, register
 
 _KERAS_LICENSE = "Keras Applications weights (Apache-2.0 code); trained on ImageNet-1k, whose terms restrict use to research"
@@ -29,19 +29,21 @@ def _builder(app, mode: str, name: str, **app_kwargs):
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
-# name, application, preprocessing mode, dim, weights file under _BASE, description
+# name, application, preprocessing mode, dim, trainable parameters (without batch-norm statistics;
+# tests/test_backbones_listing.py builds each and counts), weights file under _BASE, description
 _APPS = (
-    ("resnet50", keras.applications.ResNet50, "caffe", 2048,
+    ("resnet50", keras.applications.ResNet50, "caffe", 2048, 23_534_592,
      "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
      "ResNet-50 v1 (Keras Applications), caffe preprocessing"),
-    ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, "convnext/convnext_tiny_notop.h5",
+    ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, 27_820_128, "convnext/convnext_tiny_notop.h5",
      "ConvNeXt-Tiny (Keras Applications), built-in normalisation"),
-    ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, "efficientnetb0_notop.h5",
+    ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, 4_007_548, "efficientnetb0_notop.h5",
      "EfficientNet-B0 (Keras Applications), built-in rescaling"),
-    ("densenet121", keras.applications.DenseNet121, "torch", 1024,
+    ("densenet121", keras.applications.DenseNet121, "torch", 1024, 6_953_856,
      "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
      "DenseNet-121 (Keras Applications), torch preprocessing"),
 )
-for _name, _app, _mode, _dim, _file, _description in _APPS:
+for _name, _app, _mode, _dim, _params, _file, _description in _APPS:
     register(BackboneSpec(name=_name, builder=_builder(_app, _mode, _name), input_size=224, dim=_dim,
-                          weights=_imagenet(_file.rsplit("/", 1)[-1], _BASE + _file), description=_description))
+                          weights=_imagenet(_file.rsplit("/", 1)[-1], _BASE + _file), description=_description,
+                          params=_params, preprocessing=PREPROCESSING[_mode]))

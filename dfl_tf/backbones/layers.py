@@ -7,6 +7,14 @@ from keras import ops
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+#: What each Preprocess mode does, as `dfl backbones` prints it.
+PREPROCESSING = {
+    "caffe": "RGB -> BGR, minus the ImageNet mean (103.939, 116.779, 123.68) in BGR order, no scaling (caffe)",
+    "torch": "x/255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)",
+    "tf": "x/127.5 - 1",
+    "unit": "x/255",
+    "none": "built into the Keras model ([0, 255] in)",
+}
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")

@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 
 from dfl_tf.backbones import weights as weight_cache
-from dfl_tf.backbones.layers import wrap
+from dfl_tf.backbones.layers import PREPROCESSING, wrap
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, register
 
 BLOCKS = (3, 4, 6, 3)
@@ -130,18 +130,25 @@ SWAV = _source("swav_resnet50", "swav", "https://dl.fbaipublicfiles.com/deepclus
                None, "CC-BY-NC-4.0 (SwAV, facebookresearch/swav): non-commercial use only",
                "800-epoch SwAV; no published checksum")
 
+#: Trainable parameters of the pooled ResNet-50 (no fc; batch-norm statistics not counted), as torch counts them.
+RESNET50_PARAMS = 23_508_032
+TORCH_PREPROCESSING = PREPROCESSING["torch"]
+
 register(BackboneSpec(
     name="resnet50_tv", builder=make_builder("resnet50_tv"), input_size=224, dim=2048,
+    params=RESNET50_PARAMS, preprocessing=TORCH_PREPROCESSING,
     weights={"imagenet": TORCHVISION}, default_weights="imagenet",
     description="ResNet-50 v1.5 (torchvision layout), supervised ImageNet weights, torch preprocessing",
 ))
 register(BackboneSpec(
     name="dino_resnet50", builder=make_builder("dino_resnet50"), input_size=224, dim=2048,
+    params=RESNET50_PARAMS, preprocessing=TORCH_PREPROCESSING,
     weights={"dino": DINO}, default_weights="dino",
     description="ResNet-50 v1.5 (torchvision layout), DINO self-supervised weights",
 ))
 register(BackboneSpec(
     name="swav_resnet50", builder=make_builder("swav_resnet50"), input_size=224, dim=2048,
+    params=RESNET50_PARAMS, preprocessing=TORCH_PREPROCESSING,
     weights={"swav": SWAV}, default_weights="swav",
     description="ResNet-50 v1.5 (torchvision layout), SwAV self-supervised weights (non-commercial)",
 ))

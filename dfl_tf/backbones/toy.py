@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from dfl_tf.backbones.layers import wrap
+from dfl_tf.backbones.layers import PREPROCESSING, wrap
 from dfl_tf.backbones.registry import BackboneSpec, register
 
 
@@ -23,4 +23,5 @@ def register_toy(name: str = "toy", input_size: int = 32) -> BackboneSpec:
         return model
 
     return register(BackboneSpec(name=name, builder=build, input_size=input_size, dim=16, default_weights="none",
+                                 params=1_392, preprocessing=PREPROCESSING["unit"],
                                  description="toy backbone for tests and smoke runs"))
