@@ -66,6 +66,7 @@ KINDS: dict[str, OutputKind] = {
     "tiles": OutputKind("tile coordinates CSV", ("slide,x,y,mpp,size,tissue",), file=True),
     "heatmap": OutputKind("heatmap folder", ("heatmap.json", "tiles.csv")),
     "select": OutputKind("backbone selection folder", ("results.json", "table.md", "cache"),
+                         own=("table.md", "results.csv", "results.json", "maps.png", "projector", "cache"),
                          done=("results.json", "table.md")),
     "finetune": OutputKind("fine-tuning folder", ("finetune.json",),
                            own=("finetune.json", "model.keras", "history.csv", "metrics.json", "logs"), whole=True),
@@ -153,15 +154,17 @@ def prepare_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.Pat
                        "or empty --out")
     done = spec.markers if spec.done is None else spec.done
     finished = any(_matches(name, done) for name in entries)
+    foreign = [name for name in entries if spec.own and not _matches(name, spec.own)]
     if not finished:
+        if foreign:  # e.g. a project folder that happens to hold a cache/: not an unfinished selection
+            raise DflError(f"--out {out} is a non-empty folder that is not {_a(spec.what)} (it holds "
+                           f"{', '.join(foreign[:3])}); choose a new or empty --out")
         return spec.existing if spec.existing != "replace" else "resume"
     if spec.existing == "append":
         return "append"
     if not overwrite:
         raise DflError(_refuse_existing(out, spec))
-    if spec.whole:
-        foreign = [name for name in entries if not _matches(name, spec.own)]
-        if foreign:
-            raise DflError(f"--out {out} is {_a(spec.what)} that also holds {', '.join(foreign[:3])}, which dfl did "
-                           "not write; --overwrite replaces the folder whole: move those out or choose another --out")
+    if spec.whole and foreign:
+        raise DflError(f"--out {out} is {_a(spec.what)} that also holds {', '.join(foreign[:3])}, which dfl did "
+                       "not write; --overwrite replaces the folder whole: move those out or choose another --out")
     return "replace"

@@ -224,3 +224,17 @@ def test_evaluate_predict_tile_overwrite_their_own_outputs(world):
     world["tiles"].write_text(tiles.splitlines()[0] + "\n")
     _rerun(world, _args("tile", world, world["tiles"], overwrite=True), world["tiles"])
     assert world["tiles"].read_text() == tiles
+
+
+def test_folder_with_a_cache_and_other_files_is_not_a_selection(world):
+    """A project folder that happens to hold cache/ is not an unfinished selection to resume into."""
+    out = world["root"] / "project"
+    (out / "cache").mkdir(parents=True)
+    (out / "data.csv").write_text("path,label\n")
+    try:
+        line = _refused("select", world, out, "data.csv")
+        assert "not a backbone selection folder" in line
+    finally:
+        (out / "data.csv").unlink()
+        (out / "cache").rmdir()
+        out.rmdir()
