@@ -16,7 +16,7 @@ import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
-from dfl_tf.outputs import prepare_out
+from dfl_tf.outputs import clear_out, prepare_out
 
 
 def _f(value: Any) -> float | None:
@@ -291,8 +291,7 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     from dfl_tf.store.manifest import load_manifest
     from dfl_tf.store.shards import load_embeddings
 
-    if out is not None:
-        prepare_out(out, "report", (head, emb), overwrite)
+    replace = out is not None and prepare_out(out, "report", (head, emb), overwrite) == "replace"
     manifest = load_manifest(emb)
     info_path = Path(head) / "head.json"
     if not info_path.exists():
@@ -315,6 +314,8 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     metrics["embeddings"] = str(emb)
     if out is not None:
         out = Path(out)
+        if replace:  # no file of the earlier report stays beside the new one
+            clear_out(out, "report")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "metrics.json", metrics)
         context = {"head": head, "embeddings": emb, "backbone": info["backbone"].get("name"),

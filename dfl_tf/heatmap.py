@@ -20,7 +20,7 @@ from dfl_tf._io import atomic_write_bytes, atomic_write_json
 from dfl_tf.compat import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
 from dfl_tf.errors import DflError
-from dfl_tf.outputs import prepare_out
+from dfl_tf.outputs import clear_out, prepare_out
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
 from dfl_tf.prediction import predict
@@ -47,7 +47,7 @@ def heatmap(
     recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps.
     An earlier heatmap folder at ``out`` is replaced only with ``overwrite`` (see
     :func:`dfl_tf.outputs.prepare_out`)."""
-    prepare_out(out, "heatmap", (model, slide), overwrite)
+    replace = prepare_out(out, "heatmap", (model, slide), overwrite) == "replace"
     exported = load_model(model)
     mpp, size = trained_read(exported.geometry, parse_magnification(mpp) if mpp else None, size,
                              f"model {exported.path}")
@@ -55,6 +55,8 @@ def heatmap(
         raise DflError(f"model {exported.path} was trained on images (no recorded mpp and patch size): pass "
                        f"--mpp and --size")
     out = Path(out)
+    if replace:  # no heatmap of the earlier run stays beside the new ones
+        clear_out(out, "heatmap")
     out.mkdir(parents=True, exist_ok=True)
     tiles = tile([str(slide)], out / "tiles.csv", mpp=mpp, size=size, min_tissue=min_tissue, overlap=overlap,
                  slide_mpp=slide_mpp, thumbnail_side=thumbnail_side, overwrite=True)  # out checked above

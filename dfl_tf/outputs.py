@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -34,7 +36,8 @@ class OutputKind:
 
     what: str  #: how messages name it
     markers: tuple[str, ...]  #: name patterns: any of them present marks a folder (a file: its header) as this kind
-    own: tuple[str, ...] = ()  #: name patterns of every entry the command writes (kinds replaced whole)
+    own: tuple[str, ...] = ()  #: name patterns of the entries the command writes (what --overwrite may remove)
+    keep: tuple[str, ...] = ()  #: own entries that --overwrite keeps (select's extraction cache)
     done: tuple[str, ...] | None = None  #: patterns of a finished output (None: the markers); () = never finished
     whole: bool = False  #: replaced whole (temporary folder + rename): entries not in ``own`` are refused
     file: bool = False  #: the output is a file (CSV), not a folder
@@ -58,16 +61,19 @@ KINDS: dict[str, OutputKind] = {
     "head": OutputKind("head directory", ("head.json",),
                        own=("head.json", "head.keras", "history.csv", "metrics.json", "probe.npz", "logs"),
                        whole=True),
-    "report": OutputKind("evaluation report", ("report.md",)),
+    "report": OutputKind("evaluation report", ("report.md",),
+                         own=("metrics.json", "report.md", "confusion_matrix.png", "pr_curves.png", "predictions.csv")),
     "export": OutputKind("model directory (saved_models/NAME, one folder per version)",  # 1, 2, ... or a leftover
                          tuple("[0-9]" * n for n in range(1, 10)) + (".tmp-*",), done=(),
                          existing="append", flag=False),
     "predictions": OutputKind("predictions CSV", ("id,source,",), file=True),
     "tiles": OutputKind("tile coordinates CSV", ("slide,x,y,mpp,size,tissue",), file=True),
-    "heatmap": OutputKind("heatmap folder", ("heatmap.json", "tiles.csv")),
+    "heatmap": OutputKind("heatmap folder", ("heatmap.json", "tiles.csv"),  # + what heatmap.json lists
+                          own=("heatmap.json", "tiles.csv", "tiles_*_tiles.png", "predictions.csv",
+                               "predictions.skipped.csv")),
     "select": OutputKind("backbone selection folder", ("results.json", "table.md", "cache"),
                          own=("table.md", "results.csv", "results.json", "maps.png", "projector", "cache"),
-                         done=("results.json", "table.md")),
+                         keep=("cache",), done=("results.json", "table.md")),
     "finetune": OutputKind("fine-tuning folder", ("finetune.json",),
                            own=("finetune.json", "model.keras", "history.csv", "metrics.json", "logs"), whole=True),
 }
@@ -168,3 +174,28 @@ def prepare_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.Pat
         raise DflError(f"--out {out} is {_a(spec.what)} that also holds {', '.join(foreign[:3])}, which dfl did "
                        "not write; --overwrite replaces the folder whole: move those out or choose another --out")
     return "replace"
+
+
+def clear_out(out: str | os.PathLike, kind: str) -> list[str]:
+    """Remove an earlier ``kind`` output's own entries from the folder ``out`` (its fixed names, and
+    for a heatmap folder the files its ``heatmap.json`` lists), so that no stale file of the earlier
+    run stays beside the new ones; other entries stay. Call after :func:`prepare_out` said
+    ``"replace"``. Returns the names removed."""
+    spec, out = KINDS[kind], Path(out)
+    names = set()
+    if kind == "heatmap":
+        try:
+            listed = json.loads((out / "heatmap.json").read_text()).get("outputs", [])
+            names = {Path(p).name for p in listed if isinstance(p, str)}
+        except (OSError, ValueError, AttributeError):
+            pass
+    removed = []
+    for path in sorted(out.iterdir()):
+        if _matches(path.name, spec.keep) or not (_matches(path.name, spec.own) or path.name in names):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return removed

@@ -38,7 +38,7 @@ import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
-from dfl_tf.outputs import prepare_out
+from dfl_tf.outputs import clear_out, prepare_out
 from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
 from dfl_tf.splits import split_samples  # noqa: F401  (public here too)
 
@@ -464,7 +464,8 @@ def select_backbones(
         if int(value) < 1:
             raise DflError(f"{label} must be >= 1, got {value}")
     out = Path(out)
-    prepare_out(out, "select", [dataset, *names], overwrite)  # names: SavedModel folders are inputs too
+    if prepare_out(out, "select", [dataset, *names], overwrite) == "replace":  # names: SavedModels are inputs too
+        clear_out(out, "select")  # the earlier results and maps; the cache stays
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)

@@ -215,8 +215,10 @@ def test_export_adds_a_version_to_its_model_directory(world):
 
 def test_evaluate_predict_tile_overwrite_their_own_outputs(world):
     (world["report"] / "metrics.json").write_text("{}\n")
+    (world["report"] / "my_notes.md").write_text("kept\n")  # a file dfl did not write stays
     _rerun(world, _args("evaluate", world, world["report"], overwrite=True), world["report"])
     assert json.loads((world["report"] / "metrics.json").read_text())["num_records"] == 6
+    assert (world["report"] / "my_notes.md").read_text() == "kept\n"
     world["preds"].write_text(world["preds"].read_text().splitlines()[0] + "\n")  # header only
     _rerun(world, _args("predict", world, world["preds"], overwrite=True), world["preds"])
     assert len(world["preds"].read_text().splitlines()) == 7
@@ -238,3 +240,27 @@ def test_folder_with_a_cache_and_other_files_is_not_a_selection(world):
         (out / "data.csv").unlink()
         (out / "cache").rmdir()
         out.rmdir()
+
+
+def test_overwrite_clears_only_the_earlier_runs_files(tmp_path):
+    """An --overwrite of a heatmap / selection folder first removes what the earlier run wrote (the
+    files heatmap.json lists, the fixed names; not select's cache), nothing else."""
+    from dfl_tf.outputs import clear_out, prepare_out
+
+    hm = tmp_path / "hm"
+    hm.mkdir()
+    for name in ("tiles.csv", "predictions.csv", "heatmap_old_a.png", "old.geojson", "mine.geojson", "notes.txt"):
+        (hm / name).write_text("x\n")
+    (hm / "heatmap.json").write_text(json.dumps({"outputs": [str(hm / "heatmap_old_a.png"), "old.geojson"]}))
+    assert prepare_out(hm, "heatmap", overwrite=True) == "replace"
+    assert sorted(clear_out(hm, "heatmap")) == ["heatmap.json", "heatmap_old_a.png", "old.geojson",
+                                                "predictions.csv", "tiles.csv"]
+    assert sorted(p.name for p in hm.iterdir()) == ["mine.geojson", "notes.txt"]
+    sel = tmp_path / "sel"
+    (sel / "cache" / "x").mkdir(parents=True)
+    (sel / "projector").mkdir()
+    for name in ("results.json", "table.md", "maps.png"):
+        (sel / name).write_text("x\n")
+    assert prepare_out(sel, "select", overwrite=True) == "replace"
+    clear_out(sel, "select")
+    assert sorted(p.name for p in sel.iterdir()) == ["cache"] and (sel / "cache" / "x").is_dir()
