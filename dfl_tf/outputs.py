@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from dfl_tf.errors import DflError
 
@@ -41,18 +41,19 @@ class OutputKind:
     done: tuple[str, ...] | None = None  #: patterns of a finished output (None: the markers); () = never finished
     whole: bool = False  #: replaced whole (temporary folder + rename): entries not in ``own`` are refused
     file: bool = False  #: the output is a file (CSV), not a folder
-    existing: str = "replace"  #: what --overwrite does to a finished output: "replace" | "resume" | "append"
+    #: an existing output of this kind: "replace" (only with --overwrite), "resume" (extract: a rerun goes on,
+    #: --overwrite restarts) or "append" (export: a new version beside the others)
+    existing: str = "replace"
     flag: bool = True  #: the command has --overwrite
 
 
-def _csv_header(prefix: str) -> Callable[[Path], bool]:
-    def check(path: Path) -> bool:
-        try:
-            with open(path, "rb") as fh:
-                return fh.readline(4096).decode("utf-8", "replace").lstrip("\ufeff").startswith(prefix)
-        except OSError:
-            return False
-    return check
+def _header_starts(path: Path, prefix: str) -> bool:
+    """Whether the first line of the CSV ``path`` starts with ``prefix`` (how dfl tells its own CSVs)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.readline(4096).decode("utf-8", "replace").lstrip("\ufeff").startswith(prefix)
+    except OSError:
+        return False
 
 
 KINDS: dict[str, OutputKind] = {
@@ -62,7 +63,8 @@ KINDS: dict[str, OutputKind] = {
                        own=("head.json", "head.keras", "history.csv", "metrics.json", "probe.npz", "logs"),
                        whole=True),
     "report": OutputKind("evaluation report", ("report.md",),
-                         own=("metrics.json", "report.md", "confusion_matrix.png", "pr_curves.png", "predictions.csv")),
+                         own=("metrics.json", "report.md", "confusion_matrix.png", "pr_curves.png",
+                              "predictions.csv")),
     "export": OutputKind("model directory (saved_models/NAME, one folder per version)",  # 1, 2, ... or a leftover
                          tuple("[0-9]" * n for n in range(1, 10)) + (".tmp-*",), done=(),
                          existing="append", flag=False),
@@ -142,7 +144,7 @@ def prepare_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.Pat
     if spec.file:
         if out.is_dir():
             raise DflError(f"--out {out} is a folder; it names the {spec.what} to write (a file)")
-        if not any(_csv_header(m)(out) for m in spec.markers):
+        if not any(_header_starts(out, m) for m in spec.markers):
             raise DflError(f"--out {out} exists and is not {_a(spec.what)} dfl wrote; dfl does not replace it "
                            "(choose another --out)")
         if not overwrite:
