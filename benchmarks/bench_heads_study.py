@@ -94,7 +94,7 @@ def demo_embeddings(cache: Path):
         data_cfg = dict(cfg["data"])
         val_fraction = float(data_cfg.pop("val_fraction"))
         data = make_demo_data(cache / "data", **data_cfg)
-        tile([data["slide"]], cache / "tiles.csv", **cfg["tile"])
+        tile([data["slide"]], cache / "tiles.csv", overwrite=True, **cfg["tile"])
         label_tiles(cache / "tiles.csv", data["regions"], cache / "labelled.csv", val_fraction)
         for split in ("train", "val"):
             extract(cache / "labelled.csv", cache / "emb" / split, split=split, progress=False, **cfg["extract"])

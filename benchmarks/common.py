@@ -198,7 +198,7 @@ def make_slide_tiles(tmp: Path, n_tiles: int, size: int) -> Path:
     image, _ = demo_slide_image(width=side, height=side)
     slide = make_pyramid_tiff(tmp / "slide.tiff", image, mpp=0.5, levels=2)
     csv = tmp / "tiles.csv"
-    tile([slide], csv, mpp=0.5, size=size, min_tissue=0.5, thumbnails=False)
+    tile([slide], csv, mpp=0.5, size=size, min_tissue=0.5, thumbnails=False, overwrite=True)
     lines = csv.read_text().splitlines()
     if len(lines) - 1 < n_tiles:
         raise RuntimeError(f"only {len(lines) - 1} tiles on the synthetic slide (wanted {n_tiles})")

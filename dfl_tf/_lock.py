@@ -135,16 +135,23 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
                 break
 
 
-def locks_output(command: str, arg: str = "out", inside: bool = True) -> Callable:
-    """Decorator: hold :func:`output_lock` on the function's ``arg`` argument while it runs."""
+def locks_output(command: str, arg: str = "out", inside: bool = True,
+                 prepare: Callable[[dict[str, Any]], Any] | None = None) -> Callable:
+    """Decorator: hold :func:`output_lock` on the function's ``arg`` argument while it runs.
+    ``prepare`` (e.g. :func:`dfl_tf.outputs.prepare_out`'s checks) is called first with the bound
+    arguments (defaults applied), before the lock makes any folder."""
     def wrap(func: Callable) -> Callable:
         signature = inspect.signature(func)
 
         @functools.wraps(func)
         def locked(*args: Any, **kwargs: Any) -> Any:
-            out = signature.bind_partial(*args, **kwargs).arguments.get(arg)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = bound.arguments.get(arg)
             if out is None:
                 return func(*args, **kwargs)
+            if prepare is not None and not URL.match(str(out)):
+                prepare(dict(bound.arguments))
             with output_lock(out, command, inside):
                 return func(*args, **kwargs)
         return locked

@@ -158,7 +158,7 @@ def backbones_cmd(as_json: bool) -> None:
 @click.argument("source", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (shards + manifest.json).")
 @option_flags()
-@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming (replaces only an embedding store).")
 @click.option("--split", default=None, help="Only CSV rows whose 'split' column equals this.")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="beam: run as an Apache Beam pipeline (pip install 'dfl_tf[beam]'), one element per shard.")
@@ -241,7 +241,8 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True,
               help="Draw classes uniformly in each batch.")
 @click.option("--logdir", type=click.Path(), default=None, help="TensorBoard directory (default HEAD_DIR/logs).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty head directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing head directory (never an input or another "
+              "folder).")
 @click.option("--devices", default=None,
               help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
 @_PROGRESS
@@ -269,6 +270,7 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
 @click.argument("emb_dir", type=click.Path())
 @click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Prediction batch size.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report directory (never the head's).")
 @_with_config()
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
     """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
@@ -291,6 +293,7 @@ def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | 
 @click.option("--slide-mpp", default=None, help="Level-0 um/px (0.5) or objective power (20x) for slides without "
               "metadata.")
 @click.option("--thumbnails/--no-thumbnails", default=True, help="Write a PNG per slide with mask and grid.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing tile CSV.")
 def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) -> None:
     """Detect tissue on SLIDES and write a grid of tile centres (a slide coordinates source)."""
     from dfl_tf.data.slides import parse_magnification
@@ -342,6 +345,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
               help="Slides: patch side (default: the size the heads were trained at; another value is refused).")
 @click.option("--slide-mpp", default=None, help="Slides: level-0 um/px (0.5) or objective power (20x) for slides "
               "without metadata.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing predictions CSV.")
 @_PROGRESS
 def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
     """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
@@ -366,6 +370,7 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
               "metadata.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="GeoJSON: min probability.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Tiles per model call.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing heatmap folder.")
 @_PROGRESS
 def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     """Tile SLIDE, predict each tile with MODEL, write heatmaps, predictions and GeoJSON to OUT."""
@@ -409,6 +414,8 @@ def _select_control(value: str) -> bool | str:
 @click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier selection in OUT (its cache is "
+              "kept).")
 @option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",
               batch_size="Extraction batch size.")
 @_PROGRESS
@@ -446,7 +453,8 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
               help="Flips, 90-degree rotations, colour jitter.")
 @click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
 @click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing fine-tuning folder (never an input or "
+              "another folder).")
 @_PROGRESS
 @_with_config()
 def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:

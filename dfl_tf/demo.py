@@ -94,8 +94,8 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
 
     data = stage("data", make_demo_data, out / "data", **data_cfg)
     slide = data["slide"]
-    stage("tile", tile, [slide], out / "tiles.csv", **tile_cfg)
-    commands.append(_cmd("tile", slide, out=out / "tiles.csv", **tile_cfg))
+    stage("tile", tile, [slide], out / "tiles.csv", overwrite=True, **tile_cfg)  # a rerun replaces its outputs
+    commands.append(_cmd("tile", slide, out=out / "tiles.csv", overwrite=True, **tile_cfg))
     counts = label_tiles(out / "tiles.csv", data["regions"], out / "labelled.csv", val_fraction)
     ex_cfg = {"progress": progress, **cfg.get("extract", {})}
     for split in ("train", "val"):
@@ -107,13 +107,13 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
                     overwrite=True, **tr_cfg)
     commands.append(_cmd("train", out / "emb" / "train", val=out / "emb" / "val", out=out / "head", overwrite=True,
                          **{k: v for k, v in tr_cfg.items() if k != "progress"}))
-    metrics = stage("evaluate", evaluate, out / "head", out / "emb" / "val", out / "report")
-    commands.append(_cmd("evaluate", out / "head", out / "emb" / "val", out=out / "report"))
+    metrics = stage("evaluate", evaluate, out / "head", out / "emb" / "val", out / "report", overwrite=True)
+    commands.append(_cmd("evaluate", out / "head", out / "emb" / "val", out=out / "report", overwrite=True))
     exported = stage("export", export_model, [out / "head"], export_dir)
     commands.append(_cmd("export", out / "head", out=export_dir))
-    hm = stage("heatmap", heatmap, exported["path"], slide, out / "heatmap", progress=progress,
+    hm = stage("heatmap", heatmap, exported["path"], slide, out / "heatmap", progress=progress, overwrite=True,
                **cfg.get("heatmap", {}))
-    commands.append(_cmd("heatmap", export_dir, slide, out=out / "heatmap", **cfg.get("heatmap", {})))
+    commands.append(_cmd("heatmap", export_dir, slide, out=out / "heatmap", overwrite=True, **cfg.get("heatmap", {})))
     summary = {
         "tiles": counts,
         "heatmap_tiles": hm["tiles"],

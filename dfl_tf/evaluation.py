@@ -16,6 +16,7 @@ import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
+from dfl_tf.outputs import clear_out, prepare_out
 
 
 def _f(value: Any) -> float | None:
@@ -275,12 +276,14 @@ def probe_metrics(head: str | Path, X: np.ndarray, y: np.ndarray, info: dict[str
     return out
 
 
-def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, batch_size: int = 1024
-             ) -> dict[str, Any]:
+def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, batch_size: int = 1024,
+             overwrite: bool = False) -> dict[str, Any]:
     """Evaluate the head directory ``head`` on the labeled records of embedding directory ``emb``.
 
     Returns the metrics dict; with ``out`` also writes ``metrics.json``, ``report.md``,
-    ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there. The head
+    ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there (an earlier report
+    there is replaced only with ``overwrite``; ``out`` must not be or lie inside ``head`` or ``emb``,
+    see :func:`dfl_tf.outputs.prepare_out`). The head
     directory's linear-probe reference is scored on the same records (``"linear_probe"``;
     None for heads trained before probes were stored).
     """
@@ -288,6 +291,7 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     from dfl_tf.store.manifest import load_manifest
     from dfl_tf.store.shards import load_embeddings
 
+    replace = out is not None and prepare_out(out, "report", (head, emb), overwrite) == "replace"
     manifest = load_manifest(emb)
     info_path = Path(head) / "head.json"
     if not info_path.exists():
@@ -310,6 +314,8 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     metrics["embeddings"] = str(emb)
     if out is not None:
         out = Path(out)
+        if replace:  # no file of the earlier report stays beside the new one
+            clear_out(out, "report")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "metrics.json", metrics)
         context = {"head": head, "embeddings": emb, "backbone": info["backbone"].get("name"),

@@ -32,6 +32,7 @@ import tensorflow as tf
 from dfl_tf import __version__
 from dfl_tf._io import atomic_write_json
 from dfl_tf._lock import locks_output
+from dfl_tf.outputs import prepare_out
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_pixels_within_budget,
@@ -244,7 +245,8 @@ def _next_version(root: Path) -> int:
     return max(versions, default=0) + 1
 
 
-@locks_output("export")
+@locks_output("export", prepare=lambda a: prepare_out(
+    a["out"], "export", (*a["heads"], a["parity_data"], a["backbone_weights"])))
 def export_model(
     heads: Sequence[str | Path],
     out: str | Path,

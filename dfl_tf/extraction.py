@@ -16,13 +16,15 @@ from dfl_tf.data.sources import load_source
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf._lock import locks_output
+from dfl_tf.outputs import prepare_out
 from dfl_tf.errors import DflError
 from dfl_tf.extract_core import ShardRunner, build_backbone, open_run
 from dfl_tf.options import ExtractOptions, takes_options
 
 
 @takes_options()
-@locks_output("extract")  # OUT/.dfl.lock: one run per output directory
+@locks_output("extract",  # OUT/.dfl.lock: one run per output directory
+              prepare=lambda a: prepare_out(a["out"], "embeddings", (a["source"],), a["overwrite"]))
 def extract(
     source: str | Path,
     out: str | Path,

@@ -30,6 +30,7 @@ import numpy as np
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf._signals import raise_if_interrupted
 from dfl_tf.errors import DflError
+from dfl_tf.outputs import prepare_out
 from dfl_tf.options import FINETUNE_FIELDS, ExtractOptions, takes_options
 
 
@@ -144,7 +145,8 @@ def finetune(
     :class:`~dfl_tf.options.ExtractOptions`, or its fields as keyword arguments; fine-tuning
     uses ``backbone``, ``weights``, ``input_size``, ``views`` (one), ``fit``, ``pad_to`` and the
     slide read (``mpp``, ``patch_size``, ``slide_mpp``). ``batch_size`` is the training batch.
-    Returns the content of ``metrics.json``.
+    ``overwrite``: replace an earlier fine-tuning folder at ``out`` (nothing else; see
+    :func:`dfl_tf.outputs.prepare_out`). Returns the content of ``metrics.json``.
     """
     import keras
 
@@ -170,8 +172,7 @@ def finetune(
     if not 0 <= float(dropout) < 1:
         raise DflError(f"dropout must be in [0, 1), got {dropout}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DflError(f"{out} is not empty; pass --overwrite to replace it")
+    prepare_out(out, "finetune", (dataset, val), overwrite)
 
     source = load_source(dataset)
     classes = source.classes

@@ -20,6 +20,7 @@ from dfl_tf._io import atomic_write_bytes, atomic_write_json
 from dfl_tf.compat import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
 from dfl_tf.errors import DflError
+from dfl_tf.outputs import clear_out, prepare_out
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
 from dfl_tf.prediction import predict
@@ -40,9 +41,13 @@ def heatmap(
     batch_size: int = 32,
     thumbnail_side: int = 2048,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Tile ``slide`` at the mpp and patch size the model's heads were trained at (the geometry
-    recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps."""
+    recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps.
+    An earlier heatmap folder at ``out`` is replaced only with ``overwrite`` (see
+    :func:`dfl_tf.outputs.prepare_out`)."""
+    replace = prepare_out(out, "heatmap", (model, slide), overwrite) == "replace"
     exported = load_model(model)
     mpp, size = trained_read(exported.geometry, parse_magnification(mpp) if mpp else None, size,
                              f"model {exported.path}")
@@ -50,9 +55,11 @@ def heatmap(
         raise DflError(f"model {exported.path} was trained on images (no recorded mpp and patch size): pass "
                        f"--mpp and --size")
     out = Path(out)
+    if replace:  # no heatmap of the earlier run stays beside the new ones
+        clear_out(out, "heatmap")
     out.mkdir(parents=True, exist_ok=True)
     tiles = tile([str(slide)], out / "tiles.csv", mpp=mpp, size=size, min_tissue=min_tissue, overlap=overlap,
-                 slide_mpp=slide_mpp, thumbnail_side=thumbnail_side)
+                 slide_mpp=slide_mpp, thumbnail_side=thumbnail_side, overwrite=True)  # out checked above
     summary: dict[str, Any] = {"slide": str(slide), "tiles": tiles["tiles"], "mpp": mpp, "size": size,
                                "trained_geometry": {k: exported.geometry.get(k) for k in ("mpp", "patch_size",
                                                     "input_size", "fit", "context")},
@@ -61,7 +68,7 @@ def heatmap(
         summary["note"] = "no tissue tiles found; nothing predicted"
         atomic_write_json(out / "heatmap.json", summary)
         return summary
-    pred = predict(exported, out / "tiles.csv", out / "predictions.csv", batch_size=batch_size,
+    pred = predict(exported, out / "tiles.csv", out / "predictions.csv", overwrite=True, batch_size=batch_size,
                    slide_mpp=slide_mpp, mpp=mpp, patch_size=size, progress=progress)
     with open(pred["out"], newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -26,6 +26,7 @@ from dfl_tf.compat import trained_read
 from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
 from dfl_tf.data.views import check_x5_field
 from dfl_tf.errors import DflError
+from dfl_tf.outputs import prepare_out
 from dfl_tf.export import ExportedModel, load_model
 
 
@@ -127,9 +128,13 @@ def predict(
     slide_mpp: float | str | None = None,
     workers: int = 2,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Predict every sample of ``input`` and write a CSV: id, source, (slide, x, y,) label, then per
-    task the probability of each class and the predicted class. Returns a summary."""
+    task the probability of each class and the predicted class. An existing predictions CSV at
+    ``out`` is replaced only with ``overwrite`` (see :func:`dfl_tf.outputs.prepare_out`). Returns a
+    summary."""
+    prepare_out(out, "predictions", (None if isinstance(model, ExportedModel) else model, input), overwrite)
     exported = model if isinstance(model, ExportedModel) else load_model(model)
     samples = load_source(input)
     slide_read = check_source(exported, samples, input, parse_magnification(mpp) if mpp else None, patch_size,

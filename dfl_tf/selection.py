@@ -38,6 +38,7 @@ import numpy as np
 
 from dfl_tf._io import atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
+from dfl_tf.outputs import clear_out, prepare_out
 from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
 from dfl_tf.splits import split_samples  # noqa: F401  (public here too)
 
@@ -424,6 +425,7 @@ def select_backbones(
     max_points: int = 2000,
     classes: Sequence[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Rank frozen ``backbones`` on ``dataset`` with linear heads; write OUT/table.md etc.
 
@@ -441,6 +443,9 @@ def select_backbones(
         options: how each candidate is extracted (:class:`~dfl_tf.options.ExtractOptions`, or its
             fields as keyword arguments: views, input_size, fit, batch_size, mpp ...); its
             ``backbone`` and ``weights`` are replaced by each candidate's.
+        overwrite: replace the results of an earlier selection in ``out`` (its extraction cache
+            is kept; a run that stopped before its results resumes without it). See
+            :func:`dfl_tf.outputs.prepare_out`.
     Returns the content of ``results.json``.
     """
     from dfl_tf import __version__
@@ -459,6 +464,8 @@ def select_backbones(
         if int(value) < 1:
             raise DflError(f"{label} must be >= 1, got {value}")
     out = Path(out)
+    if prepare_out(out, "select", [dataset, *names], overwrite) == "replace":  # names: SavedModels are inputs too
+        clear_out(out, "select")  # the earlier results and maps; the cache stays
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def test_finetune_writes_metrics_history_model(tmp_path):
     assert info["trainable_params"] > 200 and info["split"]["train"] == 12 and info["split"]["val"] == 4
     assert info["settings"]["augment"][:2] == ["flip", "rot90"]
 
-    with pytest.raises(DflError, match="not empty"):
+    with pytest.raises(DflError, match="already holds a fine-tuning folder.*--overwrite"):
         finetune(data, out, backbone="dfltest_tiny_cnn", weights="none", input_size=32, epochs=1,
                  progress=False)
     with pytest.raises(DflError, match="one view"):

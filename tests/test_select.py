@@ -135,10 +135,12 @@ def test_ranking_outputs_maps_projector_and_cache(setup, tmp_path, monkeypatch):
     calls = []
     real_extract = dfl_tf.extraction.extract
     monkeypatch.setattr(dfl_tf.extraction, "extract", lambda *a, **k: calls.append(a) or real_extract(*a, **k))
-    result = CliRunner().invoke(main, [
-        "select", str(data), "--backbones", f"{hashed},{colour}", "--out", str(out), "--control",
-        "efficientnet_lite0", "--input-size", "32", "--seeds", "1", "--epochs", "3", "--no-maps",
-        "--no-progress", "--batch-size", "16"])
+    args = ["select", str(data), "--backbones", f"{hashed},{colour}", "--out", str(out), "--control",
+            "efficientnet_lite0", "--input-size", "32", "--seeds", "1", "--epochs", "3", "--no-maps",
+            "--no-progress", "--batch-size", "16"]
+    result = CliRunner().invoke(main, args)  # finished results are replaced only with --overwrite
+    assert result.exit_code == 2 and "already holds a backbone selection folder" in result.output
+    result = CliRunner().invoke(main, args + ["--overwrite"])
     assert result.exit_code == 0, result.output
     assert "colour" in result.output
     assert calls == []

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import DflError
+from ..outputs import prepare_out
 from .slides import open_slide, parse_magnification
 
 __all__ = ["tissue_mask", "otsu_threshold", "tile_slide", "tile", "grid_centres"]
@@ -257,14 +258,16 @@ def _csv_path_for(slide: str, csv_dir: Path) -> str:
 def tile(slides: Iterable[str | os.PathLike], out_csv: str | os.PathLike, mpp: float | str = 0.5,
          size: int = 256, min_tissue: float = 0.5, overlap: float = 0.0,
          slide_mpp: float | str | None = None, thumbnails: bool = True,
-         thumbnail_side: int = 2048) -> dict[str, Any]:
+         thumbnail_side: int = 2048, overwrite: bool = False) -> dict[str, Any]:
     """Tile ``slides`` and write ``out_csv`` (``slide,x,y,mpp,tissue``) atomically.
 
     Slide paths in the CSV are relative to the CSV's folder (so the CSV and slides can move
     together), absolute when no relative path exists. ``slide_mpp`` overrides the level-0
     um/px of every slide; when given it is also written as a ``slide_mpp`` column. With
     ``thumbnails``, ``<csvstem>_<slidestem>_tiles.png`` is written next to the CSV for each
-    slide. Any slide that cannot be read stops the run (nothing is written).
+    slide. Any slide that cannot be read stops the run (nothing is written). An existing
+    ``out_csv`` is replaced only with ``overwrite``, and only when it is a tile CSV (see
+    :func:`dfl_tf.outputs.prepare_out`).
     Returns a summary: ``{"csv", "tiles", "mpp", "size", "slides": [...]}``.
     """
     slides = [os.fspath(s) for s in slides]
@@ -275,6 +278,7 @@ def tile(slides: Iterable[str | os.PathLike], out_csv: str | os.PathLike, mpp: f
     if slide_mpp is not None:
         slide_mpp = parse_magnification(slide_mpp)
     out_csv = Path(out_csv)
+    prepare_out(out_csv, "tiles", slides, overwrite)
     if not out_csv.parent.is_dir():
         raise DflError(f"output folder does not exist: {out_csv.parent}")
     csv_dir = Path(os.path.abspath(out_csv.parent))

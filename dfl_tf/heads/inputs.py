@@ -52,12 +52,6 @@ def class_weights(class_weight: Any, counts: np.ndarray, classes: Sequence[str])
     raise DflError(f"class_weight must be none, 'balanced' or a mapping class -> weight, got {class_weight!r}")
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite``."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DflError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-
-
 def history_csv(history: dict[str, list]) -> str:
     """history.csv text: one row per epoch, one column per logged metric."""
     keys = sorted(history)

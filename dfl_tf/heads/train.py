@@ -30,13 +30,14 @@ import tensorflow as tf
 
 from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf._lock import locks_output
+from dfl_tf.outputs import prepare_out
 from dfl_tf.compat import check_compatible  # the one shared check (fingerprint, views, geometry)
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
-from dfl_tf.heads.inputs import check_out, class_weights, history_csv, index_batches, load_val, refuse_non_finite
+from dfl_tf.heads.inputs import class_weights, history_csv, index_batches, load_val, refuse_non_finite
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
                                  standardize_values, training_view)
@@ -207,7 +208,8 @@ def steps_per_execution(steps: int, cap: int = 32) -> int:
     return max(d for d in range(1, max(1, min(cap, steps)) + 1) if steps % d == 0)
 
 
-@locks_output("train", inside=False)  # HEAD_DIR is replaced whole: lock beside it
+@locks_output("train", inside=False,  # HEAD_DIR is replaced whole: lock beside it
+              prepare=lambda a: prepare_out(a["out"], "head", (a["train"], a["val"]), a["overwrite"]))
 def train_head(
     train: str | Path,
     out: str | Path,
@@ -266,11 +268,12 @@ def train_head(
     taking standardised embeddings (:func:`dfl_tf.heads.model.training_view`). ``devices``: train
     under ``tf.distribute.MirroredStrategy`` (see
     :mod:`dfl_tf.distribute`; default: all GPUs when more than one is visible); the batch is
-    the global batch, split across replicas. Returns a summary dict.
+    the global batch, split across replicas. ``overwrite``: replace an earlier head directory at
+    ``out`` (never an input, nor a folder holding other files; see
+    :func:`dfl_tf.outputs.prepare_out`). Returns a summary dict.
     """
     t0 = time.time()
-    out = Path(out)
-    check_out(out, overwrite)
+    out = Path(out)  # checked by prepare_out (locks_output above): not an input, a head directory or new
     if loss in ("ce", "categorical_crossentropy", "cross-entropy"):
         loss = "crossentropy"
     if loss not in LOSSES:
