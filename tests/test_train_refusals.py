@@ -79,3 +79,9 @@ def test_head_too_large_for_memory_refused(store, tmp_path, monkeypatch):
 def test_class_without_records_refused_whatever_select(store, tmp_path, select):
     line = refused(store, tmp_path, [store / "gap", "--select", select, "--hidden", "4"], "'empty'", "gap")
     assert "no labeled training records" in line and "empty 0" in line
+
+
+def test_non_number_refused_in_one_line(store, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"train": {"lr": "fast"}}))
+    refused(store, tmp_path, [store / "train", "--config", config], "lr must be a number", "--lr", "'fast'")

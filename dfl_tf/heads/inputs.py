@@ -160,7 +160,10 @@ def check_ranges(**values: Any) -> None:
         if value is None:
             continue
         low, low_in, high, high_in = TRAIN_RANGES[name]
-        v = float(value)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise DflError(f"{name} must be a number (--{name.replace('_', '-')}), got {value!r}") from None
         ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
             high is None or (v <= high if high_in else v < high))
         if not ok:
