@@ -203,8 +203,8 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 
 @main.command("train")
 @click.argument("emb_dir", type=click.Path())
-@click.option("--val", default=None, type=click.Path(), help="Validation embedding directory (early stopping, "
-              "threshold, metrics.json).")
+@click.option("--val", default=None, type=click.Path(), help="Validation embedding directory (selection, early "
+              "stopping, threshold, metrics.json).")
 @click.option("--out", required=True, type=click.Path(), help="Head directory to write.")
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units (0: linear softmax head).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout after the hidden layer.")
@@ -215,10 +215,11 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
               help="AdamW decoupled weight decay on the kernels (0: Adam; default: chosen by --select on small "
                    "training sets, else 1e-4).")
 @click.option("--select", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="Choose weight decay and noise std by cross-validation on the training set (auto: when it "
-                   "has < 2,000 records or < 50 in a class); the grid is the config key cv_grid.")
+              help="Choose hidden units, weight decay and noise std (those not given), or the linear probe, on "
+                   "--val, else by cross-validation on the training set (auto: when it has < 2,000 records or "
+                   "< 50 in a class); the grid is the config key cv_grid.")
 @click.option("--cv-folds", type=int, default=5, show_default=True,
-              help="Folds of that cross-validation (stratified, grouped by group).")
+              help="Folds of that cross-validation, without --val (stratified, grouped by group).")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Also fit the linear-probe reference (LogisticRegression, probe.npz).")
 @click.option("--positive-class", default=None,
@@ -257,12 +258,29 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
             f"{m['balanced_accuracy']:.4f}")
     if summary["threshold"] is not None:
         line += f", threshold {summary['threshold']:.4f}"
-    if (summary.get("selection") or {}).get("performed"):
-        chosen = ", ".join(f"{k} {v:g}" for k, v in summary["selection"]["choice"].items())
-        line += f"; cross-validation chose {chosen}"
+    selection = summary.get("selection") or {}
+    if selection.get("performed"):
+        how = (f"selection on validation ({selection['validation_records']} records)"
+               if selection.get("method") == "validation" else "cross-validation")
+        line += f"; {how} chose {_describe_choice(selection['choice'])}"
     if (summary.get("linear_probe") or {}).get("C") is not None:
         line += f"; linear probe C {summary['linear_probe']['C']:g}"
     click.echo(f"{line} -> {summary['out']}")
+
+
+def _value(v: Any) -> str:
+    """A setting for a summary line: numbers as ``:g``, anything else (strings, None) as text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:g}"
+    return "none" if v is None else str(v)
+
+
+def _describe_choice(choice: dict[str, Any]) -> str:
+    """``hidden 0, weight_decay 0.0001, noise 0.1`` or ``the linear probe (C 0.01)``."""
+    if choice.get("model") == "linear probe":
+        rest = ", ".join(f"{k} {_value(v)}" for k, v in choice.items() if k != "model")
+        return f"the linear probe ({rest})" if rest else "the linear probe"
+    return ", ".join(f"{k} {_value(v)}" for k, v in choice.items())
 
 
 @main.command("evaluate")

@@ -83,3 +83,87 @@ def index_batches(num: int, batch_size: int, seed: int):
         return tf.data.Dataset.from_tensor_slices(tf.RaggedTensor.from_row_starts(perm, starts))
 
     return tf.data.Dataset.counter().flat_map(epoch)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: ``MemAvailable`` of /proc/meminfo, lowered to
+    the cgroup (v2) limit's headroom when one is set; ``os.sysconf`` elsewhere; None if unknown."""
+    import os
+
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def head_memory(dim: int, n_classes: int, hidden: int, batch_size: int, models: int = 1) -> int:
+    """Bytes that training ``models`` heads of this shape together needs at least: float32
+    parameters four times over (weights, Adam's two moments, gradients) plus a batch's
+    activations and their gradients."""
+    hidden = int(hidden)
+    params = (dim * hidden + hidden + hidden * n_classes + n_classes) if hidden > 0 else dim * n_classes + n_classes
+    activations = int(batch_size) * (max(hidden, 0) + n_classes) * 2
+    return 4 * int(models) * (4 * params + activations)
+
+
+def check_memory(dim: int, n_classes: int, hidden: int, batch_size: int, models: int = 1,
+                 what: str = "the head") -> None:
+    """Refuse (:class:`DflError`, naming ``--hidden`` and the memory needed) a head too large for the
+    memory available (:func:`available_memory`); nothing is checked when that is unknown."""
+    need, avail = head_memory(dim, n_classes, hidden, batch_size, models), available_memory()
+    if avail is not None and need > avail:
+        raise DflError(f"--hidden {int(hidden)}: training {what} needs at least {need / 1e9:.3g} GB of memory "
+                       f"(float32 weights, Adam moments and gradients for {dim}-dim embeddings), "
+                       f"{avail / 1e9:.3g} GB is available; use a smaller --hidden")
+
+
+#: train_head's numeric options: (flag, lowest, lowest included, highest, highest included); None: unbounded
+TRAIN_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "epochs": (1, True, None, False), "batch_size": (1, True, None, False), "hidden": (0, True, None, False),
+    "patience": (0, True, None, False), "cv_folds": (2, True, None, False), "dropout": (0, True, 1, False),
+    "noise": (0, True, 1, True), "weight_decay": (0, True, None, False), "lr": (0, False, None, False),
+    "gamma": (0, True, None, False), "alpha": (0, True, 1, True),
+}
+
+
+def check_ranges(**values: Any) -> None:
+    """Refuse (:class:`DflError` naming the option and its flag) a numeric option of ``train_head``
+    outside its range (:data:`TRAIN_RANGES`; None values are skipped), wherever it came from
+    (flag, ``--config`` file, Python)."""
+    import math
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, low_in, high, high_in = TRAIN_RANGES[name]
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise DflError(f"{name} must be a number (--{name.replace('_', '-')}), got {value!r}") from None
+        ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
+            high is None or (v <= high if high_in else v < high))
+        if not ok:
+            if high is None:
+                rule = f">= {low:g}" if low_in else f"> {low:g}"
+            else:
+                rule = f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            label = "noise std" if name == "noise" else name
+            raise DflError(f"{label} must be {rule} (--{name.replace('_', '-')}), got {value}")

@@ -1,8 +1,9 @@
 """The linear-probe reference: scikit-learn ``LogisticRegression`` beside every head.
 
 ``dfl train`` fits an L2-regularised multinomial logistic regression on the same standardised
-training embeddings as the head, with ``C`` tuned the way the head's regularisation is (the
-same cross-validation folds on small training sets, see :mod:`dfl_tf.heads.selection_cv`), and
+training embeddings as the head, with ``C`` tuned the way the head's regularisation is (on the
+validation set when one is given, else on the same cross-validation folds on small training
+sets, see :mod:`dfl_tf.heads.selection_cv`), and
 stores it in the head directory as ``probe.npz`` (plain arrays: weights ``[C, dim]``, biases,
 standardisation mean/std; loaded with ``allow_pickle=False``). ``dfl evaluate`` scores it next
 to the head (``"linear_probe"`` in ``metrics.json``), ``dfl select`` next to the linear heads,

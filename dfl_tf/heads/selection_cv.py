@@ -1,10 +1,14 @@
-"""Small-data model selection for heads: grouped, stratified k-fold cross-validation.
+"""Small-data model selection for heads: on the validation set, or grouped, stratified k-fold cross-validation.
 
 When the training set is small (fewer than :data:`SMALL_N` labeled records, or fewer than
-:data:`SMALL_PER_CLASS` in some class), ``dfl train`` picks the head's regularisation (weight
-decay and feature-noise std) by k-fold cross-validation on the training set and then refits on
-all of it (:class:`SmallData`; the fold fits run together, :mod:`dfl_tf.heads.batched`); the linear-probe reference tunes its ``C`` on the same
-folds (:mod:`dfl_tf.heads.probe`). Folds are stratified by class and, when every record has a
+:data:`SMALL_PER_CLASS` in some class), ``dfl train`` picks the head's size and regularisation
+(hidden units, weight decay and feature-noise std), or the linear probe, then trains on all of
+the training set (:class:`SmallData`; the candidate fits run together,
+:mod:`dfl_tf.heads.batched`). With a validation set (``--val``) each candidate is fitted on the
+training set and scored on it (:func:`validate`), as one tunes a probe: training records that
+are crops or augmented copies of a few source tiles carry no groups, and folds of them leak.
+Without, by k-fold cross-validation on the training set (:func:`cross_validate`). The
+linear-probe reference tunes its ``C`` the same way (:mod:`dfl_tf.heads.probe`). Folds are stratified by class and, when every record has a
 ``group`` (patient / slide), grouped: no group has records in two folds. They depend only on
 the labels, the groups and the seed.
 """
@@ -133,37 +137,74 @@ def fused_adam(opt):
     return opt
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, folds: Sequence[tuple[np.ndarray, np.ndarray]],
-                   candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
-                   weight_decay: float, seed: int = 0, progress: bool = False, method: str = "", **fit: Any
-                   ) -> dict[str, Any]:
-    """Score every candidate on every fold (all fits at once, :func:`dfl_tf.heads.batched.fit_predict`
-    with ``fit``: dropout, lr, epochs, batch_size, loss, gamma, alpha, class_weights) and pick
-    the best; ``specs`` give the noise std / feature-dropout rate that a candidate does not set."""
-    import time
-
+def score_candidates(X: np.ndarray, y: np.ndarray, n_classes: int,
+                     folds: Sequence[tuple[np.ndarray, np.ndarray]], candidates: Sequence[dict[str, float]],
+                     specs: Sequence[dict[str, Any]], *, hidden: int, weight_decay: float, seed: int = 0,
+                     **fit: Any) -> np.ndarray:
+    """Balanced accuracy ``[candidate, fold]`` of every candidate fitted on ``folds[f][0]`` and scored
+    on ``folds[f][1]`` (rows of ``X``; all fits at once, :func:`dfl_tf.heads.batched.fit_predict` with
+    ``fit``: dropout, lr, epochs, batch_size, loss, gamma, alpha, class_weights); ``specs`` give the
+    noise std / feature-dropout rate that a candidate does not set."""
     from sklearn.metrics import balanced_accuracy_score
 
     from dfl_tf.heads.batched import fit_predict
+    from dfl_tf.heads.inputs import check_memory
 
-    t0 = time.time()
     feature_dropout = next((sp["rate"] for sp in specs if sp["name"] == "feature-dropout"), 0.0)
     base_noise = next((sp["std"] for sp in specs if sp["name"] == "noise"), 0.0)
     sampler = next((sp.get("sampler", "table") for sp in specs if sp["name"] == "noise"), "table")
-    fold_scores = np.zeros((len(candidates), len(folds)))
+    scores = np.zeros((len(candidates), len(folds)))
     for h in sorted({int(c.get("hidden", hidden)) for c in candidates}):  # one batched run per architecture
         pairs = [(c, f) for c in range(len(candidates)) if int(candidates[c].get("hidden", hidden)) == h
                  for f in range(len(folds))]
+        check_memory(X.shape[1], n_classes, h, int(fit.get("batch_size", 256)), models=len(pairs),
+                     what=f"selection ({len(pairs)} heads of hidden {h} trained together)")
         probs = fit_predict(X, y, n_classes, [folds[f][0] for _, f in pairs], [folds[f][1] for _, f in pairs],
                             hidden=h, feature_dropout=feature_dropout, noise_sampler=sampler,
                             noise=[candidates[c].get("noise", base_noise) for c, _ in pairs],
                             weight_decay=[candidates[c].get("weight_decay", weight_decay) for c, _ in pairs],
                             seed=seed, **fit)
         for (c, f), p in zip(pairs, probs):
-            fold_scores[c, f] = balanced_accuracy_score(y[folds[f][1]], p.argmax(axis=1))
+            scores[c, f] = balanced_accuracy_score(y[folds[f][1]], p.argmax(axis=1))
+    return scores
+
+
+def cross_validate(X: np.ndarray, y: np.ndarray, n_classes: int, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
+                   weight_decay: float, seed: int = 0, progress: bool = False, method: str = "", **fit: Any
+                   ) -> dict[str, Any]:
+    """Score every candidate on every fold (:func:`score_candidates`) and pick the best."""
+    import time
+
+    t0 = time.time()
+    fold_scores = score_candidates(X, y, n_classes, folds, candidates, specs, hidden=hidden,
+                                   weight_decay=weight_decay, seed=seed, **fit)
     result = select_settings(candidates, fold_scores, progress=progress)
     return {"performed": True, "method": method, "folds": len(folds), "records": int(len(y)),
             "metric": "balanced_accuracy", **result, "seconds": round(time.time() - t0, 2)}
+
+
+def validate(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, n_classes: int,
+             candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *, hidden: int,
+             weight_decay: float, seed: int = 0, progress: bool = False, **fit: Any) -> dict[str, Any]:
+    """Fit every candidate on the training records ``X``/``y``, score it on the validation records
+    ``X_val``/``y_val`` (balanced accuracy) and pick the best (ties: the earlier candidate)."""
+    import time
+
+    t0 = time.time()
+    n, m = len(y), len(y_val)
+    split = [(np.arange(n), np.arange(n, n + m))]
+    per = score_candidates(np.concatenate([np.asarray(X, np.float32), np.asarray(X_val, np.float32)]),
+                           np.concatenate([y, y_val]), n_classes, split, candidates, specs, hidden=hidden,
+                           weight_decay=weight_decay, seed=seed, **fit)[:, 0]
+    scores = [{**cand, "validation": round(float(v), 6)} for cand, v in zip(candidates, per)]
+    if progress:
+        for cand, v in zip(candidates, per):
+            desc = ", ".join(f"{k} {val:g}" for k, val in cand.items())
+            print(f"selection: {desc}: validation balanced accuracy {v:.4f}", file=sys.stderr)
+    return {"performed": True, "method": "validation", "records": int(n), "validation_records": int(m),
+            "metric": "balanced_accuracy", "choice": dict(candidates[int(np.argmax(per))]), "scores": scores,
+            "seconds": round(time.time() - t0, 2)}
 
 
 class SmallData:
@@ -201,35 +242,53 @@ class SmallData:
         return self._arrays
 
     def select(self, candidates: Sequence[dict[str, float]], specs: Sequence[dict[str, Any]], *,
-               mean: np.ndarray, std: np.ndarray, progress: bool = False, **fit: Any) -> dict[str, Any]:
-        """Cross-validate ``candidates`` on the training set; the record for head.json.
+               mean: np.ndarray, std: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+               progress: bool = False, **fit: Any) -> dict[str, Any]:
+        """Compare ``candidates`` and the linear probe; the record for head.json.
 
-        The linear probe is tuned on the same folds; when ``hidden`` is selected too (not given)
-        and the probe's best score beats every head candidate's, the choice is
-        ``{"model": "linear probe"}`` (the head then takes the probe's
-        weights: a linear head that is exactly the probe).
+        With validation records (``X_val``/``y_val``, from ``--val``) every candidate is fitted on
+        the training set and scored on them, and the probe's ``C`` is chosen on them too
+        (``method: "validation"``); without, both are cross-validated on the training set's folds
+        (grouped when every record has a group). When ``hidden`` is selected too (not given) and
+        the probe's best score beats every head candidate's, the choice is
+        ``{"model": "linear probe", "C": C}`` (the head then takes the probe's weights: a linear
+        head that is exactly the probe).
         """
         X, y, groups = self._load()
-        self.folds, method = cv_folds(y, groups, self.k, self.seed)
-        if progress:
-            print(f"cv: choosing {', '.join(candidates[0])} among {len(candidates)} candidates by "
-                  f"{len(self.folds)}-fold cross-validation on {len(y)} records", file=sys.stderr, flush=True)
-        result = cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
-                                progress=progress, method=method, **fit)
-        self._probe = self.probe(mean, std, None, None)
+        on_val = X_val is not None and y_val is not None and len(y_val) > 0
+        names = ", ".join(candidates[0])
+        if on_val:
+            self.folds = None
+            if progress:
+                print(f"selection: choosing {names} among {len(candidates)} candidates and the linear probe: "
+                      f"fitted on {len(y)} training records, scored on {len(y_val)} validation records",
+                      file=sys.stderr, flush=True)
+            result = validate(X, y, X_val, y_val, self.data.n_classes, candidates, specs, seed=self.seed,
+                              progress=progress, **fit)
+            self._probe = self.probe(mean, std, X_val, y_val)
+            probe_key, head_best = "linear_probe_validation", max(s["validation"] for s in result["scores"])
+        else:
+            self.folds, method = cv_folds(y, groups, self.k, self.seed)
+            if progress:
+                print(f"cv: choosing {names} among {len(candidates)} candidates by "
+                      f"{len(self.folds)}-fold cross-validation on {len(y)} records", file=sys.stderr, flush=True)
+            result = cross_validate(X, y, self.data.n_classes, self.folds, candidates, specs, seed=self.seed,
+                                    progress=progress, method=method, **fit)
+            self._probe = self.probe(mean, std, None, None)
+            probe_key, head_best = "linear_probe_cv", max(s["mean"] for s in result["scores"])
         best_probe = max((s["mean"] for s in self._probe[1].get("scores", [])), default=None)
-        best_head = max(s["mean"] for s in result["scores"])
-        result["linear_probe_cv"] = best_probe
-        if (best_probe is not None and best_probe > best_head
+        result[probe_key] = best_probe
+        if (best_probe is not None and best_probe > head_best
                 and all("hidden" in c for c in candidates)):  # only when hidden is not given
             result["choice"] = {"model": PROBE_CHOICE, "C": self._probe[1]["C"]}
             if progress:
-                print(f"cv: linear probe {best_probe:.4f} beats every head candidate (best {best_head:.4f}): "
+                print(f"selection: linear probe {best_probe:.4f} beats every head candidate (best {head_best:.4f}): "
                       "the head takes the probe's weights", file=sys.stderr)
         return result
 
     def probe(self, mean: np.ndarray, std: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None):
-        """(LinearProbe, head.json record) fitted on all training records; C tuned like the head."""
+        """(LinearProbe, head.json record) fitted on all training records; C tuned like the head
+        (on the cross-validation folds when :meth:`select` used them, else on ``X_val``/``y_val``)."""
         from dfl_tf.heads.probe import fit_probe
 
         if getattr(self, "_probe", None) is not None:

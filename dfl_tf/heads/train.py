@@ -9,8 +9,9 @@ HEAD_DIR (written to a temporary directory and renamed at the end):
 * ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.evaluation.compute_metrics`).
 * ``probe.npz``: the linear-probe reference (:mod:`dfl_tf.heads.probe`).
 
-Small training sets get their regularisation chosen by cross-validation first
-(:mod:`dfl_tf.heads.selection_cv`); ``head.json`` records the choice and the scores.
+Small training sets get their regularisation chosen first, on the validation set when one is
+given, else by cross-validation (:mod:`dfl_tf.heads.selection_cv`); ``head.json`` records the
+method, the choice and the scores.
 * ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf.errors import DflError
 from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
-from dfl_tf.heads.inputs import class_weights, history_csv, index_batches, load_val, refuse_non_finite
+from dfl_tf.heads.inputs import (check_memory, check_ranges, class_weights, history_csv, index_batches,
+                                 load_val, refuse_non_finite)
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
                                  standardize_values, training_view)
@@ -251,10 +253,14 @@ def train_head(
     :mod:`dfl_tf.heads.augment`). ``loss``: ``focal`` (CategoricalFocalCrossentropy(alpha,
     gamma)) or ``crossentropy``. ``weight_decay``: AdamW's decoupled weight decay on the
     kernels (0: Adam; None: 1e-4 or chosen by selection). ``select``: ``auto`` chooses
-    ``weight_decay`` and the noise std (those not given) by ``cv_folds``-fold cross-validation on
-    the training set (stratified, grouped by ``group``) over ``cv_grid`` when the training set is
-    small (< 2,000 records or < 50 in a class), then refits on all of it; ``always`` / ``never``
-    force it. ``probe``: also fit the linear-probe
+    ``hidden``, ``weight_decay`` and the noise std (those not given) over ``cv_grid``, and whether
+    the linear probe replaces the head, when the training set is small (< 2,000 records or < 50
+    in a class): with ``val``, each candidate is fitted on the training set and scored on ``val``;
+    without, by ``cv_folds``-fold cross-validation on the training set (stratified, grouped by
+    ``group``); then the head is trained on all of it (``head.json``'s ``selection`` records the
+    method and the scores); ``always`` / ``never`` force it. Numeric options outside their range
+    (:data:`dfl_tf.heads.inputs.TRAIN_RANGES`), a head too large for the available memory and a
+    class without training records are refused. ``probe``: also fit the linear-probe
     reference (``probe.npz``). ``positive_class``: the positive class of a two-class task (the
     threshold, PR curve and GeoJSON class; default: the second class in manifest order); the
     threshold is tuned for F1 on ``val`` and stays 0.5 without it. Early stopping on ``monitor``
@@ -281,14 +287,8 @@ def train_head(
     if monitor not in MONITORS:
         raise DflError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
     hidden_given, hidden = hidden is not None, DEFAULT_HIDDEN if hidden is None else hidden
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("hidden", hidden, 0),
-                             ("patience", patience, 0)):
-        if int(value) < low:
-            raise DflError(f"{name} must be >= {low}, got {value}")
-    if not 0 <= float(dropout) < 1:
-        raise DflError(f"dropout must be in [0, 1), got {dropout}")
-    if weight_decay is not None and float(weight_decay) < 0:
-        raise DflError(f"weight_decay must be >= 0, got {weight_decay}")
+    check_ranges(epochs=epochs, batch_size=batch_size, hidden=hidden, patience=patience, cv_folds=cv_folds,
+                 dropout=dropout, noise=noise, weight_decay=weight_decay, lr=lr, gamma=gamma, alpha=alpha)
     if select not in SELECT_MODES:
         raise DflError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
     noise_given = noise is not None or any(
@@ -311,6 +311,8 @@ def train_head(
             raise DflError(f"training embeddings {train} and validation embeddings {val} disagree on classes: "
                            f"{classes} vs {list(vm['classes'])}")
 
+    check_memory(int(tm["dim"]), len(classes), hidden, int(batch_size))  # before any record is read
+
     keras.utils.set_random_seed(int(seed))
     tf.config.experimental.enable_op_determinism()
 
@@ -319,6 +321,11 @@ def train_head(
         _note(f"{train}: {data.unlabeled} unlabeled records dropped from training")
     if data.num == 0:
         raise DflError(f"{train}: no labeled records to train on")
+    if (data.counts == 0).any():  # whatever --select says: a head would never predict that class
+        empty = [c for c, n in zip(classes, data.counts) if n == 0]
+        raise DflError(f"{train}: class(es) {', '.join(map(repr, empty))} of the manifest have no labeled "
+                       f"training records (counts: {', '.join(f'{c} {int(n)}' for c, n in zip(classes, data.counts))}); "
+                       "add records of them or re-extract without those classes")
     cw = class_weights(class_weight, data.counts, classes)
     Xv = yv = None
     val_unlabeled = 0
@@ -333,12 +340,13 @@ def train_head(
 
     loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
                else keras.losses.CategoricalCrossentropy())
-    # Small data: regularisation by cross-validation on the training set; the probe beside it.
+    # Small data: regularisation chosen on --val, else by cross-validation on the training set; the probe beside it.
     small = SmallData(train, data, select, cv_folds, seed, candidates)
     weight_decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else float(weight_decay)
     selection: dict[str, Any] = {"performed": False, "reason": small.reason}
     if small.selecting:
-        selection = small.select(candidates, specs, mean=data.mean, std=data.std, hidden=int(hidden),
+        selection = small.select(candidates, specs, mean=data.mean, std=data.std, X_val=Xv, y_val=yv,
+                                 hidden=int(hidden),
                                  dropout=float(dropout), lr=float(lr),
                                  epochs=int(epochs), batch_size=int(batch_size), loss=loss, gamma=float(gamma),
                                  alpha=float(alpha), class_weights=cw, weight_decay=weight_decay,
@@ -383,7 +391,7 @@ def train_head(
         valcb = ValidationCallback(Xv, yv, len(classes), loss_fn, monitor, int(patience) if val else 0,
                                    batch_size=max(int(batch_size), 2048), predict_model=model)
         if (selection.get("choice") or {}).get("model") == PROBE_CHOICE:
-            # cross-validation preferred the probe: a linear head with its weights, no training
+            # selection preferred the probe: a linear head with its weights, no training
             model.get_layer("probabilities").set_weights([probe_model.W.T, probe_model.b])
             hist, epochs_run, best_epoch = {}, 0, 0
         else:
@@ -469,6 +477,6 @@ def train_head(
         "out": str(out), "classes": classes, "best_epoch": best_epoch, "epochs_run": epochs_run,
         "monitor": monitor, "best_value": valcb.best, "threshold": threshold, "metrics": metrics,
         "train_records": data.num, "val_records": None if yv is None else int(len(yv)), "replicas": replicas,
-        "selection": info["selection"], "linear_probe": probe_info,
+        "selection": info["selection"], "linear_probe": info["linear_probe"],
         "seconds": round(time.time() - t0, 2),
     }
