@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from dfl_tf.errors import DflError
+from dfl_tf.errors import DflError, whole_number
 
 
 def _f(value: Any) -> float | None:
@@ -288,6 +288,7 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     from dfl_tf.store.manifest import load_manifest
     from dfl_tf.store.shards import load_embeddings
 
+    batch_size = whole_number("--batch-size", batch_size)
     manifest = load_manifest(emb)
     info_path = Path(head) / "head.json"
     if not info_path.exists():

@@ -357,8 +357,14 @@ class ExportedModel:
     """A loaded export: ``model(image_bytes)`` -> dict of numpy arrays per task output."""
 
     def __init__(self, path: str | Path):
-        self.path = resolve_version_dir(path)
-        self.module = tf.saved_model.load(str(self.path))
+        from dfl_tf.backbones.savedmodel import check_savedmodel_files
+
+        self.path = check_savedmodel_files(resolve_version_dir(path), "model")
+        try:
+            self.module = tf.saved_model.load(str(self.path))
+        except Exception as exc:  # noqa: BLE001 - corrupt files: one line naming the model
+            detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+            raise DflError(f"model {self.path}: cannot load the SavedModel ({type(exc).__name__}: {detail})") from None
         info_path = self.path / EXPORT_JSON
         self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.tasks = [h["task"] for h in self.info.get("heads", [])]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from dfl_tf.backbones.registry import Backbone
-from dfl_tf.data.sources import load_source
+from dfl_tf.data.sources import load_source, refuse_unreadable
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf._lock import locks_output
@@ -64,6 +64,7 @@ def extract(
     if beam_options:
         raise DflError("beam options given without runner='beam' (--runner beam)")
     samples = load_source(source, split=split, classes=classes)
+    refuse_unreadable(samples, options.skip_bad)  # before anything is written
     strategy = resolve_strategy(options.devices)
     with strategy_scope(strategy):
         bb = model or build_backbone(options)

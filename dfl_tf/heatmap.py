@@ -19,7 +19,7 @@ import numpy as np
 from dfl_tf._io import atomic_write_bytes, atomic_write_json
 from dfl_tf.compat import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
-from dfl_tf.errors import DflError
+from dfl_tf.errors import DflError, whole_number
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
 from dfl_tf.prediction import predict
@@ -43,6 +43,7 @@ def heatmap(
 ) -> dict[str, Any]:
     """Tile ``slide`` at the mpp and patch size the model's heads were trained at (the geometry
     recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps."""
+    batch_size = whole_number("--batch-size", batch_size)
     exported = load_model(model)
     mpp, size = trained_read(exported.geometry, parse_magnification(mpp) if mpp else None, size,
                              f"model {exported.path}")
