@@ -269,3 +269,47 @@ def assert_pixels_within_budget(images, name: str, max_pixels: int, max_batch: i
         checks.append(tf.debugging.Assert(shape[0] <= max_batch, [
             f"{name}: batch of", shape[0], f"images is over --max-batch {max_batch}"]))
     return checks
+
+
+_PNG_CHUNK_LIMIT = 1 << 16  # chunks walked per PNG; past it the file is taken as complete
+
+
+def _png_complete(data):
+    """False for a PNG whose chunks run past the end of the data before its IEND chunk (truncated);
+    True for any other input (other formats are the decoders' business)."""
+    import tensorflow as tf
+
+    n = tf.cast(tf.strings.length(data), tf.int64)
+    padded = tf.strings.join([data, tf.constant(b"\0" * 8)])
+
+    def cond(pos, done, ok):
+        return tf.logical_not(done)
+
+    def body(pos, done, ok):
+        inside = pos + 12 <= n  # a chunk is at least length (4) + type (4) + CRC (4) bytes
+        head = tf.strings.substr(padded, tf.minimum(pos, n), 8)
+        length = tf.reduce_sum(tf.cast(tf.io.decode_raw(tf.strings.substr(head, 0, 4), tf.uint8), tf.int64)
+                               * tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64))
+        fits = inside & (pos + 12 + length <= n)
+        end = fits & tf.equal(tf.strings.substr(head, 4, 4), b"IEND")
+        return pos + 12 + length, end | tf.logical_not(fits), end
+
+    is_png = tf.equal(tf.strings.substr(padded, 0, 8), b"\x89PNG\r\n\x1a\n")
+
+    def walk():
+        _, done, ok = tf.while_loop(cond, body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)),
+                                    maximum_iterations=_PNG_CHUNK_LIMIT)
+        return ok | tf.logical_not(done)  # the limit reached: not judged
+
+    return tf.cond(is_png, walk, lambda: tf.constant(True))
+
+
+def assert_complete(data, name: str) -> list:
+    """Graph assertion: PNGs cut short (no IEND chunk inside the data) refused with batch positions,
+    before the decoder fails without saying which image."""
+    import tensorflow as tf
+
+    complete = tf.map_fn(_png_complete, data, fn_output_signature=tf.bool)
+    cut = tf.reshape(tf.where(tf.logical_not(complete)), [-1])
+    return [tf.debugging.Assert(tf.equal(tf.size(cut), 0), [
+        f"{name}: truncated PNG (its chunks end before IEND) at batch positions", cut], summarize=20)]
