@@ -10,7 +10,8 @@ Each value is checked against the type of the parameter it sets (the function's 
 whole number where an int is taken (``2.7`` and ``true`` are refused, not rounded or counted as 1),
 a number for a float, ``true``/``false`` for a switch, a string or a list of strings for a list of
 names. A string is also accepted where the command's flag takes one, converted by the flag's own
-type (``lr: 1e-3``, ``mpp: 20x``). A mismatch is a one-line error naming the file and the key.
+type (``lr: 1e-3``, ``mpp: 20x``). A mismatch is a one-line error naming the file and the key, as
+are a key given twice in one mapping and a command section that is not a mapping.
 """
 from __future__ import annotations
 
@@ -28,12 +29,32 @@ from dfl_tf.errors import DflError
 SECTIONS = ("extract", "train", "evaluate", "export", "predict", "select", "finetune", "tile", "heatmap", "demo")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise DflError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise DflError(f"{path}: key '{exc.args[0]}' appears twice in one mapping (line {exc.args[1]}); "
+                       "YAML would keep the last one silently") from None
     except yaml.YAMLError as exc:
         raise DflError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):
@@ -62,7 +83,11 @@ def merge(func: Callable, config_path: str | Path | None, command: str, given: d
     known = known_fields(func)
     values: dict[str, Any] = {}
     if config_path:
-        for key, value in section(load_yaml(config_path), command).items():
+        data = load_yaml(config_path)
+        if data.get(command) is not None and not isinstance(data[command], dict):
+            raise DflError(f"{config_path}: section '{command}' must be a mapping of parameters "
+                           f"(got {type(data[command]).__name__})")
+        for key, value in section(data, command).items():
             name = key.replace("-", "_")
             if name not in known:
                 raise DflError(f"{config_path}: unknown field '{key}' for '{command}' (known: {', '.join(known)})")
