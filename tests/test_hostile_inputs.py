@@ -246,8 +246,8 @@ def test_csv_duplicates_warned_once_with_counts(world, tmp_path):
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, result.stderr
-    assert "2 ids appear more than once (4 rows" in warnings[0]
-    assert "1 paths have more than one label" in warnings[1] and "a, b" in warnings[1]
+    assert "ids that appear more than once: 2 (4 rows" in warnings[0]
+    assert "paths listed with more than one label: 1" in warnings[1] and "a, b" in warnings[1]
 
 
 def test_float_tiff_in_unit_range_scales_to_8_bits(tmp_path):

@@ -51,7 +51,7 @@ class Sample:
     mpp: float | None = None
     patch_size: int | None = None
     split: str | None = None
-    error: str | None = None  # known unreadable before any read (see display_path)
+    error: str | None = None  # unreadable, known before any read (a name that is not UTF-8, a dangling symlink)
 
 
 def display_path(path: str | os.PathLike) -> str:
@@ -135,7 +135,7 @@ def _from_folder(root: Path, classes: Sequence[str] | None) -> SampleSet:
         if not _is_text(str(file)):  # ids and sources are stored as UTF-8: refused, or skipped with --skip-bad
             error = f"file name is not valid UTF-8: {display_path(file)}"
         elif dangling:
-            error = f"image not found: {file} is a dangling symlink (to {os.readlink(file)})"
+            error = f"image not found: {file} is a dangling symlink (to {display_path(os.readlink(file))})"
         samples.append(Sample(id=display_path(rel.as_posix()), source=display_path(file), label=label, error=error))
     return SampleSet(samples, class_list, "folder", str(root))
 
@@ -167,8 +167,8 @@ def _check_rows(path: Path, keys: list[tuple[str, str, str]]) -> None:
     dup_ids = {i: n for i, n in ids.items() if n > 1}
     if dup_ids:
         example = next(iter(dup_ids))
-        _warn(f"{path}: {len(dup_ids)} ids appear more than once ({sum(dup_ids.values())} rows; e.g. '{example}' "
-              f"x{dup_ids[example]})")
+        _warn(f"{path}: ids that appear more than once: {len(dup_ids)} ({sum(dup_ids.values())} rows; e.g. "
+              f"'{example}' x{dup_ids[example]})")
     labels: dict[str, set[str]] = {}
     for _, where, label in keys:
         if label:
@@ -176,7 +176,8 @@ def _check_rows(path: Path, keys: list[tuple[str, str, str]]) -> None:
     mixed = {p: sorted(v) for p, v in labels.items() if len(v) > 1}
     if mixed:
         example = next(iter(mixed))
-        _warn(f"{path}: {len(mixed)} paths have more than one label (e.g. '{example}': {', '.join(mixed[example])})")
+        _warn(f"{path}: paths listed with more than one label: {len(mixed)} (e.g. '{example}': "
+              f"{', '.join(mixed[example])})")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
