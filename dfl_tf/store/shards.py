@@ -111,8 +111,9 @@ def check_record_layout(emb_dir: str | Path, manifest: dict[str, Any], paths: Se
             if found != expected:
                 fits = " or ".join(f"{found // np.dtype(t).itemsize} {name}" for name, t in DTYPES.items()
                                    if found % np.dtype(t).itemsize == 0)
-                raise DflError(f"{path}: field 'embedding' holds {found} bytes per record ({fits or 'no whole value'}), "
-                               f"but the manifest declares {dim} {dtype} ({expected} bytes)")
+                raise DflError(f"{path}: field 'embedding' holds {found} bytes per record "
+                               f"({fits or 'no whole value'}), but the manifest declares {dim} {dtype} "
+                               f"({expected} bytes)")
         _LAYOUT_OK.add(key)
 
 
