@@ -274,9 +274,9 @@ def assert_pixels_within_budget(images, name: str, max_pixels: int, max_batch: i
 _PNG_CHUNK_LIMIT = 1 << 16  # chunks walked per PNG; past it the file is taken as complete
 
 
-def _png_complete(data):
-    """False for a PNG whose chunks run past the end of the data before its IEND chunk (truncated);
-    True for any other input (other formats are the decoders' business)."""
+def _png_chunks_complete(data):
+    """False for a PNG (string scalar) whose chunks run past the end of the data before its IEND
+    chunk (truncated); True otherwise, or when the walk hits its limit."""
     import tensorflow as tf
 
     n = tf.cast(tf.strings.length(data), tf.int64)
@@ -294,14 +294,23 @@ def _png_complete(data):
         end = fits & tf.equal(tf.strings.substr(head, 4, 4), b"IEND")
         return pos + 12 + length, end | tf.logical_not(fits), end
 
-    is_png = tf.equal(tf.strings.substr(padded, 0, 8), b"\x89PNG\r\n\x1a\n")
+    _, done, ok = tf.while_loop(cond, body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)),
+                                maximum_iterations=_PNG_CHUNK_LIMIT)
+    return ok | tf.logical_not(done)  # the limit reached: not judged
 
-    def walk():
-        _, done, ok = tf.while_loop(cond, body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)),
-                                    maximum_iterations=_PNG_CHUNK_LIMIT)
-        return ok | tf.logical_not(done)  # the limit reached: not judged
 
-    return tf.cond(is_png, walk, lambda: tf.constant(True))
+def truncated_pngs(data):
+    """Bool [N] for a string [N] tensor: PNGs cut short (no IEND chunk inside the data). A PNG that
+    ends with its IEND chunk (the usual case) costs one comparison; only the others are walked."""
+    import tensorflow as tf
+
+    n = tf.strings.length(data)  # substr cuts at the end; only its start must lie inside the data
+    is_png = tf.equal(tf.strings.substr(data, tf.zeros_like(n), tf.fill(tf.shape(n), 8)), b"\x89PNG\r\n\x1a\n")
+    tail = tf.strings.substr(data, tf.maximum(n - 12, 0), tf.fill(tf.shape(n), 12))
+    walk = is_png & tf.not_equal(tail, b"\0\0\0\0IEND\xaeB`\x82")  # IEND with its fixed CRC
+    where = tf.reshape(tf.where(walk), [-1])
+    complete = tf.map_fn(_png_chunks_complete, tf.gather(data, where), fn_output_signature=tf.bool)
+    return tf.scatter_nd(tf.expand_dims(where, 1), tf.logical_not(complete), tf.shape(data, out_type=tf.int64))
 
 
 def assert_complete(data, name: str) -> list:
@@ -309,7 +318,6 @@ def assert_complete(data, name: str) -> list:
     before the decoder fails without saying which image."""
     import tensorflow as tf
 
-    complete = tf.map_fn(_png_complete, data, fn_output_signature=tf.bool)
-    cut = tf.reshape(tf.where(tf.logical_not(complete)), [-1])
+    cut = tf.reshape(tf.where(truncated_pngs(data)), [-1])
     return [tf.debugging.Assert(tf.equal(tf.size(cut), 0), [
         f"{name}: truncated PNG (its chunks end before IEND) at batch positions", cut], summarize=20)]
