@@ -15,12 +15,13 @@ are a key given twice in one mapping and a command section that is not a mapping
 """
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import yaml
 
@@ -118,6 +119,10 @@ def _click_param(command: str, name: str) -> Any:
     return next((p for p in getattr(cmd, "params", []) if p.name == name), None)
 
 
+_SEQUENCES = (tuple, list, collections.abc.Sequence)  # typing.get_origin of Sequence[str] etc.
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a YAML value is of the type ``hint`` (strict: a bool is no number, a float no int)."""
     if hint is Any or isinstance(hint, (str, typing.TypeVar)):
@@ -138,12 +143,12 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint in (Path, os.PathLike):
         return isinstance(value, str)
     args = typing.get_args(hint)
-    if origin in (tuple, list, Sequence, typing.Sequence) or hint in (tuple, list):
+    if origin in _SEQUENCES or hint in (tuple, list):
         item = args[0] if args else Any
         if isinstance(value, str):  # a comma-separated list, as on the command line
             return item in (str, Any)
         return isinstance(value, list) and all(_fits(v, item) for v in value)
-    if origin in (dict, Mapping, typing.Mapping) or hint is dict:
+    if origin in _MAPPINGS or hint is dict:
         return isinstance(value, dict)
     return True  # a class or callable a YAML file cannot hold: the function checks it
 
@@ -153,10 +158,10 @@ def _describe(hint: Any) -> str:
              type(None): "empty (null)", Path: "a path"}
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(dict.fromkeys(_describe(h) for h in typing.get_args(hint)))
-    if typing.get_origin(hint) in (tuple, list, Sequence, typing.Sequence):
+    if typing.get_origin(hint) in _SEQUENCES:
         item = (typing.get_args(hint) or (Any,))[0]
         return "a list or a comma-separated string" if item in (str, Any) else "a list"
-    if typing.get_origin(hint) in (dict, Mapping, typing.Mapping):
+    if typing.get_origin(hint) in _MAPPINGS:
         return "a mapping"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 

@@ -169,6 +169,8 @@ CASES = {
     "config-lr-word": _config("train", "lr: fast\n", "lr"),
     "config-probe-word": _config("train", "probe: maybe\n", "probe"),
     "config-views-number": _config("extract", "views: 5\n", "views"),
+    "config-augment-number": _config("train", "augment: 5\n", "augment"),
+    "config-cv-grid-list": _config("train", "cv_grid: [0.1]\n", "cv_grid"),
     "config-skip-bad-string": _config("extract", "skip_bad: 'yes'\n", "skip_bad"),
     "config-duplicate-key": _config("train", "epochs: 2\nlr: 0.01\nepochs: 5\n", "epochs"),
     "config-section-not-mapping": _config("train", "train: [epochs, 2]\n", "train"),
