@@ -208,7 +208,7 @@ def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions
     """
     import dataclasses
 
-    from dfl_tf.data.sources import load_source
+    from dfl_tf.data.sources import load_source, refuse_unreadable
     from dfl_tf.extract_core import build_backbone, open_run, part_path
 
     flags = parse_beam_options(beam_options)
@@ -216,6 +216,7 @@ def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions
         raise DflError(f"--runner beam writes --out through the local filesystem; {out} is not supported "
                        "(use a path every worker mounts, e.g. an NFS or GCS FUSE mount)")
     samples = load_source(source, split=split, classes=classes)
+    refuse_unreadable(samples, options.skip_bad)  # before anything is written
     bb = build_backbone(options)
     run = open_run(out, options, bb, samples, split, overwrite)
     if run.pending:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from dfl_tf.errors import DflError
+from dfl_tf.errors import DflError, whole_number
 from dfl_tf.outputs import clear_out, prepare_out
 
 
@@ -291,6 +291,7 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     from dfl_tf.store.manifest import load_manifest
     from dfl_tf.store.shards import load_embeddings
 
+    batch_size = whole_number("--batch-size", batch_size)
     replace = out is not None and prepare_out(out, "report", (head, emb), overwrite) == "replace"
     manifest = load_manifest(emb)
     info_path = Path(head) / "head.json"

@@ -35,8 +35,8 @@ from dfl_tf._lock import locks_output
 from dfl_tf.outputs import prepare_out
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
-from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_pixels_within_budget,
-                                      assert_within_budget)
+from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_complete,
+                                      assert_pixels_within_budget, assert_within_budget)
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
 from dfl_tf.compat import check_compatible, geometry_of, view_fit
@@ -144,20 +144,29 @@ class ServingGraph:
         return tf.reshape(emb, [-1, n_views * self.backbone.dim])
 
     def views_from_pixels(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
-        checks = assert_pixels_within_budget(images, "images", self.max_image_pixels, self.max_batch)
+        checks = _assert_batch(tf.shape(images)[0], "images", None if context is None else tf.shape(context)[0],
+                               "context")
+        checks += assert_pixels_within_budget(images, "images", self.max_image_pixels, self.max_batch)
         if context is not None:
             checks += assert_pixels_within_budget(context, "context", self.max_image_pixels)
         with tf.control_dependencies(checks):
             return self.compose(images, context)
 
     def views_from_bytes(self, image_bytes: tf.Tensor, context_bytes: tf.Tensor | None) -> tf.Tensor:
-        checks = [_assert_decodable(image_bytes, "image_bytes")]
-        if context_bytes is not None:
-            checks.append(_assert_decodable(context_bytes, "context_bytes"))
+        checks = _assert_batch(tf.size(image_bytes), "image_bytes",
+                               None if context_bytes is None else tf.size(context_bytes), "context_bytes")
+        with tf.control_dependencies(checks):
+            checks = checks + [_assert_decodable(image_bytes, "image_bytes")]
+            if context_bytes is not None:
+                checks.append(_assert_decodable(context_bytes, "context_bytes"))
         with tf.control_dependencies(checks):  # sizes read from the headers: nothing decoded over the budget
             checks = checks + assert_within_budget(image_bytes, "image_bytes", self.max_image_pixels, self.max_batch)
             if context_bytes is not None:
                 checks += assert_within_budget(context_bytes, "context_bytes", self.max_image_pixels)
+        with tf.control_dependencies(checks):  # a PNG cut short: named here, not by the decoder
+            checks = checks + assert_complete(image_bytes, "image_bytes")
+            if context_bytes is not None:
+                checks += assert_complete(context_bytes, "context_bytes")
         signature = tf.TensorSpec([len(self.views), self.size, self.size, 3], tf.float32)
         with tf.control_dependencies(checks):
             if context_bytes is None:
@@ -225,6 +234,15 @@ class ServingGraph:
 
 def _decode(data: tf.Tensor) -> tf.Tensor:
     return decode_tensor(data)  # the decoder extraction used (dfl_tf.data.decode)
+
+
+def _assert_batch(n: tf.Tensor, name: str, n_context: tf.Tensor | None, context_name: str) -> list:
+    """Graph assertions: a batch holds at least one image, and as many context images as images."""
+    checks = [tf.debugging.Assert(n > 0, [f"{name}: empty batch (send at least one image)"])]
+    if n_context is not None:
+        checks.append(tf.debugging.Assert(tf.equal(n, n_context), [
+            f"{name} and {context_name} must be batches of the same length; got", n, "and", n_context]))
+    return checks
 
 
 def _assert_decodable(data: tf.Tensor, name: str) -> tf.Operation:
@@ -359,8 +377,14 @@ class ExportedModel:
     """A loaded export: ``model(image_bytes)`` -> dict of numpy arrays per task output."""
 
     def __init__(self, path: str | Path):
-        self.path = resolve_version_dir(path)
-        self.module = tf.saved_model.load(str(self.path))
+        from dfl_tf.backbones.savedmodel import check_savedmodel_files
+
+        self.path = check_savedmodel_files(resolve_version_dir(path), "model")
+        try:
+            self.module = tf.saved_model.load(str(self.path))
+        except Exception as exc:  # noqa: BLE001 - corrupt files: one line naming the model
+            detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+            raise DflError(f"model {self.path}: cannot load the SavedModel ({type(exc).__name__}: {detail})") from None
         info_path = self.path / EXPORT_JSON
         self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.tasks = [h["task"] for h in self.info.get("heads", [])]

@@ -6,19 +6,20 @@ prefetch), so memory stays flat in the number of samples. Shards, resume and the
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
 
 from dfl_tf.backbones.registry import Backbone
-from dfl_tf.data.sources import load_source
+from dfl_tf.data.sources import load_source, refuse_unreadable
 from dfl_tf.distribute import resolve_strategy
 from dfl_tf.distribute import scope as strategy_scope
 from dfl_tf._lock import locks_output
 from dfl_tf.outputs import prepare_out
 from dfl_tf.errors import DflError
-from dfl_tf.extract_core import ShardRunner, build_backbone, open_run
+from dfl_tf.extract_core import PARTS, ShardRunner, build_backbone, open_run, part_path
 from dfl_tf.options import ExtractOptions, takes_options
 
 
@@ -66,15 +67,23 @@ def extract(
     if beam_options:
         raise DflError("beam options given without runner='beam' (--runner beam)")
     samples = load_source(source, split=split, classes=classes)
+    refuse_unreadable(samples, options.skip_bad)  # before anything is written
     strategy = resolve_strategy(options.devices)
     with strategy_scope(strategy):
         bb = model or build_backbone(options)
+    fresh = not (Path(out) / PARTS / "run.json").exists()
     run = open_run(out, options, bb, samples, split, overwrite)
     shard_runner = ShardRunner(bb, options, samples, strategy)
     done = run.num_samples - sum(len(run.shard_range(i)) for i in run.pending)
     bar = tqdm(total=run.num_samples, unit="patch", desc="extract", disable=not progress, dynamic_ncols=True,
                initial=done)
-    for i in run.pending:
-        run.write(i, *shard_runner.run(run.shard_range(i), bar))
-    bar.close()
+    try:
+        for i in run.pending:
+            run.write(i, *shard_runner.run(run.shard_range(i), bar))
+    except BaseException:  # a run that completed no shard leaves no .parts/ behind (nothing to resume)
+        if fresh and not any(part_path(run.out, i).exists() for i in range(len(run.names))):
+            shutil.rmtree(run.out / PARTS, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
     return run.finish()

@@ -19,7 +19,7 @@ import numpy as np
 from dfl_tf._io import atomic_write_bytes, atomic_write_json
 from dfl_tf.compat import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
-from dfl_tf.errors import DflError
+from dfl_tf.errors import DflError, whole_number
 from dfl_tf.outputs import clear_out, prepare_out
 from dfl_tf.data.tissue import tile
 from dfl_tf.export import load_model
@@ -47,6 +47,7 @@ def heatmap(
     recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps.
     An earlier heatmap folder at ``out`` is replaced only with ``overwrite`` (see
     :func:`dfl_tf.outputs.prepare_out`)."""
+    batch_size = whole_number("--batch-size", batch_size)
     replace = prepare_out(out, "heatmap", (model, slide), overwrite) == "replace"
     exported = load_model(model)
     mpp, size = trained_read(exported.geometry, parse_magnification(mpp) if mpp else None, size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from dfl_tf.data.slides import parse_magnification
 from dfl_tf.compat import trained_read
 from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
 from dfl_tf.data.views import check_x5_field
-from dfl_tf.errors import DflError
+from dfl_tf.errors import DflError, whole_number
 from dfl_tf.outputs import prepare_out
 from dfl_tf.export import ExportedModel, load_model
 
@@ -133,9 +134,18 @@ def predict(
     """Predict every sample of ``input`` and write a CSV: id, source, (slide, x, y,) label, then per
     task the probability of each class and the predicted class. An existing predictions CSV at
     ``out`` is replaced only with ``overwrite`` (see :func:`dfl_tf.outputs.prepare_out`). Returns a
-    summary."""
+    summary.
+
+    ``batch_size`` above the export's ``--max-batch`` (which its signatures refuse) is lowered to
+    it, with a note on stderr."""
+    batch_size, workers = whole_number("--batch-size", batch_size), whole_number("workers", workers)
     prepare_out(out, "predictions", (None if isinstance(model, ExportedModel) else model, input), overwrite)
     exported = model if isinstance(model, ExportedModel) else load_model(model)
+    bound = exported.info.get("max_batch")
+    if bound is not None and batch_size > int(bound):
+        print(f"note: --batch-size {batch_size} is over the model's --max-batch {bound} (its signatures refuse "
+              f"larger batches); using {bound}", file=sys.stderr)
+        batch_size = int(bound)
     samples = load_source(input)
     slide_read = check_source(exported, samples, input, parse_magnification(mpp) if mpp else None, patch_size,
                               slide_mpp)

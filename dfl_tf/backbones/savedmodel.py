@@ -28,11 +28,27 @@ def _fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def check_savedmodel_files(directory: str | Path, what: str = "SavedModel") -> Path:
+    """Refuse, naming what is missing, a directory that is not a complete SavedModel
+    (``saved_model.pb`` and ``variables/variables.index``), before TensorFlow reads it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DflError(f"{what} {directory} is not a directory")
+    if not (directory / "saved_model.pb").is_file():
+        raise DflError(f"{what} {directory} is incomplete: no saved_model.pb")
+    if not (directory / "variables").is_dir():
+        raise DflError(f"{what} {directory} is incomplete: no variables/ folder")
+    if not (directory / "variables" / "variables.index").is_file():
+        raise DflError(f"{what} {directory} is incomplete: no variables/variables.index")
+    return directory
+
+
 def load_savedmodel_backbone(path: str, input_size: int | None = None, precision: str = "float32",
                              endpoint: str = "serving_default") -> Backbone:
     directory = Path(path)
     if not (directory / "saved_model.pb").exists():
         raise DflError(f"{directory}: not a SavedModel directory (no saved_model.pb)")
+    check_savedmodel_files(directory, "backbone SavedModel")
     try:
         loaded = tf.saved_model.load(str(directory))
         signature = loaded.signatures[endpoint]

@@ -11,6 +11,10 @@ serving.
   rules (16-bit gray keeps the high byte; ``convert("RGB")`` otherwise). These formats have no
   TF decoder, so the ``image_bytes`` serving signatures refuse them; ``serve_pixels`` takes
   their pixels decoded here.
+* Pixels that are not 8-bit (:func:`to_uint8`, also used for slide regions): unsigned 16-bit
+  keeps the high byte; floating point must lie in [0, 1] and becomes ``round(255 x)``; wider or
+  signed integers are read as they are when every value lies in [0, 255]. Any other range (and
+  NaN/inf) is refused, naming the file: guessing a scale would silently give wrong pixels.
 
 Python callers (:func:`decode_bytes`, :func:`read_image`) run the very TF ops that the
 exported graph runs (:func:`decode_tensor`), eagerly.
@@ -61,6 +65,33 @@ def decode_tensor(data):
     return image
 
 
+def to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
+    """Pixels of any dtype as uint8, by the one rule (module docstring); DflError naming ``name``
+    for values no fixed rule maps to 8 bits."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:  # the high byte, as the TF decoders do for 16-bit PNGs
+        return (arr >> 8).astype(np.uint8)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        low, high = float(np.min(arr)), float(np.max(arr))
+        if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 1.0):
+            raise DflError(f"{name}: floating-point pixels must lie in [0, 1] (found {low:g} to {high:g}); "
+                           "convert the image to 8 or 16 bits")
+        return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        low, high = int(np.min(arr)), int(np.max(arr))
+        if low < 0 or high > 255:
+            raise DflError(f"{name}: {arr.dtype} pixels from {low} to {high} have no fixed 8-bit scale (8-bit values "
+                           "or unsigned 16-bit are read); convert the image to 8 or 16 bits")
+        return arr.astype(np.uint8)
+    raise DflError(f"{name}: pixels of type {arr.dtype} are not read")
+
+
 def _pillow_decode(data: bytes, name: str) -> np.ndarray:
     import io
 
@@ -69,10 +100,11 @@ def _pillow_decode(data: bytes, name: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         check_pixels(img.width, img.height, name)  # Pillow has read only the header so far
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit gray: the high byte, as the TF decoders do for 16-bit PNGs
-            arr = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-            return np.repeat(arr[..., None], 3, axis=-1)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # one channel, not 8-bit: to_uint8's rule
+            arr = np.asarray(img)
+            if img.mode.startswith("I;16"):
+                arr = arr.astype(np.uint16)
+            return np.repeat(to_uint8(arr, f"image {name}")[..., None], 3, axis=-1)
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 

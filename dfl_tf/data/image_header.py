@@ -269,3 +269,55 @@ def assert_pixels_within_budget(images, name: str, max_pixels: int, max_batch: i
         checks.append(tf.debugging.Assert(shape[0] <= max_batch, [
             f"{name}: batch of", shape[0], f"images is over --max-batch {max_batch}"]))
     return checks
+
+
+_PNG_CHUNK_LIMIT = 1 << 16  # chunks walked per PNG; past it the file is taken as complete
+
+
+def _png_chunks_complete(data):
+    """False for a PNG (string scalar) whose chunks run past the end of the data before its IEND
+    chunk (truncated); True otherwise, or when the walk hits its limit."""
+    import tensorflow as tf
+
+    n = tf.cast(tf.strings.length(data), tf.int64)
+    padded = tf.strings.join([data, tf.constant(b"\0" * 8)])
+
+    def cond(pos, done, ok):
+        return tf.logical_not(done)
+
+    def body(pos, done, ok):
+        inside = pos + 12 <= n  # a chunk is at least length (4) + type (4) + CRC (4) bytes
+        head = tf.strings.substr(padded, tf.minimum(pos, n), 8)
+        length = tf.reduce_sum(tf.cast(tf.io.decode_raw(tf.strings.substr(head, 0, 4), tf.uint8), tf.int64)
+                               * tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64))
+        fits = inside & (pos + 12 + length <= n)
+        end = fits & tf.equal(tf.strings.substr(head, 4, 4), b"IEND")
+        return pos + 12 + length, end | tf.logical_not(fits), end
+
+    _, done, ok = tf.while_loop(cond, body, (tf.constant(8, tf.int64), tf.constant(False), tf.constant(False)),
+                                maximum_iterations=_PNG_CHUNK_LIMIT)
+    return ok | tf.logical_not(done)  # the limit reached: not judged
+
+
+def truncated_pngs(data):
+    """Bool [N] for a string [N] tensor: PNGs cut short (no IEND chunk inside the data). A PNG that
+    ends with its IEND chunk (the usual case) costs one comparison; only the others are walked."""
+    import tensorflow as tf
+
+    n = tf.strings.length(data)  # substr cuts at the end; only its start must lie inside the data
+    is_png = tf.equal(tf.strings.substr(data, tf.zeros_like(n), tf.fill(tf.shape(n), 8)), b"\x89PNG\r\n\x1a\n")
+    tail = tf.strings.substr(data, tf.maximum(n - 12, 0), tf.fill(tf.shape(n), 12))
+    walk = is_png & tf.not_equal(tail, b"\0\0\0\0IEND\xaeB`\x82")  # IEND with its fixed CRC
+    where = tf.reshape(tf.where(walk), [-1])
+    complete = tf.map_fn(_png_chunks_complete, tf.gather(data, where), fn_output_signature=tf.bool)
+    return tf.scatter_nd(tf.expand_dims(where, 1), tf.logical_not(complete), tf.shape(data, out_type=tf.int64))
+
+
+def assert_complete(data, name: str) -> list:
+    """Graph assertion: PNGs cut short (no IEND chunk inside the data) refused with batch positions,
+    before the decoder fails without saying which image."""
+    import tensorflow as tf
+
+    cut = tf.reshape(tf.where(truncated_pngs(data)), [-1])
+    return [tf.debugging.Assert(tf.equal(tf.size(cut), 0), [
+        f"{name}: truncated PNG (its chunks end before IEND) at batch positions", cut], summarize=20)]

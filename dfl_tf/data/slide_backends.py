@@ -65,19 +65,12 @@ def _mpp_from_description(description: str) -> float | None:
     return _valid_mpp(match.group(1)) if match else None
 
 
-def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """(h, w[, c]) of any common dtype -> (h, w, 3) uint8; alpha composited onto white."""
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        if arr.dtype == np.uint16:
-            arr = (arr >> 8).astype(np.uint8)
-        elif arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        elif np.issubdtype(arr.dtype, np.floating):
-            scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
-            arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
-        else:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
+def _to_rgb_uint8(arr: np.ndarray, name: str = "slide region") -> np.ndarray:
+    """(h, w[, c]) of any common dtype -> (h, w, 3) uint8 (the decoder's rule,
+    :func:`dfl_tf.data.decode.to_uint8`); alpha composited onto white."""
+    from dfl_tf.data.decode import to_uint8
+
+    arr = to_uint8(arr, name)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     channels = arr.shape[2]
@@ -362,7 +355,8 @@ class _TiffFileBackend(_Backend):
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lvl.width), min(y + h, lvl.height)
         if x1 <= x0 or y1 <= y0:
             return out
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(self._read_window(lvl, x0, y0, x1, y1))
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(self._read_window(lvl, x0, y0, x1, y1),
+                                                          f"slide {self.path}")
         return out
 
     def close(self) -> None:

@@ -10,12 +10,20 @@
   metadata (``--slide-mpp`` for all rows). Both take um/px (``0.5``) or an objective power (``20x``).
 
 Labels become class indices in ``classes`` order; an empty label is -1 (unlabeled).
+
+Hostile inputs: a CSV header that names a column twice is refused, as are two labels that differ
+only by case; duplicate ids and a path (or slide position) listed with two labels are warned about
+once, with counts. In a folder, a file name that is not valid UTF-8 or a dangling symlink is an
+unreadable sample (``Sample.error``; refused, or skipped and recorded with ``--skip-bad``); a class
+folder whose name is not valid UTF-8 is refused.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import os
+import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +51,21 @@ class Sample:
     mpp: float | None = None
     patch_size: int | None = None
     split: str | None = None
+    error: str | None = None  # unreadable, known before any read (a name that is not UTF-8, a dangling symlink)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as it can be printed and stored: bytes that are not valid UTF-8 (decoded by Python
+    as surrogates) become backslash escapes (``\\xff``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -56,7 +79,10 @@ class SampleSet:
         """sha256 over every sample's fields, in order: identifies the data of an extraction."""
         digest = hashlib.sha256()
         for sample in self.samples:
-            digest.update(repr(sorted(asdict(sample).items())).encode())
+            fields = asdict(sample)
+            if fields["error"] is None:  # as before the field existed: stored fingerprints stay valid
+                del fields["error"]
+            digest.update(repr(sorted(fields.items())).encode("utf-8", "backslashreplace"))
         digest.update(repr(self.classes).encode())
         return digest.hexdigest()
 
@@ -90,26 +116,80 @@ def _resolve_classes(found: set[str], given: Sequence[str] | None, where: Path) 
 
 def _from_folder(root: Path, classes: Sequence[str] | None) -> SampleSet:
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in subdirs:  # a class name is stored and served as text
+        if not _is_text(name):
+            raise DflError(f"class folder name is not valid UTF-8: {display_path(root / name)} (rename it)")
+    _check_case(subdirs, root)
     class_list = _resolve_classes(set(subdirs), classes, root)
     index = {c: i for i, c in enumerate(class_list)}
     samples = []
     for file in sorted(root.rglob("*")):
-        if not file.is_file() or file.suffix.lower() not in IMAGE_EXTENSIONS:
+        dangling = file.is_symlink() and not file.exists()
+        if not (file.is_file() or dangling) or file.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         rel = file.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
         label = index[rel.parts[0]] if len(rel.parts) > 1 else -1
-        samples.append(Sample(id=rel.as_posix(), source=str(file), label=label))
+        error = None
+        if not _is_text(str(file)):  # ids and sources are stored as UTF-8: refused, or skipped with --skip-bad
+            error = f"file name is not valid UTF-8: {display_path(file)}"
+        elif dangling:
+            error = f"image not found: {file} is a dangling symlink (to {display_path(os.readlink(file))})"
+        samples.append(Sample(id=display_path(rel.as_posix()), source=display_path(file), label=label, error=error))
     return SampleSet(samples, class_list, "folder", str(root))
+
+
+def refuse_unreadable(samples: SampleSet, skip_bad: bool) -> None:
+    """Without ``skip_bad``, refuse the first sample known unreadable before any read (a file name
+    that is not UTF-8, a dangling symlink: ``Sample.error``), before an output is touched."""
+    bad = next((s for s in samples.samples if s.error), None)
+    if bad is not None and not skip_bad:
+        raise DflError(f"{bad.error} (pass --skip-bad to skip unreadable samples)")
+
+
+def _check_case(labels: Sequence[str], where: Path) -> None:
+    """Refuse two labels that differ only by case (a typo, not two classes)."""
+    seen: dict[str, str] = {}
+    for label in sorted(labels):
+        other = seen.setdefault(label.casefold(), label)
+        if other != label:
+            raise DflError(f"{where}: labels '{other}' and '{label}' differ only by case (one class spelled twice?)")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_rows(path: Path, keys: list[tuple[str, str, str]]) -> None:
+    """Warn once each on duplicate ids and on a path listed with two labels; ``keys``: (id, path, label)."""
+    ids = Counter(k[0] for k in keys)
+    dup_ids = {i: n for i, n in ids.items() if n > 1}
+    if dup_ids:
+        example = next(iter(dup_ids))
+        _warn(f"{path}: ids that appear more than once: {len(dup_ids)} ({sum(dup_ids.values())} rows; e.g. "
+              f"'{example}' x{dup_ids[example]})")
+    labels: dict[str, set[str]] = {}
+    for _, where, label in keys:
+        if label:
+            labels.setdefault(where, set()).add(label)
+    mixed = {p: sorted(v) for p, v in labels.items() if len(v) > 1}
+    if mixed:
+        example = next(iter(mixed))
+        _warn(f"{path}: paths listed with more than one label: {len(mixed)} (e.g. '{example}': "
+              f"{', '.join(mixed[example])})")
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            twice = sorted({f for f in fields if f and fields.count(f) > 1})
+            if twice:  # DictReader would keep the last one silently
+                raise DflError(f"{path}: column '{twice[0]}' appears more than once in the header")
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-            return [f.strip() for f in (reader.fieldnames or [])], rows
+            return fields, rows
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DflError(f"{path}: not a readable CSV ({exc})") from exc
 
@@ -129,6 +209,7 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
     from dfl_tf.data.slides import parse_magnification
 
     labels = {r.get("label", "") for r in rows} - {""}
+    _check_case(sorted(labels), path)
     class_list = _resolve_classes(labels, classes, path)
     index = {c: i for i, c in enumerate(class_list)}
     samples = []
@@ -160,6 +241,8 @@ def _from_csv(path: Path, split: str | None, classes: Sequence[str] | None) -> S
                                   label=label, group=group or Path(row["slide"]).stem, slide=slide,
                                   x=x, y=y, slide_mpp=slide_mpp, mpp=mpp, patch_size=size,
                                   split=row.get("split") or None))
+    where = [s.source if kind == "csv" else f"{s.slide}@{s.x},{s.y}" for s in samples]
+    _check_rows(path, [(s.id, w, class_list[s.label] if s.label >= 0 else "") for s, w in zip(samples, where)])
     return SampleSet(samples, class_list, kind, str(path))
 
 
@@ -192,6 +275,8 @@ class SlideRead:
 def load_sample(sample: Sample, context: bool, slide_read: SlideRead | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The sample's image and, where it has one, its context (x5) image, as uint8 RGB."""
+    if sample.error:
+        raise DflError(sample.error)
     if sample.slide is not None:
         from dfl_tf.data.slides import read_views
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf._io import sha256_file, write_error
+from dfl_tf.errors import DflError
 from dfl_tf.options import STORAGE_DTYPES
 from dfl_tf.store.integrity import check_shards, shard_problems
 from dfl_tf.store.manifest import load_manifest
@@ -89,6 +90,33 @@ def shard_paths(emb_dir: str | Path, manifest: dict[str, Any] | None = None, ver
     return [str(Path(emb_dir) / s["file"]) for s in manifest["shards"]]
 
 
+_LAYOUT_OK: set[tuple[str, int, int, str, int]] = set()  # shards whose first record matched (per process)
+
+
+def check_record_layout(emb_dir: str | Path, manifest: dict[str, Any], paths: Sequence[str]) -> None:
+    """Refuse a shard whose records do not hold ``dim`` values of the manifest's ``dtype`` (e.g. a
+    manifest that says float32 over float16 records): its first record's ``embedding`` field is
+    checked, once per shard and process, naming the shard and the field."""
+    dtype, dim = manifest["dtype"], int(manifest["dim"])
+    expected = dim * np.dtype(DTYPES.get(dtype, np.float32)).itemsize
+    for path in paths:
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns, dtype, dim)
+        if key in _LAYOUT_OK:
+            continue
+        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+        if first is not None:
+            feature = tf.train.Example.FromString(first.numpy()).features.feature.get("embedding")
+            found = len(feature.bytes_list.value[0]) if feature is not None and feature.bytes_list.value else 0
+            if found != expected:
+                fits = " or ".join(f"{found // np.dtype(t).itemsize} {name}" for name, t in DTYPES.items()
+                                   if found % np.dtype(t).itemsize == 0)
+                raise DflError(f"{path}: field 'embedding' holds {found} bytes per record "
+                               f"({fits or 'no whole value'}), but the manifest declares {dim} {dtype} "
+                               f"({expected} bytes)")
+        _LAYOUT_OK.add(key)
+
+
 def record_dataset(emb_dir: str | Path, batch_size: int | None = None, with_meta: bool = False,
                    manifest: dict[str, Any] | None = None) -> tf.data.Dataset:
     """Records as dicts with ``embedding`` float32 [dim] and ``label`` int64 (plus metadata).
@@ -107,7 +135,9 @@ def record_dataset(emb_dir: str | Path, batch_size: int | None = None, with_meta
         parsed["embedding"] = tf.cast(tf.reshape(emb, ([-1] if batch_size else []) + [dim]), tf.float32)
         return parsed
 
-    ds = tf.data.TFRecordDataset(shard_paths(emb_dir, manifest), num_parallel_reads=1)
+    paths = shard_paths(emb_dir, manifest)
+    check_record_layout(emb_dir, manifest, paths)
+    ds = tf.data.TFRecordDataset(paths, num_parallel_reads=1)
     if batch_size:
         ds = ds.batch(batch_size)
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
