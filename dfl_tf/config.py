@@ -92,7 +92,7 @@ def merge(func: Callable, config_path: str | Path | None, command: str, given: d
             name = key.replace("-", "_")
             if name not in known:
                 raise DflError(f"{config_path}: unknown field '{key}' for '{command}' (known: {', '.join(known)})")
-            values[name] = _checked(func, command, name, value, f"{config_path}: '{key}'")
+            values[name] = _checked(func, name, value, f"{config_path}: '{key}'")
     values.update(given)
     return values
 
@@ -109,14 +109,6 @@ def _hints(func: Callable) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - an unresolvable hint: no check rather than no config
         pass
     return hints
-
-
-def _click_param(command: str, name: str) -> Any:
-    """The click option of ``dfl COMMAND`` that sets ``name``, if there is one."""
-    from dfl_tf.cli import main
-
-    cmd = main.commands.get(command)
-    return next((p for p in getattr(cmd, "params", []) if p.name == name), None)
 
 
 _SEQUENCES = (tuple, list, collections.abc.Sequence)  # typing.get_origin of Sequence[str] etc.
@@ -166,17 +158,24 @@ def _describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _checked(func: Callable, command: str, name: str, value: Any, where: str) -> Any:
-    """``value`` if it fits the parameter ``name`` (or, a string, converts by the command's flag type)."""
-    import click
+def _from_string(value: str, hint: Any) -> Any:
+    """A quoted number converted as its flag would convert it (``epochs: "3"`` -> 3), else ``None``."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(value.strip())
+            except ValueError:
+                continue
+    return None
 
+
+def _checked(func: Callable, name: str, value: Any, where: str) -> Any:
+    """``value`` if it fits the parameter ``name`` (or, a quoted number, converted to it)."""
     hint = _hints(func).get(name)
     if hint is None or _fits(value, hint):
         return value
-    param = _click_param(command, name)
-    if isinstance(value, str) and param is not None and not getattr(param, "is_flag", False):
-        try:
-            return param.type.convert(value, param, None)
-        except click.BadParameter as exc:
-            raise DflError(f"{where} must be {_describe(hint)} ({exc.message})") from None
+    converted = _from_string(value, hint) if isinstance(value, str) else None
+    if converted is not None:
+        return converted
     raise DflError(f"{where} must be {_describe(hint)} (got {value!r})")

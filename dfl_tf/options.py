@@ -50,9 +50,9 @@ class ExtractOptions:
     dtype: str = _opt("float16", "Storage dtype of the embeddings.", choices=STORAGE_DTYPES, records=True)
     shard_size: int = _opt(1024, "Records per shard.", type=int)
     skip_bad: bool = _opt(False, "Skip unreadable samples and list them in the manifest.", flag=True)
-    mpp: float = _opt(0.5, "Slides: um/px of the x20 patch, or 20x.", records=True)
+    mpp: float | str = _opt(0.5, "Slides: um/px of the x20 patch, or 20x.", records=True)
     patch_size: int = _opt(256, "Slides: patch side in px at --mpp.", type=int, records=True)
-    slide_mpp: float | None = _opt(None, "Slides: level-0 um/px (0.5) or objective power (20x) for slides without "
+    slide_mpp: float | str | None = _opt(None, "Slides: level-0 um/px (0.5) or objective power (20x) for slides without "
                                    "metadata.", records=True)
     x5_from_image: bool = _opt(False, "Images without a context_path: accept the x5 view from the image itself "
                                "(x20 = its centre quarter) on images smaller than 4x the input side.", flag=True,

@@ -84,4 +84,4 @@ def test_class_without_records_refused_whatever_select(store, tmp_path, select):
 def test_non_number_refused_in_one_line(store, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"train": {"lr": "fast"}}))
-    refused(store, tmp_path, [store / "train", "--config", config], "lr must be a number", "--lr", "'fast'")
+    refused(store, tmp_path, [store / "train", "--config", config], "train.yaml", "'lr' must be a number", "'fast'")
