@@ -27,7 +27,7 @@ def run(cfg: dict) -> Section:
 
     from dfl_tf.backbones.registry import load_backbone
     from dfl_tf.data.sources import load_source, load_sample, SlideRead
-    from dfl_tf.extraction import extract
+    from dfl_tf.extraction.local import extract
 
     name, size, batch, repeats, n = cfg["backbone"], cfg["size"], cfg["batch"], cfg["repeats"], cfg["n"]
     ensure_backbone(name)

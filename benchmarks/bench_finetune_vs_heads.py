@@ -1,7 +1,7 @@
 """Head training on frozen embeddings vs end-to-end fine-tuning, one epoch each.
 
 Same N images (random PNGs, two classes) at the same input size. Fine-tuning:
-``dfl_tf.finetuning.finetune(epochs=1)`` (its default 25 % validation split, augmentation on);
+``dfl_tf.baselines.finetune.finetune(epochs=1)`` (its default 25 % validation split, augmentation on);
 time = its recorded ``train_seconds`` (Keras fit of one epoch incl. graph tracing and the
 validation pass). Heads: ``extract`` once, then ``train_head(epochs=1)`` on the same split;
 time = the epoch (Keras callback). Because an epoch over N = a few dozen embeddings is all
@@ -30,8 +30,8 @@ def _head_epoch(emb: Path, out: Path, batch: int) -> tuple[float, int]:
 def run(cfg: dict) -> Section:
     from bench_heads import write_synthetic
     from dfl_tf.backbones.registry import load_backbone
-    from dfl_tf.extraction import extract
-    from dfl_tf.finetuning import finetune
+    from dfl_tf.extraction.local import extract
+    from dfl_tf.baselines.finetune import finetune
 
     name, size, n, batch = cfg["backbone"], cfg["size"], cfg["n"], cfg["batch"]
     ensure_backbone(name)

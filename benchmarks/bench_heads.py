@@ -52,7 +52,7 @@ def machine_info() -> str:
 
 
 def write_synthetic(path: Path, n: int, dim: int, shard_size: int = 8192, seed: int = 0) -> None:
-    from dfl_tf._io import atomic_write_json
+    from dfl_tf.runtime.files import atomic_write_json
     from dfl_tf.store.manifest import FORMAT_VERSION, MANIFEST
     from dfl_tf.store.shards import make_example, write_shard
 
@@ -210,7 +210,7 @@ def lever_timings(batch: int, dim: int, hidden: int, repeats: int = 7) -> list[d
     from common import median
     from dfl_tf.heads.augment import add_table_noise, gaussian_noise, table_noise
     from dfl_tf.heads.model import build_head
-    from dfl_tf.heads.selection_cv import make_optimizer
+    from dfl_tf.heads.tuning import make_optimizer
 
     def ms(fn, inner=20):
         fn().numpy()

@@ -88,7 +88,7 @@ def demo_embeddings(cache: Path):
 
         from dfl_tf.data.tissue import tile
         from dfl_tf.demo import label_tiles, make_demo_data
-        from dfl_tf.extraction import extract
+        from dfl_tf.extraction.local import extract
 
         cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
         data_cfg = dict(cfg["data"])
@@ -110,7 +110,7 @@ def run_set(X, y, groups, Xt, yt, C: int, seed: int, epochs: int) -> dict[str, f
     from dfl_tf.heads.batched import fit_predict
     from dfl_tf.heads.model import standardisation
     from dfl_tf.heads.probe import fit_probe
-    from dfl_tf.heads.selection_cv import (DEFAULT_GRID, DEFAULT_WEIGHT_DECAY, cross_validate, cv_folds,
+    from dfl_tf.heads.tuning import (DEFAULT_GRID, DEFAULT_WEIGHT_DECAY, cross_validate, cv_folds,
                                            grid_candidates, is_small)
 
     fit = dict(lr=1e-3, epochs=epochs, batch_size=256, loss="focal", gamma=2.0, alpha=0.25, dropout=0.0)
@@ -219,7 +219,7 @@ def config_study(args, section: str, configs: dict[str, dict], sets: list, intro
     from sklearn.metrics import balanced_accuracy_score
 
     from dfl_tf.heads.batched import fit_predict
-    from dfl_tf.heads.selection_cv import DEFAULT_WEIGHT_DECAY
+    from dfl_tf.heads.tuning import DEFAULT_WEIGHT_DECAY
 
     t_all = time.time()
     names = list(configs)

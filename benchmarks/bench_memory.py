@@ -24,7 +24,7 @@ from common import ensure_backbone, write_images
 from pathlib import Path
 name, n, size, tmp = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 ensure_backbone(name)
-from dfl_tf.extraction import extract
+from dfl_tf.extraction.local import extract
 
 def hwm():
     for line in open("/proc/self/status"):

@@ -22,8 +22,8 @@ def run(cfg: dict) -> Section:
     import tensorflow as tf
 
     from dfl_tf.backbones.registry import load_backbone
-    from dfl_tf.export import export_model
-    from dfl_tf.extraction import extract
+    from dfl_tf.serve.export import export_model
+    from dfl_tf.extraction.local import extract
     from dfl_tf.heads.model import load_head
     from dfl_tf.heads.train import train_head
 

@@ -70,7 +70,7 @@ def hwm():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
 write_images(tmp / "imgs", n, 224)
-from dfl_tf.extraction import extract
+from dfl_tf.extraction.local import extract
 t0 = time.perf_counter()
 manifest = extract(tmp / "imgs", tmp / f"emb_{precision}", backbone=name, weights=ckpt, batch_size=8,
                    precision=precision, progress=False)

@@ -49,10 +49,10 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    import dfl_tf.extract_core as extract_core
+    import dfl_tf.extraction.core as extract_core
     from dfl_tf.backbones.registry import load_backbone
     from dfl_tf.data.sources import SlideRead, load_sample, load_source
-    from dfl_tf.extraction import extract
+    from dfl_tf.extraction.local import extract
 
     nice = {"value": 0, "denied": 0}
     plain_load = extract_core.ShardRunner._load

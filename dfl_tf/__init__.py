@@ -13,20 +13,20 @@ def __getattr__(name: str):
     import importlib
 
     api = {
-        "extract": "dfl_tf.extraction",
+        "extract": "dfl_tf.extraction.local",
         "load_backbone": "dfl_tf.backbones.registry",
         "import_weights": "dfl_tf.backbones.converter",
         "load_embeddings": "dfl_tf.store.shards",
         "train_head": "dfl_tf.heads.train",
-        "evaluate": "dfl_tf.evaluation",
-        "export_model": "dfl_tf.export",
-        "load_model": "dfl_tf.export",
-        "predict": "dfl_tf.prediction",
-        "heatmap": "dfl_tf.heatmap",
+        "evaluate": "dfl_tf.heads.evaluate",
+        "export_model": "dfl_tf.serve.export",
+        "load_model": "dfl_tf.serve.export",
+        "predict": "dfl_tf.serve.predict",
+        "heatmap": "dfl_tf.serve.heatmap",
         "tile": "dfl_tf.data.tissue",
         "demo": "dfl_tf.demo",
-        "select_backbones": "dfl_tf.selection",
-        "finetune": "dfl_tf.finetuning",
+        "select_backbones": "dfl_tf.select.protocol",
+        "finetune": "dfl_tf.baselines.finetune",
         "ExtractOptions": "dfl_tf.options",
     }
     if name in api:

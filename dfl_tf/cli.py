@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dfl_tf._tflog import import_tensorflow, set_log_env
+from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
 from dfl_tf.errors import DflError
 from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS
 
@@ -37,7 +37,7 @@ class _Group(click.Group):
     """Turns DflError into a one-line message and exit status 2; SIGINT/SIGTERM into one line and 130/143."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from dfl_tf._signals import interruptible, interrupted, masked_interruption
+        from dfl_tf.runtime.signals import interruptible, interrupted, masked_interruption
 
         def exit_interrupted(exc: KeyboardInterrupt) -> None:
             message, code = interrupted(exc)
@@ -58,7 +58,7 @@ class _Group(click.Group):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(2)
             if isinstance(exc, OSError):  # a full or failing disk anywhere else: one line too, nothing half-written
-                from dfl_tf._io import WRITE_ERRNOS, write_error
+                from dfl_tf.runtime.files import WRITE_ERRNOS, write_error
 
                 if exc.errno not in WRITE_ERRNOS:
                     raise
@@ -168,7 +168,7 @@ def backbones_cmd(as_json: bool) -> None:
 @_with_config()
 def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, **options: Any) -> None:
     """Embed every sample of SOURCE (image folder, CSV manifest or slide coordinates CSV)."""
-    from dfl_tf.extraction import extract
+    from dfl_tf.extraction.local import extract
 
     manifest = _run(extract, ctx, "extract", config, {"source": source, "out": out}, **options)
     click.echo(f"{manifest['num_records']} records, dim {manifest['dim']}, {len(manifest['shards'])} shards, "
@@ -292,7 +292,7 @@ def _describe_choice(choice: dict[str, Any]) -> str:
 @_with_config()
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
     """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
-    from dfl_tf.evaluation import evaluate
+    from dfl_tf.heads.evaluate import evaluate
 
     m = _run(evaluate, ctx, "evaluate", config, {"head": head_dir, "emb": emb_dir}, **options)
     auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
@@ -340,7 +340,7 @@ def tile_cmd(slides: tuple[str, ...], out_csv: str, mpp: str, **options: Any) ->
               help="Serving refuses larger batches (batching.config's max_batch_size is 64).")
 def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **options: Any) -> None:
     """Export HEADS with their backbone as one SavedModel (saved_models/NAME/VERSION)."""
-    from dfl_tf.export import export_model
+    from dfl_tf.serve.export import export_model
 
     info = export_model(list(heads), out, names=list(names) or None, **options)
     parity = info["parity"]
@@ -367,7 +367,7 @@ def export_cmd(heads: tuple[str, ...], out: str, names: tuple[str, ...], **optio
 @_PROGRESS
 def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
     """Predict INPUT (image folder, CSV manifest or slide coordinates CSV) with an exported MODEL."""
-    from dfl_tf.prediction import predict
+    from dfl_tf.serve.predict import predict
 
     summary = predict(model, input, out, **options)
     click.echo(f"{summary['predicted']} predictions, {len(summary['skipped'])} skipped -> {summary['out']}")
@@ -392,7 +392,7 @@ def predict_cmd(model: str, input: str, out: str, **options: Any) -> None:
 @_PROGRESS
 def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     """Tile SLIDE, predict each tile with MODEL, write heatmaps, predictions and GeoJSON to OUT."""
-    from dfl_tf.heatmap import heatmap
+    from dfl_tf.serve.heatmap import heatmap
 
     summary = heatmap(model, slide, out, **options)
     click.echo(f"{summary['tiles']} tiles -> {out} ({len(summary['outputs'])} files)")
@@ -440,7 +440,7 @@ def _select_control(value: str) -> bool | str:
 @_with_config()
 def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
     """Rank frozen backbones on DATASET with linear heads (extract once, cached; table.md, maps.png)."""
-    from dfl_tf.selection import select_backbones
+    from dfl_tf.select.protocol import select_backbones
 
     res = _run(select_backbones, ctx, "select", config, {"dataset": dataset, "out": out}, **options)
     for row in res["results"]:
@@ -477,7 +477,7 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
 @_with_config()
 def finetune_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, **options: Any) -> None:
     """Baseline: fine-tune the backbone end to end on DATASET (augmentation, focal loss)."""
-    from dfl_tf.finetuning import finetune
+    from dfl_tf.baselines.finetune import finetune
 
     m = _run(finetune, ctx, "finetune", config, {"dataset": dataset, "out": out}, **options)
     click.echo(f"best epoch {m['best_epoch']}/{m['epochs_run']}: balanced accuracy {m['balanced_accuracy']:.4f}, "

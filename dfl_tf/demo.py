@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.runtime.files import atomic_write_json, atomic_write_text
 from dfl_tf.config import load_yaml
 from dfl_tf.errors import DflError
 
@@ -68,11 +68,11 @@ def demo(config: str | Path = "configs/demo.yaml", out: str | Path | None = None
          export_dir: str | Path | None = None, overrides: dict[str, dict] | None = None,
          progress: bool = True) -> dict[str, Any]:
     """Run the demo pipeline described by ``config``; returns the summary (also in summary.json)."""
-    from dfl_tf.evaluation import evaluate
-    from dfl_tf.export import export_model
-    from dfl_tf.extraction import extract
+    from dfl_tf.heads.evaluate import evaluate
+    from dfl_tf.serve.export import export_model
+    from dfl_tf.extraction.local import extract
     from dfl_tf.heads.train import train_head
-    from dfl_tf.heatmap import heatmap
+    from dfl_tf.serve.heatmap import heatmap
     from dfl_tf.data.tissue import tile
 
     cfg = load_yaml(config)

@@ -1,6 +1,6 @@
 """Extraction options: one frozen dataclass, validated once, at the boundary.
 
-:func:`dfl_tf.extract`, :func:`dfl_tf.beam_runner.extract_beam`, :func:`dfl_tf.select_backbones`
+:func:`dfl_tf.extract`, :func:`dfl_tf.extraction.beam.extract_beam`, :func:`dfl_tf.select_backbones`
 and :func:`dfl_tf.finetune` take ``options=ExtractOptions(...)`` or the same fields as keyword
 arguments (:func:`takes_options` forwards them into the dataclass). The CLI builds its flags from
 the fields (``dfl_tf.cli.option_flags``) and YAML configs are checked against them

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_json
+from dfl_tf.runtime.files import atomic_write_json
 from dfl_tf.store.manifest import FORMAT_VERSION, MANIFEST
 from dfl_tf.store.shards import count_by_class, make_example, write_shard
 

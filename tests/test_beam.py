@@ -13,7 +13,7 @@ pytest.importorskip("apache_beam", reason="apache-beam not installed (pip instal
 
 from conftest import TINY, write_images  # noqa: E402
 from dfl_tf import extract  # noqa: E402
-from dfl_tf.beam_runner import parse_beam_options  # noqa: E402
+from dfl_tf.extraction.beam import parse_beam_options  # noqa: E402
 from dfl_tf.cli import main  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 from dfl_tf.store.shards import verify_shards  # noqa: E402

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import TINY_FAST
 from dfl_tf import export_model, extract, load_embeddings, load_model, predict, train_head
-from dfl_tf.compat import FIELDS, check_compatible
+from dfl_tf.provenance import FIELDS, check_compatible
 from dfl_tf.data.decode import decode_bytes, decode_tensor, read_image
 from dfl_tf.data.slides import open_slide
 from dfl_tf.data.synthetic import make_pyramid_tiff
@@ -197,7 +197,7 @@ def test_geometry_recorded_and_carried_to_predict(tmp_path, slide):
 
 
 def test_trained_read_defaults_and_refusals():
-    from dfl_tf.compat import trained_read
+    from dfl_tf.provenance import trained_read
 
     one = {"mpp": 0.5, "patch_size": 224, "mpps": [0.5], "patch_sizes": [224]}
     assert trained_read(one, None, None, "m") == (0.5, 224)

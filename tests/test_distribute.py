@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from conftest import write_images
     from pathlib import Path
-    from dfl_tf.distribute import resolve_devices, resolve_strategy
-    from dfl_tf.extraction import extract
+    from dfl_tf.runtime.devices import resolve_devices, resolve_strategy
+    from dfl_tf.extraction.local import extract
     from dfl_tf.store.shards import load_embeddings
 
     tmp = Path(sys.argv[1])

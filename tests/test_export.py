@@ -52,7 +52,7 @@ def test_export_layout_parity_and_signatures(trained):
 
 
 def test_serving_default_matches_python_pipeline(trained):
-    from dfl_tf.export import ServingGraph, load_tasks, rebuild_backbone
+    from dfl_tf.serve.export import ServingGraph, load_tasks, rebuild_backbone
 
     files = sorted(trained["images"].rglob("*.png"))[:3]
     model = load_model(trained["both"].parent)  # NAME dir -> latest version

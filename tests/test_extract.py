@@ -176,7 +176,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, caplog):
     assert not (out / "manifest.json").exists()
     assert f'"pid": {proc.pid}' in (out / ".dfl.lock").read_text()  # the killed run's lock stays behind
     kw = dict(backbone="resnet50", weights="none", input_size=48, batch_size=2, shard_size=3, progress=False)
-    with caplog.at_level("WARNING", logger="dfl_tf._lock"):
+    with caplog.at_level("WARNING", logger="dfl_tf.runtime.locks"):
         resumed = extract(images, out, **kw)
     assert f"taking over the stale lock {out / '.dfl.lock'} of pid {proc.pid}" in caplog.text
     assert not (out / ".dfl.lock").exists()

@@ -254,7 +254,7 @@ def test_interruption_masked_by_a_library_error_still_exits_143():
     (``AssertionError: Concurrent access?``, seen once in a full-suite run): still one line, 143."""
     from click.testing import CliRunner
 
-    from dfl_tf._signals import Interrupted
+    from dfl_tf.runtime.signals import Interrupted
     from dfl_tf.cli import main
 
     @main.command("masked-interruption")
@@ -306,7 +306,7 @@ def test_swallowed_interruption_stops_the_cv_fits_loop():
     signal recorded earlier has no effect on later API calls."""
     import numpy as np
 
-    from dfl_tf import _signals
+    from dfl_tf.runtime import signals as _signals
     from dfl_tf.heads.batched import fit_predict
 
     X, y = blobs(40, 8, seed=3)
@@ -362,7 +362,7 @@ def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
     the process (SIGSEGV), to come back as ``SystemError`` or to be swallowed into a ``ValueError``
     (CI). The callback completes, and the interruption is raised soon after, in plain Python (where
     exactly is timing: once the step is back, or later in the same trace)."""
-    from dfl_tf import _signals
+    from dfl_tf.runtime import signals as _signals
 
     done = []
     gradient = _gradient_receiving_sigterm(0.5, done)
@@ -388,7 +388,7 @@ def test_signal_inside_tensorflow_callbacks_is_raised_after_them(where):
 def test_held_signal_is_raised_when_the_block_ends(monkeypatch):
     """A signal still held when the block ends (its resend not yet due) is raised there: the block
     never ends normally after a SIGTERM; the resend thread is gone afterwards."""
-    from dfl_tf import _signals
+    from dfl_tf.runtime import signals as _signals
 
     monkeypatch.setattr(_signals, "REDELIVER_S", 30.0)  # the resend cannot come first
     done = []
@@ -404,7 +404,7 @@ def test_held_signal_is_raised_when_the_block_ends(monkeypatch):
 def test_signal_held_too_long_is_raised_anyway(monkeypatch):
     """A callback that does not return (a trace that never ends) holds a signal for at most
     HOLD_MAX_S seconds: then it is raised there after all."""
-    from dfl_tf import _signals
+    from dfl_tf.runtime import signals as _signals
 
     monkeypatch.setattr(_signals, "HOLD_MAX_S", 0.3)
     done = []

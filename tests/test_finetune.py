@@ -14,7 +14,7 @@ from dfl_tf import finetune
 from dfl_tf.backbones.registry import BackboneSpec, register
 from dfl_tf.cli import main
 from dfl_tf.errors import DflError
-from dfl_tf.finetuning import augment_image
+from dfl_tf.baselines.finetune import augment_image
 
 
 def _tiny_cnn(input_size, weights):

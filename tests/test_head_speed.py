@@ -147,7 +147,7 @@ def test_fused_adam_takes_the_keras_steps(weight_decay):
     """make_optimizer's fused Adam(W) update equals Keras' own Adam(W) update."""
     import keras
 
-    from dfl_tf.heads.selection_cv import make_optimizer
+    from dfl_tf.heads.tuning import make_optimizer
 
     rng = np.random.default_rng(0)
     start = [rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(8,)).astype(np.float32)]

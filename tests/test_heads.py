@@ -66,7 +66,7 @@ def test_separable_head_and_head_dir(trained, dirs):
 
     model = keras.saving.load_model(head / "head.keras", compile=False)
     val = load_embeddings(dirs / "val")
-    from dfl_tf.evaluation import compute_metrics
+    from dfl_tf.heads.evaluate import compute_metrics
 
     again = compute_metrics(val.y, model.predict(val.X, verbose=0), ["neg", "pos"], info["threshold"])
     assert again["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
@@ -194,7 +194,7 @@ def test_streamed_pipeline(trained, dirs, tmp_path):
 
 def test_configs_parse():
     from dfl_tf.config import merge
-    from dfl_tf.extraction import extract
+    from dfl_tf.extraction.local import extract
     from dfl_tf.heads.augment import resolve_augment
     from dfl_tf.heads.train import train_head
 

@@ -63,7 +63,7 @@ def test_default_head_within_probe_at_small_n(small_set, small_head, tmp_path):
 
 
 def test_cv_folds_grouped_stratified_deterministic():
-    from dfl_tf.heads.selection_cv import cv_folds
+    from dfl_tf.heads.tuning import cv_folds
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 120)
@@ -93,7 +93,7 @@ def test_cv_folds_grouped_stratified_deterministic():
 def test_cv_folds_fall_back_to_stratified_when_groups_are_class_pure():
     """Grouped folds where a validation part holds a class its training part lacks (one region per
     class, as in the demo) cannot score that class: the folds become stratified, and method says why."""
-    from dfl_tf.heads.selection_cv import cv_folds
+    from dfl_tf.heads.tuning import cv_folds
 
     y = np.repeat([0, 1, 0], 40)
     groups = np.repeat(["tumour band", "stroma band", "normal band"], 40).tolist()
@@ -108,7 +108,7 @@ def test_cv_folds_fall_back_to_stratified_when_groups_are_class_pure():
 
 
 def test_selection_deterministic_under_seed(small_set):
-    from dfl_tf.heads.selection_cv import cross_validate, cv_folds, grid_candidates
+    from dfl_tf.heads.tuning import cross_validate, cv_folds, grid_candidates
     from dfl_tf.store.shards import load_embeddings
 
     emb = load_embeddings(small_set / "train")
@@ -126,7 +126,7 @@ def test_batched_fits_match_keras(small_set):
 
     from dfl_tf.heads.batched import fit_predict
     from dfl_tf.heads.model import build_head, standardisation
-    from dfl_tf.heads.selection_cv import make_optimizer
+    from dfl_tf.heads.tuning import make_optimizer
     from dfl_tf.store.shards import load_embeddings
 
     emb = load_embeddings(small_set / "train")
@@ -188,7 +188,7 @@ def test_mitosis_config_makes_mitosis_positive(tmp_path):
 
     from dfl_tf import evaluate
     from dfl_tf.cli import main
-    from dfl_tf.heatmap import _geojson
+    from dfl_tf.serve.heatmap import _geojson
 
     assert yaml.safe_load((Path(__file__).parents[1] / "configs" / "mitosis.yaml").read_text())["train"][
         "positive_class"] == "mitosis"

@@ -288,7 +288,7 @@ def test_slide_regions_follow_the_same_rule():
 
 def test_config_values_converted_or_kept_by_type(tmp_path):
     from dfl_tf.config import load_yaml, merge
-    from dfl_tf.extraction import extract
+    from dfl_tf.extraction.local import extract
     from dfl_tf.heads.train import train_head
 
     (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-3\n  epochs: '3'\n  hidden: null\n  noise: 0\n"
@@ -298,9 +298,9 @@ def test_config_values_converted_or_kept_by_type(tmp_path):
     assert merge(extract, tmp_path / "c.yaml", "extract", {}) == {"views": ["x20:rgb", "x5:gray"], "mpp": "20x",
                                                                   "weights": "none"}
     repo = Path(__file__).resolve().parents[1]
-    from dfl_tf.evaluation import evaluate
-    from dfl_tf.finetuning import finetune
-    from dfl_tf.selection import select_backbones
+    from dfl_tf.heads.evaluate import evaluate
+    from dfl_tf.baselines.finetune import finetune
+    from dfl_tf.select.protocol import select_backbones
 
     functions = {"train": train_head, "extract": extract, "select": select_backbones, "finetune": finetune,
                  "evaluate": evaluate}

@@ -1,6 +1,6 @@
 """Hostile --out values through the CLI, for every command that writes one (issue 29, items 1, 2, 8).
 
-The rule (dfl_tf/outputs.py): --out is never an input, a folder holding an input, or inside an input
+The rule (dfl_tf/runtime/outputs.py): --out is never an input, a folder holding an input, or inside an input
 folder; a file where a folder is written (and a folder where a file is written) is refused; an existing
 output of the command's own kind needs --overwrite (extract resumes, export adds a version); any other
 non-empty folder or file is refused, --overwrite or not. Each refusal: exit 2, one line naming --out,
@@ -29,7 +29,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     from dfl_tf import export_model, extract, predict, train_head
     from dfl_tf.data.synthetic import make_pyramid_tiff
     from dfl_tf.data.tissue import tile
-    from dfl_tf.evaluation import evaluate
+    from dfl_tf.heads.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("overwrite")
     w = {"root": root, "imgs": write_images(root / "imgs", per_class=3, size=(32, 32))}
@@ -245,7 +245,7 @@ def test_folder_with_a_cache_and_other_files_is_not_a_selection(world):
 def test_overwrite_clears_only_the_earlier_runs_files(tmp_path):
     """An --overwrite of a heatmap / selection folder first removes what the earlier run wrote (the
     files heatmap.json lists, the fixed names; not select's cache), nothing else."""
-    from dfl_tf.outputs import clear_out, prepare_out
+    from dfl_tf.runtime.outputs import clear_out, prepare_out
 
     hm = tmp_path / "hm"
     hm.mkdir()

@@ -16,13 +16,13 @@ import pytest
 
 from conftest import TINY_FAST
 from dfl_tf import export_model, extract, train_head
-from dfl_tf._lock import lock_info, lock_path, output_lock
+from dfl_tf.runtime.locks import lock_info, lock_path, output_lock
 from dfl_tf.errors import DflError
 from dfl_tf.store.shards import verify_shards
 
 _HOLD = """
 import sys, time
-from dfl_tf._lock import output_lock
+from dfl_tf.runtime.locks import output_lock
 with output_lock(sys.argv[1], sys.argv[2], inside=sys.argv[3] == "1"):
     time.sleep(120)
 """
@@ -150,7 +150,7 @@ def test_two_concurrent_extracts_leave_a_store_that_verifies(tmp_path, image_fol
 _EXTRACT_AT_GO = """
 import sys, time
 from pathlib import Path
-from dfl_tf._tflog import import_tensorflow
+from dfl_tf.runtime.tflog import import_tensorflow
 import_tensorflow()
 from dfl_tf.backbones.toy import register_toy
 from dfl_tf.data import sources

@@ -38,7 +38,7 @@ def test_validated_and_normalised_once():
 
 def test_public_functions_take_options_or_keywords(tmp_path, image_folder):
     from dfl_tf import extract, finetune, select_backbones
-    from dfl_tf.beam_runner import extract_beam
+    from dfl_tf.extraction.beam import extract_beam
 
     for func in (extract, extract_beam, select_backbones, finetune):
         assert set(func.option_fields) <= set(FIELDS)

@@ -15,7 +15,7 @@ from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, offl
 from dfl_tf.backbones.resnet_tv import make_builder  # noqa: E402
 from dfl_tf.backbones.converter import import_weights  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
-from dfl_tf._io import sha256_file  # noqa: E402
+from dfl_tf.runtime.files import sha256_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_resnet import random_resnet50  # noqa: E402

@@ -16,8 +16,8 @@ from dfl_tf import select_backbones
 from dfl_tf.cli import main
 from dfl_tf.data.sources import load_source
 from dfl_tf.errors import DflError
-from dfl_tf.maps import export_projector, project_2d, resolve_method, subsample
-from dfl_tf.selection import CONTROL_SUFFIX, parse_weights, split_samples
+from dfl_tf.select.maps import export_projector, project_2d, resolve_method, subsample
+from dfl_tf.select.protocol import CONTROL_SUFFIX, parse_weights, split_samples
 
 SIZE = 32
 
@@ -130,11 +130,11 @@ def test_ranking_outputs_maps_projector_and_cache(setup, tmp_path, monkeypatch):
     # second run (CLI): everything comes from the cache, nothing is extracted, shards untouched
     shards = sorted(Path(r["cache"]) / "shard-00000-of-00001.tfrecord" for r in res["results"])
     mtimes = [p.stat().st_mtime_ns for p in shards]
-    import dfl_tf.extraction
+    import dfl_tf.extraction.local
 
     calls = []
-    real_extract = dfl_tf.extraction.extract
-    monkeypatch.setattr(dfl_tf.extraction, "extract", lambda *a, **k: calls.append(a) or real_extract(*a, **k))
+    real_extract = dfl_tf.extraction.local.extract
+    monkeypatch.setattr(dfl_tf.extraction.local, "extract", lambda *a, **k: calls.append(a) or real_extract(*a, **k))
     args = ["select", str(data), "--backbones", f"{hashed},{colour}", "--out", str(out), "--control",
             "efficientnet_lite0", "--input-size", "32", "--seeds", "1", "--epochs", "3", "--no-maps",
             "--no-progress", "--batch-size", "16"]
@@ -219,7 +219,7 @@ def test_weights_parsing_and_map_helpers(tmp_path):
 
 def test_config_file_fields_are_known():
     from dfl_tf.config import merge
-    from dfl_tf.finetuning import finetune
+    from dfl_tf.baselines.finetune import finetune
 
     root = Path(__file__).resolve().parents[1] / "configs" / "backbone_selection.yaml"
     sel = merge(select_backbones, root, "select", {"seeds": 2})

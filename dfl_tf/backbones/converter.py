@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dfl_tf._io import atomic_save_weights
+from dfl_tf.runtime.files import atomic_save_weights
 from dfl_tf.backbones.torch_import import canonical_arch, convert_checkpoint
 from dfl_tf.errors import DflError
 

@@ -124,7 +124,7 @@ IMAGENET = WeightSource(
 def _builder(input_size: int, weights: str | None) -> keras.Model:
     from dfl_tf.backbones import torch_import
     from dfl_tf.errors import DflError
-    from dfl_tf._io import sha256_file
+    from dfl_tf.runtime.files import sha256_file
 
     model, layout = build_model(input_size, name="efficientnet_lite0")
     if weights is None:

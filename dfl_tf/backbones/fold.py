@@ -8,7 +8,7 @@ Keras also casts every normalisation's input to float32 and back, two more passe
 Measured on this 2-core CPU (ResNet-50, 224 px, batch 32, 2026-11-28, paired runs): about +8 %
 img/s in float32 and +2 % in bfloat16; the embeddings move by about 1e-6 relative in float32.
 
-Fine-tuning trains the normalisation, so :func:`dfl_tf.finetuning.finetune` loads its backbone
+Fine-tuning trains the normalisation, so :func:`dfl_tf.baselines.finetune.finetune` loads its backbone
 unfolded.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from dfl_tf._io import atomic_save_weights
+from dfl_tf.runtime.files import atomic_save_weights
 from dfl_tf.errors import DflError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

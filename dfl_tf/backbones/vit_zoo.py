@@ -15,7 +15,7 @@ from pathlib import Path
 
 import keras
 
-from dfl_tf._io import atomic_save_weights
+from dfl_tf.runtime.files import atomic_save_weights
 from dfl_tf.backbones import weights as weight_cache
 from dfl_tf.backbones.layers import Normalize
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, register

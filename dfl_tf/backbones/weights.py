@@ -20,7 +20,7 @@ from typing import Callable
 
 from dfl_tf.backbones.registry import WeightSource
 from dfl_tf.errors import DflError
-from dfl_tf._io import sha256_file
+from dfl_tf.runtime.files import sha256_file
 
 
 def cache_dir() -> Path:

@@ -267,7 +267,7 @@ def tile(slides: Iterable[str | os.PathLike], out_csv: str | os.PathLike, mpp: f
     ``thumbnails``, ``<csvstem>_<slidestem>_tiles.png`` is written next to the CSV for each
     slide. Any slide that cannot be read stops the run (nothing is written). An existing
     ``out_csv`` is replaced only with ``overwrite``, and only when it is a tile CSV (see
-    :func:`dfl_tf.outputs.prepare_out`).
+    :func:`dfl_tf.runtime.outputs.prepare_out`).
     Returns a summary: ``{"csv", "tiles", "mpp", "size", "slides": [...]}``.
     """
     slides = [os.fspath(s) for s in slides]

@@ -1,7 +1,7 @@
 """Heads trained on stored embeddings: model builder, feature-space augmentations, training.
 
 ``dfl_tf.heads.model`` (build_head, load_head), ``dfl_tf.heads.augment`` (noise, scaled noise,
-feature dropout, mixup), ``dfl_tf.heads.train`` (train_head), ``dfl_tf.heads.selection_cv``
+feature dropout, mixup), ``dfl_tf.heads.train`` (train_head), ``dfl_tf.heads.tuning``
 (small-data cross-validation; fits batched by ``dfl_tf.heads.batched``) and
 ``dfl_tf.heads.probe`` (the linear-probe reference). Submodules are imported lazily.
 """

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dfl_tf._signals import raise_if_interrupted
+from dfl_tf.runtime.signals import raise_if_interrupted
 
 
 def apply_adam(var: Any, m: Any, v: Any, grad: Any, step: Any, lr: Any, beta_1: float, beta_2: float,

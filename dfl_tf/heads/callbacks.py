@@ -12,13 +12,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf._signals import raise_if_interrupted
-from dfl_tf.evaluation import compute_metrics, predict_probs
+from dfl_tf.runtime.signals import raise_if_interrupted
+from dfl_tf.heads.evaluate import compute_metrics, predict_probs
 
 
 class InterruptCheck(keras.callbacks.Callback):
     """Stops ``fit`` at the end of an epoch when a signal was swallowed inside TensorFlow's C++
-    (see :func:`dfl_tf._signals.raise_if_interrupted`); for fits without a ValidationCallback."""
+    (see :func:`dfl_tf.runtime.signals.raise_if_interrupted`); for fits without a ValidationCallback."""
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         raise_if_interrupted()

@@ -3,7 +3,7 @@
 ``dfl train`` fits an L2-regularised multinomial logistic regression on the same standardised
 training embeddings as the head, with ``C`` tuned the way the head's regularisation is (on the
 validation set when one is given, else on the same cross-validation folds on small training
-sets, see :mod:`dfl_tf.heads.selection_cv`), and
+sets, see :mod:`dfl_tf.heads.tuning`), and
 stores it in the head directory as ``probe.npz`` (plain arrays: weights ``[C, dim]``, biases,
 standardisation mean/std; loaded with ``allow_pickle=False``). ``dfl evaluate`` scores it next
 to the head (``"linear_probe"`` in ``metrics.json``), ``dfl select`` next to the linear heads,
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_bytes
+from dfl_tf.runtime.files import atomic_write_bytes
 from dfl_tf.errors import DflError
 
 PROBE_FILE = "probe.npz"
@@ -116,7 +116,7 @@ def fit_probe(X: np.ndarray, y: np.ndarray, n_classes: int, mean: np.ndarray, st
             data = (np.concatenate([Z, Zv]), np.concatenate([y, y_val]),
                     [(np.arange(len(y)), np.arange(len(y), len(y) + len(y_val)))])
         else:
-            from dfl_tf.splits import cv_folds
+            from dfl_tf.data.splits import cv_folds
 
             rng = np.random.default_rng(int(seed))
             sub = np.sort(rng.permutation(len(y))[:TUNE_MAX_RECORDS])

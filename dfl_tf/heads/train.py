@@ -6,11 +6,11 @@ HEAD_DIR (written to a temporary directory and renamed at the end):
 * ``head.json``: classes, views, backbone, dim, standardisation mean/std, training settings,
   best epoch, decision threshold (two-class tasks), seed, dfl_tf version.
 * ``history.csv``: one row per epoch.
-* ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.evaluation.compute_metrics`).
+* ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.heads.evaluate.compute_metrics`).
 * ``probe.npz``: the linear-probe reference (:mod:`dfl_tf.heads.probe`).
 
 Small training sets get their regularisation chosen first, on the validation set when one is
-given, else by cross-validation (:mod:`dfl_tf.heads.selection_cv`); ``head.json`` records the
+given, else by cross-validation (:mod:`dfl_tf.heads.tuning`); ``head.json`` records the
 method, the choice and the scores.
 * ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
 """
@@ -29,21 +29,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
-from dfl_tf._lock import locks_output
-from dfl_tf.outputs import prepare_out
-from dfl_tf.compat import check_compatible  # the one shared check (fingerprint, views, geometry)
-from dfl_tf.distribute import resolve_strategy
-from dfl_tf.distribute import scope as strategy_scope
+from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf.runtime.locks import locks_output
+from dfl_tf.runtime.outputs import prepare_out
+from dfl_tf.provenance import check_compatible  # the one shared check (fingerprint, views, geometry)
+from dfl_tf.runtime.devices import resolve_strategy
+from dfl_tf.runtime.devices import scope as strategy_scope
 from dfl_tf.errors import DflError
-from dfl_tf.evaluation import best_f1_threshold, compute_metrics, predict_probs
+from dfl_tf.heads.evaluate import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
 from dfl_tf.heads.inputs import (check_memory, check_ranges, class_weights, history_csv, index_batches,
                                  load_val, refuse_non_finite)
 from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
 from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
                                  standardize_values, training_view)
-from dfl_tf.heads.selection_cv import (DEFAULT_FOLDS, DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE,
+from dfl_tf.heads.tuning import (DEFAULT_FOLDS, DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE,
                                        SELECT_MODES, SmallData, grid_candidates, make_optimizer)
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import DTYPES, record_dataset
@@ -273,10 +273,10 @@ def train_head(
     ``scaled-noise``) is the head after its standardisation layer, sharing the head's layers and
     taking standardised embeddings (:func:`dfl_tf.heads.model.training_view`). ``devices``: train
     under ``tf.distribute.MirroredStrategy`` (see
-    :mod:`dfl_tf.distribute`; default: all GPUs when more than one is visible); the batch is
+    :mod:`dfl_tf.runtime.devices`; default: all GPUs when more than one is visible); the batch is
     the global batch, split across replicas. ``overwrite``: replace an earlier head directory at
     ``out`` (never an input, nor a folder holding other files; see
-    :func:`dfl_tf.outputs.prepare_out`). Returns a summary dict.
+    :func:`dfl_tf.runtime.outputs.prepare_out`). Returns a summary dict.
     """
     t0 = time.time()
     out = Path(out)  # checked by prepare_out (locks_output above): not an input, a head directory or new

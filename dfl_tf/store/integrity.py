@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dfl_tf._io import atomic_write_json, sha256_file
+from dfl_tf.runtime.files import atomic_write_json, sha256_file
 from dfl_tf.errors import DflError
 
 CACHE_FILE = ".verified.json"

@@ -48,7 +48,7 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def check_compatible(a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str) -> None:
     """Raise a clear DflError when two artefacts disagree on backbone fingerprint, views, dim or read
-    geometry: the one shared check, :func:`dfl_tf.compat.check_compatible`."""
-    from dfl_tf.compat import check_compatible as _check
+    geometry: the one shared check, :func:`dfl_tf.provenance.check_compatible`."""
+    from dfl_tf.provenance import check_compatible as _check
 
     _check(a, b, what_a, what_b)

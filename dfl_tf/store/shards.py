@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf._io import sha256_file, write_error
+from dfl_tf.runtime.files import sha256_file, write_error
 from dfl_tf.errors import DflError
 from dfl_tf.options import STORAGE_DTYPES
 from dfl_tf.store.integrity import check_shards, shard_problems

@@ -30,16 +30,16 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf import __version__
-from dfl_tf._io import atomic_write_json
-from dfl_tf._lock import locks_output
-from dfl_tf.outputs import prepare_out
+from dfl_tf.runtime.files import atomic_write_json
+from dfl_tf.runtime.locks import locks_output
+from dfl_tf.runtime.outputs import prepare_out
 from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_complete,
                                       assert_pixels_within_budget, assert_within_budget)
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
-from dfl_tf.compat import check_compatible, geometry_of, view_fit
+from dfl_tf.provenance import check_compatible, geometry_of, view_fit
 
 EXPORT_JSON = "export.json"
 
@@ -62,7 +62,7 @@ class Task:
     @property
     def positive(self) -> int:
         """Index of the positive class of a two-class head (head.json ``positive_class``; else 1)."""
-        from dfl_tf.evaluation import positive_index
+        from dfl_tf.heads.evaluate import positive_index
 
         return positive_index(self.info)
 
@@ -289,12 +289,12 @@ def export_model(
         parity_samples: samples in the parity check (0 skips it, recorded as skipped).
         tolerance: max abs difference allowed on probabilities (default by the backbone's
             precision: 1e-4 float32, 2e-3 mixed_float16, 2e-2 bfloat16; see
-            :data:`dfl_tf.parity.PRECISION_TOLERANCE`).
+            :data:`dfl_tf.serve.parity.PRECISION_TOLERANCE`).
         max_image_pixels: the serving signatures refuse images whose header declares more pixels
             (width x height), before decoding (default 4096 x 4096).
         max_batch: the serving signatures refuse larger batches (default 64, as batching.config).
     """
-    from dfl_tf.parity import parity_check
+    from dfl_tf.serve.parity import parity_check
 
     for label, value in (("--max-image-pixels", max_image_pixels), ("--max-batch", max_batch)):
         if int(value) < 1:

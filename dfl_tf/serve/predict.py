@@ -20,15 +20,15 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from dfl_tf._io import atomic_write_text
+from dfl_tf.runtime.files import atomic_write_text
 from dfl_tf.data.image_header import pixel_budget
 from dfl_tf.data.slides import parse_magnification
-from dfl_tf.compat import trained_read
+from dfl_tf.provenance import trained_read
 from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
 from dfl_tf.data.views import check_x5_field
 from dfl_tf.errors import DflError, whole_number
-from dfl_tf.outputs import prepare_out
-from dfl_tf.export import ExportedModel, load_model
+from dfl_tf.runtime.outputs import prepare_out
+from dfl_tf.serve.export import ExportedModel, load_model
 
 
 def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead, batch_size: int,
@@ -133,7 +133,7 @@ def predict(
 ) -> dict[str, Any]:
     """Predict every sample of ``input`` and write a CSV: id, source, (slide, x, y,) label, then per
     task the probability of each class and the predicted class. An existing predictions CSV at
-    ``out`` is replaced only with ``overwrite`` (see :func:`dfl_tf.outputs.prepare_out`). Returns a
+    ``out`` is replaced only with ``overwrite`` (see :func:`dfl_tf.runtime.outputs.prepare_out`). Returns a
     summary.
 
     ``batch_size`` above the export's ``--max-batch`` (which its signatures refuse) is lowered to

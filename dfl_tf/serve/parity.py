@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf.compat import check_compatible
+from dfl_tf.provenance import check_compatible
 from dfl_tf.data.decode import tf_decodable
 from dfl_tf.data.sources import SlideRead, load_sample, load_source
 from dfl_tf.errors import DflError

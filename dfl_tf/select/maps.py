@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_bytes, atomic_write_text
+from dfl_tf.runtime.files import atomic_write_bytes, atomic_write_text
 from dfl_tf.errors import DflError
 
 METHODS = ("auto", "umap", "pca", "tsne")

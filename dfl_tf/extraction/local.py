@@ -2,7 +2,7 @@
 
 The pipeline streams (tf.data: parallel decode and view composition, batched backbone calls,
 prefetch), so memory stays flat in the number of samples. Shards, resume and the manifest are
-:mod:`dfl_tf.extract_core` (shared with the Beam runner, :mod:`dfl_tf.beam_runner`).
+:mod:`dfl_tf.extraction.core` (shared with the Beam runner, :mod:`dfl_tf.extraction.beam`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from dfl_tf.backbones.registry import Backbone
 from dfl_tf.data.sources import load_source, refuse_unreadable
-from dfl_tf.distribute import resolve_strategy
-from dfl_tf.distribute import scope as strategy_scope
-from dfl_tf._lock import locks_output
-from dfl_tf.outputs import prepare_out
+from dfl_tf.runtime.devices import resolve_strategy
+from dfl_tf.runtime.devices import scope as strategy_scope
+from dfl_tf.runtime.locks import locks_output
+from dfl_tf.runtime.outputs import prepare_out
 from dfl_tf.errors import DflError
-from dfl_tf.extract_core import PARTS, ShardRunner, build_backbone, open_run, part_path
+from dfl_tf.extraction.core import PARTS, ShardRunner, build_backbone, open_run, part_path
 from dfl_tf.options import ExtractOptions, takes_options
 
 
@@ -49,13 +49,13 @@ def extract(
     ``split``: only CSV rows of that split; ``classes``: the class list to use. ``model``
     passes an already built backbone (then ``backbone``, ``weights``, ``input_size`` and
     ``precision`` are ignored). ``devices``: mirror the backbone over several devices (see
-    :mod:`dfl_tf.distribute`). ``runner="beam"`` runs the same
+    :mod:`dfl_tf.runtime.devices`). ``runner="beam"`` runs the same
     extraction as an Apache Beam pipeline with ``beam_options`` (``KEY=VALUE``; see
-    :mod:`dfl_tf.beam_runner`): same shards, same manifest.
+    :mod:`dfl_tf.extraction.beam`): same shards, same manifest.
     """
     assert options is not None  # resolved by @takes_options
     if runner == "beam":
-        from dfl_tf.beam_runner import extract_beam
+        from dfl_tf.extraction.beam import extract_beam
 
         if model is not None:
             raise DflError("--runner beam rebuilds the backbone on every worker: pass backbone/weights/input_size/"

@@ -1,7 +1,7 @@
 """Multi-device extraction: run the frozen backbone under ``tf.distribute.MirroredStrategy``.
 
 Which devices are used is decided by :func:`resolve_strategy` from the ``devices`` option of
-:func:`dfl_tf.extraction.extract`, else the ``DFL_TF_DEVICES`` environment variable:
+:func:`dfl_tf.extraction.local.extract`, else the ``DFL_TF_DEVICES`` environment variable:
 
 * unset, ``""`` or ``"auto"``: all visible GPUs when there are more than one, else one device;
 * ``"none"``, ``"single"``, ``"1"``, ``"0"``: one device (TensorFlow's default placement);

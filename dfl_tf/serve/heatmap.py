@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_bytes, atomic_write_json
-from dfl_tf.compat import trained_read
+from dfl_tf.runtime.files import atomic_write_bytes, atomic_write_json
+from dfl_tf.provenance import trained_read
 from dfl_tf.data.slides import open_slide, parse_magnification
 from dfl_tf.errors import DflError, whole_number
-from dfl_tf.outputs import clear_out, prepare_out
+from dfl_tf.runtime.outputs import clear_out, prepare_out
 from dfl_tf.data.tissue import tile
-from dfl_tf.export import load_model
-from dfl_tf.prediction import predict
+from dfl_tf.serve.export import load_model
+from dfl_tf.serve.predict import predict
 
 _COLOURS = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152)]
 
@@ -46,7 +46,7 @@ def heatmap(
     """Tile ``slide`` at the mpp and patch size the model's heads were trained at (the geometry
     recorded at extraction; ``mpp``/``size`` must be among those values), predict, draw heatmaps.
     An earlier heatmap folder at ``out`` is replaced only with ``overwrite`` (see
-    :func:`dfl_tf.outputs.prepare_out`)."""
+    :func:`dfl_tf.runtime.outputs.prepare_out`)."""
     batch_size = whole_number("--batch-size", batch_size)
     replace = prepare_out(out, "heatmap", (model, slide), overwrite) == "replace"
     exported = load_model(model)

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfl_tf.runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError, whole_number
-from dfl_tf.outputs import clear_out, prepare_out
+from dfl_tf.runtime.outputs import clear_out, prepare_out
 
 
 def _f(value: Any) -> float | None:
@@ -233,8 +233,8 @@ def predict_probs(model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
 
 def check_head_embeddings(info: dict[str, Any], manifest: dict[str, Any], head_name: str, emb_name: str) -> None:
     """Refuse embeddings that a head was not trained for (backbone fingerprint, views, dim, read
-    geometry: :func:`dfl_tf.compat.check_compatible`; classes)."""
-    from dfl_tf.compat import check_compatible
+    geometry: :func:`dfl_tf.provenance.check_compatible`; classes)."""
+    from dfl_tf.provenance import check_compatible
 
     check_compatible(info, manifest, head_name, emb_name)
     if list(info["classes"]) != list(manifest["classes"]):
@@ -283,7 +283,7 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     Returns the metrics dict; with ``out`` also writes ``metrics.json``, ``report.md``,
     ``confusion_matrix.png``, ``pr_curves.png`` and ``predictions.csv`` there (an earlier report
     there is replaced only with ``overwrite``; ``out`` must not be or lie inside ``head`` or ``emb``,
-    see :func:`dfl_tf.outputs.prepare_out`). The head
+    see :func:`dfl_tf.runtime.outputs.prepare_out`). The head
     directory's linear-probe reference is scored on the same records (``"linear_probe"``;
     None for heads trained before probes were stored).
     """

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dfl_tf.errors import DflError
-from dfl_tf.splits import DEFAULT_FOLDS, cv_folds  # noqa: F401  (the folds live in splits.py, public here too)
+from dfl_tf.data.splits import DEFAULT_FOLDS, cv_folds  # noqa: F401  (the folds live in splits.py, public here too)
 
 SMALL_N = 2000
 SMALL_PER_CLASS = 50

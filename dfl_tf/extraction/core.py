@@ -4,7 +4,7 @@ and the runner that embeds one shard's samples.
 Samples are cut into fixed shards of ``shard_size``; a shard is written under a temporary name
 and renamed when complete, and a sidecar in ``.parts/`` records it. A rerun skips completed
 shards, so a killed run resumes and ends with the same records as an uninterrupted one.
-:mod:`dfl_tf.extraction` (local) and :mod:`dfl_tf.beam_runner` both build on this module, which
+:mod:`dfl_tf.extraction.local` (local) and :mod:`dfl_tf.extraction.beam` both build on this module, which
 imports neither of them.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf import __version__
-from dfl_tf._io import atomic_write_json
+from dfl_tf.runtime.files import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
-from dfl_tf.compat import read_geometry, view_fit
+from dfl_tf.provenance import read_geometry, view_fit
 from dfl_tf.data.pipeline import fixed_prefetch
 from dfl_tf.data.sources import SampleSet, SlideRead, load_sample
 from dfl_tf.data.views import View, check_x5_field, compose_views, needs_context, parse_views
-from dfl_tf.distribute import distributed_infer
+from dfl_tf.runtime.devices import distributed_infer
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions
 from dfl_tf.store.integrity import shard_done
@@ -131,7 +131,7 @@ def _settings(bb: Backbone, options: ExtractOptions, samples: SampleSet, split: 
 
 
 def geometry(bb: Backbone, options: ExtractOptions, samples: SampleSet) -> dict[str, Any]:
-    """The read geometry this extraction uses (recorded in the manifest; see :mod:`dfl_tf.compat`)."""
+    """The read geometry this extraction uses (recorded in the manifest; see :mod:`dfl_tf.provenance`)."""
     return read_geometry(input_size=bb.input_size, fit=options.fit, pad_to=options.pad_to,
                          context=_context_mode(parse_views(options.views), samples), views=options.views,
                          precision=bb.precision, samples=samples, mpp=options.mpp, patch_size=options.patch_size,

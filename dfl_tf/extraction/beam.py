@@ -3,7 +3,7 @@
 One Beam element per pending shard: ``Create(shard indices) -> Reshuffle -> ParDo(_ExtractShard)``.
 Each worker rebuilds the frozen backbone once in ``DoFn.setup`` from the same settings as the
 driver (and checks its fingerprint), re-reads the source (and checks its fingerprint), runs the
-local extraction code (:class:`dfl_tf.extract_core.ShardRunner`) on the shard's sample range and
+local extraction code (:class:`dfl_tf.extraction.core.ShardRunner`) on the shard's sample range and
 writes the shard file and its ``.parts/`` sidecar through a temporary name and a rename. The
 driver then writes ``manifest.json`` from the sidecars exactly as a local run does. A shard is
 therefore byte-for-byte the shard a local run writes, a run resumes where any earlier run (local
@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dfl_tf._lock import URL
+from dfl_tf.runtime.locks import URL
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions, takes_options
 
@@ -163,9 +163,9 @@ class _ExtractShard(beam.DoFn if beam is not None else object):
 
     def setup(self) -> None:
         from dfl_tf.data.sources import load_source
-        from dfl_tf.distribute import resolve_strategy
-        from dfl_tf.distribute import scope as strategy_scope
-        from dfl_tf.extract_core import ShardRunner, build_backbone
+        from dfl_tf.runtime.devices import resolve_strategy
+        from dfl_tf.runtime.devices import scope as strategy_scope
+        from dfl_tf.extraction.core import ShardRunner, build_backbone
         from dfl_tf.options import ExtractOptions
 
         job = self.job
@@ -185,7 +185,7 @@ class _ExtractShard(beam.DoFn if beam is not None else object):
         self.counter = beam.metrics.Metrics.counter("dfl_extract", "samples")
 
     def process(self, index: int):
-        from dfl_tf.extract_core import write_part
+        from dfl_tf.extraction.core import write_part
 
         start, stop = index * self.size, min(self.n, (index + 1) * self.size)
         records, labels, skipped = self.runner.run(range(start, stop), _NoBar())
@@ -209,7 +209,7 @@ def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions
     import dataclasses
 
     from dfl_tf.data.sources import load_source, refuse_unreadable
-    from dfl_tf.extract_core import build_backbone, open_run, part_path
+    from dfl_tf.extraction.core import build_backbone, open_run, part_path
 
     flags = parse_beam_options(beam_options)
     if URL.match(str(out)):

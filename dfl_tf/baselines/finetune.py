@@ -3,7 +3,7 @@
 The same backbone as in deep feature learning, but unfrozen, with a softmax head on top,
 trained on images with augmentation (random flips, 90-degree rotations, colour jitter:
 brightness, contrast, saturation, hue via ``tf.image`` stateless ops) and focal loss (Adam).
-Wall time and the same validation metrics as heads (:func:`dfl_tf.evaluation.compute_metrics`)
+Wall time and the same validation metrics as heads (:func:`dfl_tf.heads.evaluate.compute_metrics`)
 are recorded, so the cost/accuracy comparison with ``extract`` + ``train`` can be reproduced.
 
 One view only (``x20:rgb`` by default; ``x20:gray`` / ``x5:*`` also work as a single view):
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_json, atomic_write_text, replace_dir
-from dfl_tf._signals import raise_if_interrupted
+from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf.runtime.signals import raise_if_interrupted
 from dfl_tf.errors import DflError
-from dfl_tf.outputs import prepare_out
+from dfl_tf.runtime.outputs import prepare_out
 from dfl_tf.options import FINETUNE_FIELDS, ExtractOptions, takes_options
 
 
@@ -139,14 +139,14 @@ def finetune(
 
     Validation: the source ``val`` when given (same classes), else a split of ``dataset``
     (``split`` column, else stratified by class and grouped by ``group``; see
-    :func:`dfl_tf.splits.split_samples`). After every epoch the validation balanced
+    :func:`dfl_tf.data.splits.split_samples`). After every epoch the validation balanced
     accuracy is computed; the best epoch's weights are kept (early stopping after ``patience``
     epochs without improvement, 0: off). ``options``: an
     :class:`~dfl_tf.options.ExtractOptions`, or its fields as keyword arguments; fine-tuning
     uses ``backbone``, ``weights``, ``input_size``, ``views`` (one), ``fit``, ``pad_to`` and the
     slide read (``mpp``, ``patch_size``, ``slide_mpp``). ``batch_size`` is the training batch.
     ``overwrite``: replace an earlier fine-tuning folder at ``out`` (nothing else; see
-    :func:`dfl_tf.outputs.prepare_out`). Returns the content of ``metrics.json``.
+    :func:`dfl_tf.runtime.outputs.prepare_out`). Returns the content of ``metrics.json``.
     """
     import keras
 
@@ -154,9 +154,9 @@ def finetune(
     from dfl_tf.backbones.registry import load_backbone
     from dfl_tf.data.sources import load_source
     from dfl_tf.data.views import parse_views
-    from dfl_tf.extract_core import slide_read
-    from dfl_tf.evaluation import compute_metrics
-    from dfl_tf.splits import split_samples
+    from dfl_tf.extraction.core import slide_read
+    from dfl_tf.heads.evaluate import compute_metrics
+    from dfl_tf.data.splits import split_samples
 
     assert options is not None  # resolved by @takes_options
     t0 = time.time()

@@ -138,7 +138,7 @@ def output_lock(out: str | os.PathLike, command: str, inside: bool = True) -> It
 def locks_output(command: str, arg: str = "out", inside: bool = True,
                  prepare: Callable[[dict[str, Any]], Any] | None = None) -> Callable:
     """Decorator: hold :func:`output_lock` on the function's ``arg`` argument while it runs.
-    ``prepare`` (e.g. :func:`dfl_tf.outputs.prepare_out`'s checks) is called first with the bound
+    ``prepare`` (e.g. :func:`dfl_tf.runtime.outputs.prepare_out`'s checks) is called first with the bound
     arguments (defaults applied), before the lock makes any folder."""
     def wrap(func: Callable) -> Callable:
         signature = inspect.signature(func)

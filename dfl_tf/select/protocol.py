@@ -18,7 +18,7 @@ For every candidate backbone:
 5. rank by mean balanced accuracy; add a random-init control of the best architecture
    (``weights="none"``), marked ``(random init control)``;
 6. write ``table.md``, ``results.csv``, ``results.json`` (atomically), ``maps.png`` and
-   ``projector/`` (:mod:`dfl_tf.maps`).
+   ``projector/`` (:mod:`dfl_tf.select.maps`).
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dfl_tf._io import atomic_write_json, atomic_write_text
+from dfl_tf.runtime.files import atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
-from dfl_tf.outputs import clear_out, prepare_out
+from dfl_tf.runtime.outputs import clear_out, prepare_out
 from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
-from dfl_tf.splits import split_samples  # noqa: F401  (public here too)
+from dfl_tf.data.splits import split_samples  # noqa: F401  (public here too)
 
 CONTROL_SUFFIX = " (random init control)"
 SIDE_FILE = "dfl_select.json"
@@ -106,7 +106,7 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     """The protocol's linear softmax head, trained in memory; returns validation probabilities."""
     import keras
 
-    from dfl_tf.evaluation import predict_probs
+    from dfl_tf.heads.evaluate import predict_probs
     from dfl_tf.heads.callbacks import InterruptCheck
     from dfl_tf.heads.model import build_head, standardisation
 
@@ -133,7 +133,7 @@ def linear_probe_score(emb, tr: np.ndarray, va: np.ndarray, seed: int = 0) -> fl
 
     from dfl_tf.heads.model import standardisation
     from dfl_tf.heads.probe import fit_probe
-    from dfl_tf.splits import cv_folds
+    from dfl_tf.data.splits import cv_folds
 
     y_tr = emb.y[tr]
     try:
@@ -239,9 +239,9 @@ class _Candidate:
 
 
 def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    from dfl_tf.evaluation import compute_metrics
-    from dfl_tf.extract_core import build_backbone
-    from dfl_tf.extraction import extract
+    from dfl_tf.heads.evaluate import compute_metrics
+    from dfl_tf.extraction.core import build_backbone
+    from dfl_tf.extraction.local import extract
     from dfl_tf.store.shards import load_embeddings
 
     t0 = time.time()
@@ -445,7 +445,7 @@ def select_backbones(
             ``backbone`` and ``weights`` are replaced by each candidate's.
         overwrite: replace the results of an earlier selection in ``out`` (its extraction cache
             is kept; a run that stopped before its results resumes without it). See
-            :func:`dfl_tf.outputs.prepare_out`.
+            :func:`dfl_tf.runtime.outputs.prepare_out`.
     Returns the content of ``results.json``.
     """
     from dfl_tf import __version__
@@ -543,7 +543,7 @@ def select_backbones(
         "notes": notes,
     }
     if maps and dirs:
-        from dfl_tf.maps import embedding_maps
+        from dfl_tf.select.maps import embedding_maps
 
         ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
         titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}

@@ -1,0 +1,1 @@
+"""Baselines the heads are measured against: end-to-end fine-tuning of the backbone."""

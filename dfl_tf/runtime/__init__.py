@@ -1,0 +1,1 @@
+"""What every stage shares: atomic files, output rules, locks, signals, TensorFlow logging, devices."""

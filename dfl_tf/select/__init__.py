@@ -1,0 +1,1 @@
+"""Backbone selection: the proxy-task protocol and embedding maps."""

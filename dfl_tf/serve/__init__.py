@@ -1,0 +1,1 @@
+"""Serving: SavedModel export, the parity check, prediction and slide heatmaps."""
