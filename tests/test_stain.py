@@ -172,12 +172,21 @@ def test_white_and_black_tiles_pass_through(he_tiles, method, dtype):
         assert ref_passed and np.array_equal(ref, tile)
 
 
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_faintly_stained_tissue_is_normalised_not_passed_through(he_tiles, method):
+    params = (stain.fit_macenko if method == "macenko" else stain.fit_reinhard)(he_tiles[0])
+    faint = (0.35 * he_tiles[1:] + 0.65 * 255).astype(np.uint8)  # pale, like many LC25000 tiles
+    out, passed = stain.normalize_batch(faint, params)
+    assert not passed.numpy().any()
+    assert np.abs(out.numpy().astype(float) - faint).mean() > 5.0
+
+
 def test_target_without_tissue_is_refused(tmp_path, he_tiles):
     for name, tile in zip(["white.png", "black.png"], _odd_tiles()[:2]):
         path = tmp_path / name
         Image.fromarray(tile).save(path)
         for method in stain.METHODS:
-            with pytest.raises(DflError, match=f"stain target {path}: no tissue .*0.0% of pixels are stained"):
+            with pytest.raises(DflError, match=f"stain target {path}: no tissue .*0.0% of pixels are tissue"):
                 fit_target(path, method)
     good = tmp_path / "target.png"
     Image.fromarray(he_tiles[0]).save(good)

@@ -14,8 +14,8 @@ What is taken from where:
   the stain vectors are the ``alpha = 1`` and ``99`` percentiles of the angle in that plane (the one with
   the larger red component first: haematoxylin); concentrations by least squares; each stain's
   concentration scaled so its 99th percentile matches the target's; recomposed with the target's matrix.
-  The estimate (stain plane, angles, percentiles) uses every pixel up to ``max_pixels`` (16384, a
-  128 px tile) and a regular stride of the pixels beyond that, which keeps a 224 px tile's cost low;
+  The estimate (stain plane, angles, percentiles) uses every pixel up to ``max_pixels`` (4096, a
+  64 px tile) and a regular stride of the pixels beyond that, which keeps a 224 px tile's cost low;
   every pixel is then recomposed. ``max_pixels = 0`` estimates on all pixels, exactly as torchstain.
   One deliberate addition: the principal eigenvector's sign is fixed (component sum > 0, as staintools
   does) so the angle never wraps around +-pi whatever sign the eigen solver returns.
@@ -30,7 +30,7 @@ Python-side shapes, has no guard against background-only tiles (an empty pixel s
 when it is installed.
 
 Robustness: a tile is passed through unchanged, and flagged in the returned ``passed_through`` mask,
-when fewer than ``min_tissue`` of its pixels are tissue (OD >= ``beta`` in every channel and not
+when fewer than ``min_tissue`` of its pixels are tissue (OD >= ``beta`` in some channel, and not
 near-black: some channel at least ``dark``), i.e. background, near-white or near-black tiles,
 when its stain estimate is degenerate (the two stain vectors parallel, a zero concentration, a flat
 channel), or when the result is not finite. No NaN reaches the output.
@@ -48,15 +48,16 @@ from dfl_tf.errors import DflError
 
 METHODS = ("macenko", "reinhard")
 VERSION = 1
+MIN_STAINED = 10  # Macenko needs at least this many pixels stained in every channel to estimate from
 
 #: Defaults shared by fit and apply (stored in the fitted dict so the apply step never guesses).
 DEFAULTS: dict[str, float] = {
     "io": 240.0,          # transmitted light intensity (Macenko; also the tissue test)
-    "beta": 0.15,         # OD threshold: a pixel is stained when every channel reaches it
+    "beta": 0.15,         # OD threshold: tissue reaches it in some channel, Macenko estimates on all-channel
     "alpha": 1.0,         # angle percentile (Macenko)
     "dark": 20.0,         # a pixel with every channel below this is near-black, not tissue
-    "min_tissue": 0.05,   # a tile with a smaller stained fraction is passed through
-    "max_pixels": 16384,  # Macenko estimates on a regular stride of at most this many pixels (0: all)
+    "min_tissue": 0.05,   # a tile with a smaller tissue fraction is passed through
+    "max_pixels": 4096,   # Macenko estimates on a regular stride of at most this many pixels (0: all)
 }
 
 # sRGB (D65) <-> XYZ, as in scikit-image's colour conversions.
@@ -74,10 +75,11 @@ Images = Union[tf.Tensor, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 def tissue_mask(image: np.ndarray, io: float = DEFAULTS["io"], beta: float = DEFAULTS["beta"],
                 dark: float = DEFAULTS["dark"]) -> np.ndarray:
-    """Boolean mask [...] of stained pixels: OD >= ``beta`` in every channel and not near-black."""
+    """Boolean mask [...] of tissue pixels: OD >= ``beta`` in some channel (not background) and some
+    channel at least ``dark`` (not near-black)."""
     rgb = np.asarray(image, dtype=np.float64)
     od = -np.log((rgb + 1.0) / io)
-    return np.all(od >= beta, axis=-1) & np.any(rgb >= dark, axis=-1)
+    return np.any(od >= beta, axis=-1) & np.any(rgb >= dark, axis=-1)
 
 
 def rgb_to_lab_numpy(image: np.ndarray) -> np.ndarray:
@@ -113,7 +115,8 @@ def _macenko_estimate(image: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarra
     rgb = rgb[::_stride(len(rgb), p["max_pixels"])]
     od = -np.log((rgb + 1.0) / p["io"])
     stained = np.all(od >= p["beta"], axis=1)  # the estimate uses every stained pixel, as torchstain
-    if tissue_mask(rgb, p["io"], p["beta"], p["dark"]).sum() < max(2, p["min_tissue"] * len(rgb)):
+    if tissue_mask(rgb, p["io"], p["beta"], p["dark"]).sum() < max(2, p["min_tissue"] * len(rgb)) \
+            or stained.sum() < MIN_STAINED:
         return None
     od_hat = od[stained]
     _, eigvecs = np.linalg.eigh(np.cov(od_hat.T))
@@ -147,7 +150,7 @@ def _settings(overrides: dict) -> dict:
 
 def _no_tissue(source: str, image: np.ndarray, p: dict, what: str) -> DflError:
     frac = float(tissue_mask(image, p["io"], p["beta"], p["dark"]).mean()) if np.size(image) else 0.0
-    return DflError(f"stain target {source}: {what} ({100 * frac:.1f}% of pixels are stained, at least "
+    return DflError(f"stain target {source}: {what} ({100 * frac:.1f}% of pixels are tissue, at least "
                     f"{100 * p['min_tissue']:.0f}% needed); pick an H&E image that shows tissue")
 
 
@@ -272,9 +275,9 @@ def normalize_numpy(image: np.ndarray, params: dict) -> tuple[np.ndarray, bool]:
 # TensorFlow: the same computation on a batch, graph-safe
 # ---------------------------------------------------------------------------------------------
 def _tissue_tf(flat: tf.Tensor, p: dict) -> tf.Tensor:
-    """[B, N] stained-pixel mask of float RGB [B, N, 3]."""
+    """[B, N] tissue mask (as :func:`tissue_mask`) of float RGB [B, N, 3]."""
     od = -tf.math.log((flat + 1.0) / p["io"])
-    return tf.logical_and(tf.reduce_all(od >= p["beta"], axis=-1), tf.reduce_any(flat >= p["dark"], axis=-1))
+    return tf.logical_and(tf.reduce_any(od >= p["beta"], axis=-1), tf.reduce_any(flat >= p["dark"], axis=-1))
 
 
 def _percentile(values: tf.Tensor, mask: tf.Tensor, n: tf.Tensor, q: float) -> tf.Tensor:
@@ -318,6 +321,7 @@ def _macenko_tf(flat: tf.Tensor, params: dict) -> tuple[tf.Tensor, tf.Tensor]:
     tissue = tf.reduce_all(od >= p["beta"], axis=-1)                            # stained: the estimate set
     w = tf.cast(tissue, tf.float32)
     n = tf.reduce_sum(w, axis=1)                                                # [B]
+    failed = failed | (n < MIN_STAINED)
     mean = tf.reduce_sum(od * w[..., None], axis=1) / tf.maximum(n, 1.0)[:, None]
     centred = (od - mean[:, None, :]) * w[..., None]
     cov = tf.einsum("bni,bnj->bij", centred, centred) / tf.maximum(n - 1.0, 1.0)[:, None, None]
