@@ -112,6 +112,9 @@ def test_jitter_draws_in_range_and_one_draw_for_both_views(he_tiles):
     assert np.array_equal(out20.numpy(), stain.apply_hed_jitter(x20, a, b).numpy())
     assert np.array_equal(out5.numpy(), stain.apply_hed_jitter(x5, a, b).numpy())
     assert np.array_equal(out5.numpy(), out20.numpy()[:, ::-1])  # pixelwise op: same draw -> same colours
+    # the folded op is the Tellez form written out: deconvolve, scale and shift, recompose
+    explicit = stain.hed_to_rgb(stain.rgb_to_hed(x20) * a[:, None, None, :] + b[:, None, None, :]).numpy()
+    assert np.abs(stain.apply_hed_jitter(x20.astype(np.float32), a, b).numpy() - explicit).max() < 1e-2
 
 
 # ------------------------------------------------------------------------------------ normalisation

@@ -96,9 +96,14 @@ def apply_hed_jitter(images: Images, alpha: Images, beta: Images) -> tf.Tensor:
     (uint8 rounded, float in [0, 255]).
     """
     images = tf.convert_to_tensor(images)
-    alpha = tf.cast(alpha, tf.float32)[:, None, None, :]
-    beta = tf.cast(beta, tf.float32)[:, None, None, :]
-    return _like_input(hed_to_rgb(rgb_to_hed(images) * alpha + beta), images.dtype)
+    alpha, beta = tf.cast(alpha, tf.float32), tf.cast(beta, tf.float32)
+    # od' = ((od @ HED_FROM_RGB) * alpha + beta) @ RGB_FROM_HED, folded into one [3, 3] map and a bias
+    to_hed, to_od = tf.constant(HED_FROM_RGB, tf.float32), tf.constant(RGB_FROM_HED, tf.float32)
+    mix = tf.einsum("ij,bj,jk->bik", to_hed, alpha, to_od)                     # [B, 3, 3]
+    bias = tf.matmul(beta, to_od)                                               # [B, 3]
+    od = -tf.math.log(tf.maximum(tf.cast(images, tf.float32) / 255.0, _EPS))
+    od = tf.einsum("bhwi,bik->bhwk", od, mix) + bias[:, None, None, :]
+    return _like_input(tf.clip_by_value(255.0 * tf.exp(-od), 0.0, 255.0), images.dtype)
 
 
 def copy_seeds(seed: int, sample_ids: Images, copy: Union[int, Images]) -> tf.Tensor:
