@@ -129,6 +129,9 @@ def test_normalisation_tf_equals_numpy_reference(he_tiles, method):
         assert not ref_passed
         assert np.abs(out.numpy()[i] - ref).max() < 0.05
         assert np.abs(ref - tile).mean() > 1.0  # it did change the colours
+    as_uint8, _ = stain.normalize_batch(he_tiles[1:], params)  # uint8 in (Reinhard decodes via a table)
+    refs = np.stack([normalize_numpy(t, params)[0] for t in he_tiles[1:]])
+    assert as_uint8.dtype == tf.uint8 and np.abs(as_uint8.numpy() - np.round(refs)).max() <= 1
     # the outcome carries the target's stains (Macenko) / colour statistics (Reinhard)
     refit = fit(out.numpy()[0], "output")
     if method == "macenko":  # Macenko is not idempotent: the re-estimated stain vectors are close

@@ -57,7 +57,8 @@ DEFAULTS: dict[str, float] = {
     "alpha": 1.0,         # angle percentile (Macenko)
     "dark": 20.0,         # a pixel with every channel below this is near-black, not tissue
     "min_tissue": 0.05,   # a tile with a smaller tissue fraction is passed through
-    "max_pixels": 4096,   # Macenko estimates on a regular stride of at most this many pixels (0: all)
+    "max_pixels": 4096,   # the tissue gate and Macenko's estimate use a regular stride of at most this
+                          # many pixels (0: all)
 }
 
 # sRGB (D65) <-> XYZ, as in scikit-image's colour conversions.
@@ -258,7 +259,8 @@ def normalize_numpy(image: np.ndarray, params: dict) -> tuple[np.ndarray, bool]:
         out = np.minimum(p["io"] * np.exp(-np.asarray(params["stain_matrix"]) @ conc), 255.0)
         out = out.T.reshape(rgb.shape)
     else:
-        if tissue_mask(rgb, p["io"], p["beta"], p["dark"]).mean() < p["min_tissue"]:
+        sample = rgb.reshape(-1, 3)[::_stride(rgb.size // 3, p["max_pixels"])]  # the gate's pixels, as in TF
+        if tissue_mask(sample, p["io"], p["beta"], p["dark"]).mean() < p["min_tissue"]:
             return rgb, True
         lab = rgb_to_lab_numpy(rgb)
         mean, std = lab.reshape(-1, 3).mean(axis=0), lab.reshape(-1, 3).std(axis=0)
@@ -309,12 +311,7 @@ def _macenko_tf(flat: tf.Tensor, params: dict) -> tuple[tf.Tensor, tf.Tensor]:
     he_ref = tf.constant(np.asarray(params["stain_matrix"], np.float32))        # [3, 2]
     max_ref = tf.constant(np.asarray(params["max_concentrations"], np.float32))  # [2]
     od_all = -tf.math.log((flat + 1.0) / p["io"])                               # [B, N, 3]
-    if p["max_pixels"] > 0:  # estimate on a regular subsample, as the NumPy reference
-        n_pixels = tf.shape(flat)[1]
-        stride = tf.maximum(1, (n_pixels + int(p["max_pixels"]) - 1) // int(p["max_pixels"]))
-        flat, od = flat[:, ::stride], od_all[:, ::stride]
-    else:
-        od = od_all
+    flat, od = _subsample(flat, p["max_pixels"]), _subsample(od_all, p["max_pixels"])  # the estimate's pixels
     size = tf.shape(flat)[1]
     n_tissue = tf.reduce_sum(tf.cast(_tissue_tf(flat, p), tf.float32), axis=1)
     failed = n_tissue < tf.maximum(2.0, p["min_tissue"] * tf.cast(size, tf.float32))
@@ -363,9 +360,17 @@ def _pow(x: tf.Tensor, exponent: float) -> tf.Tensor:
     return tf.exp(exponent * tf.math.log(x))
 
 
-def _rgb_to_lab_tf(rgb: tf.Tensor) -> tf.Tensor:
-    rgb = rgb / 255.0
-    lin = tf.where(rgb > 0.04045, _pow((tf.maximum(rgb, 0.04045) + 0.055) / 1.055, 2.4), rgb / 12.92)
+_LINEAR_LUT = np.where(np.arange(256) / 255.0 > 0.04045, ((np.arange(256) / 255.0 + 0.055) / 1.055) ** 2.4,
+                       np.arange(256) / 255.0 / 12.92).astype(np.float32)  # sRGB decoding of uint8 values
+
+
+def _rgb_to_lab_tf(rgb: tf.Tensor, codes: tf.Tensor | None = None) -> tf.Tensor:
+    """CIELAB of float RGB [..., 3]; ``codes`` (the same pixels as uint8) decode through a table."""
+    if codes is not None:
+        lin = tf.gather(tf.constant(_LINEAR_LUT), tf.cast(codes, tf.int32))
+    else:
+        rgb = rgb / 255.0
+        lin = tf.where(rgb > 0.04045, _pow((tf.maximum(rgb, 0.04045) + 0.055) / 1.055, 2.4), rgb / 12.92)
     xyz = tf.tensordot(lin, tf.constant((_XYZ_FROM_RGB.T / _WHITE).astype(np.float32)), axes=[[-1], [0]])
     f = tf.where(xyz > 0.008856, _pow(tf.maximum(xyz, 0.008856), 1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
     return tf.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
@@ -382,12 +387,20 @@ def _lab_to_rgb_tf(lab: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(rgb, 0.0, 1.0) * 255.0
 
 
-def _reinhard_tf(flat: tf.Tensor, params: dict) -> tuple[tf.Tensor, tf.Tensor]:
+def _subsample(flat: tf.Tensor, max_pixels: float) -> tf.Tensor:
+    """A regular stride of at most ``max_pixels`` pixels of [B, N, 3] (all of them when 0)."""
+    if max_pixels <= 0:
+        return flat
+    stride = tf.maximum(1, (tf.shape(flat)[1] + int(max_pixels) - 1) // int(max_pixels))
+    return flat[:, ::stride]
+
+
+def _reinhard_tf(flat: tf.Tensor, params: dict, codes: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     p = {k: float(params[k]) for k in DEFAULTS}
     target_mean = tf.constant(np.asarray(params["lab_mean"], np.float32))
     target_std = tf.constant(np.asarray(params["lab_std"], np.float32))
-    frac = tf.reduce_mean(tf.cast(_tissue_tf(flat, p), tf.float32), axis=1)
-    lab = _rgb_to_lab_tf(flat)                                                  # [B, N, 3]
+    frac = tf.reduce_mean(tf.cast(_tissue_tf(_subsample(flat, p["max_pixels"]), p), tf.float32), axis=1)
+    lab = _rgb_to_lab_tf(flat, codes)                                           # [B, N, 3]
     mean = tf.reduce_mean(lab, axis=1, keepdims=True)
     std = tf.math.reduce_std(lab, axis=1, keepdims=True)
     failed = (frac < p["min_tissue"]) | ~(tf.reduce_min(std[:, 0], axis=-1) >= 1e-6)
@@ -409,7 +422,8 @@ def normalize_batch(images: Images, params: dict) -> tuple[tf.Tensor, tf.Tensor]
     if params["method"] == "macenko":
         out, failed = _macenko_tf(flat, params)
     elif params["method"] == "reinhard":
-        out, failed = _reinhard_tf(flat, params)
+        codes = tf.reshape(images, [shape[0], -1, 3]) if images.dtype == tf.uint8 else None
+        out, failed = _reinhard_tf(flat, params, codes)
     else:
         raise DflError(f"stain normalisation must be one of {', '.join(METHODS)} (got {params['method']!r})")
     failed = failed | ~tf.reduce_all(tf.math.is_finite(out), axis=[1, 2])
