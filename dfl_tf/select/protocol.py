@@ -106,7 +106,7 @@ def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarra
     """The protocol's linear softmax head, trained in memory; returns validation probabilities."""
     import keras
 
-    from dfl_tf.heads.evaluate import predict_probs
+    from dfl_tf.heads.metrics import predict_probs
     from dfl_tf.heads.callbacks import InterruptCheck
     from dfl_tf.heads.model import build_head, standardisation
 
@@ -239,7 +239,7 @@ class _Candidate:
 
 
 def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    from dfl_tf.heads.evaluate import compute_metrics
+    from dfl_tf.heads.metrics import compute_metrics
     from dfl_tf.extraction.core import build_backbone
     from dfl_tf.extraction.local import extract
     from dfl_tf.store.shards import load_embeddings
