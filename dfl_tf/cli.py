@@ -10,7 +10,7 @@ import click
 
 from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
 from dfl_tf.errors import DflError
-from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, TrainOptions
+from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, SelectOptions, TrainOptions
 
 set_log_env(verbose=False)  # before anything imports TensorFlow; `dfl --verbose` changes it
 #: Commands that never touch TensorFlow (not imported for them).
@@ -118,8 +118,9 @@ def option_flags(fields: tuple[str, ...] | None = None, *, of: type | None = Non
             default = f.default if meta["shown"] is None else meta["shown"]
             default = ",".join(default) if isinstance(default, tuple) else default
             kind = click.Choice(list(meta["choices"])) if meta["choices"] else (meta["type"] or str)
-            func = click.option(flag, type=kind, default=default, show_default=default is not None,
-                                help=text)(func)
+            convert = meta["convert"]
+            func = click.option(flag, type=kind, default=default, show_default=default is not None, help=text,
+                                callback=None if convert is None else lambda c, p, v, f=convert: f(v))(func)
         return func
 
     return decorate
@@ -370,40 +371,18 @@ def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     click.echo(f"{summary['tiles']} tiles -> {out} ({len(summary['outputs'])} files)")
 
 
-def _select_control(value: str) -> bool | str:
-    low = value.strip().lower()
-    if low in ("true", "yes", "1", "auto", "best"):
-        return True
-    if low in ("false", "no", "0", "none", "off"):
-        return False
-    return value
+#: select's flags before --cache-dir (the rest follow it)
+_SELECT_HEAD = ("seeds", "weights", "val_fraction", "epochs", "noise", "lr", "head_batch_size", "loss", "seed",
+                "split_seed", "control")
 
 
 @main.command("select")
 @click.argument("dataset", type=click.Path())
 @click.option("--backbones", required=True, help="Comma-separated registry names or SavedModel directories.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (table.md, results.*, maps.png).")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Linear heads per backbone (0: k-NN only).")
-@click.option("--weights", default="default", show_default=True,
-              help="One source for all, or name=weights pairs: 'imagenet,efficientnet_b0=none'.")
-@click.option("--val-fraction", type=float, default=0.25, show_default=True,
-              help="Validation share when the source has no 'split' column.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Linear head epochs.")
-@click.option("--noise", type=float, default=0.1, show_default=True, help="Feature-noise std (0: off).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the heads.")
-@click.option("--head-batch-size", type=int, default=256, show_default=True, help="Linear head batch size.")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
-              help="Focal loss or categorical cross-entropy.")
-@click.option("--seed", type=int, default=0, show_default=True, help="First head seed.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--control", default="true", show_default=True, callback=lambda c, p, v: _select_control(v),
-              help="Random-init control: true (best registry architecture), false, or an architecture name.")
+@option_flags(_SELECT_HEAD, of=SelectOptions)
 @click.option("--cache-dir", type=click.Path(), default=None, help="Extraction cache (default OUT/cache).")
-@click.option("--knn-k", type=int, default=10, show_default=True, help="Neighbours of the k-NN pre-screen.")
-@click.option("--maps/--no-maps", default=True, show_default=True, help="maps.png and projector/ exports.")
-@click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
-              help="auto: UMAP when umap-learn is installed, else PCA.")
-@click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
+@option_flags(of=SelectOptions, exclude=_SELECT_HEAD)
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier selection in OUT (its cache is "
               "kept).")
 @option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",

@@ -37,7 +37,8 @@ import numpy as np
 from dfl_tf.runtime.files import atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
 from dfl_tf.runtime.outputs import clear_out, prepare_out
-from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
+from dfl_tf.options import SELECT_FIELDS, ExtractOptions, SelectOptions, takes_options
+from dfl_tf.options.base import takes_options as takes
 from dfl_tf.data.splits import split_samples  # noqa: F401  (public here too)
 from dfl_tf.select.report import CSV_FIELDS, _fmt, results_csv, table_markdown  # noqa: F401  (public here too)
 from dfl_tf.select.scores import (_summary, linear_probe_score, separability,  # noqa: F401  (public here too)
@@ -230,34 +231,11 @@ def _rank_key(row: dict[str, Any]) -> tuple:
 
 
 @takes_options(only=SELECT_FIELDS)
-def select_backbones(
-    dataset: str | Path,
-    backbones: str | Sequence[str],
-    out: str | Path,
-    *,
-    options: ExtractOptions | None = None,
-    seeds: int = 5,
-    weights: str | Mapping[str, str] | None = "default",
-    val_fraction: float = 0.25,
-    epochs: int = 30,
-    noise: float = 0.1,
-    lr: float = 1e-3,
-    head_batch_size: int = 256,
-    loss: str = "focal",
-    gamma: float = 2.0,
-    alpha: float = 0.25,
-    seed: int = 0,
-    split_seed: int = 0,
-    control: bool | str = True,
-    cache_dir: str | Path | None = None,
-    knn_k: int = 10,
-    maps: bool = True,
-    map_method: str = "auto",
-    max_points: int = 2000,
-    classes: Sequence[str] | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
+@takes(SelectOptions, param="protocol")
+def select_backbones(dataset: str | Path, backbones: str | Sequence[str], out: str | Path, *,
+                     options: ExtractOptions | None = None, protocol: SelectOptions,
+                     cache_dir: str | Path | None = None, classes: Sequence[str] | None = None,
+                     progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Rank frozen ``backbones`` on ``dataset`` with linear heads; write OUT/table.md etc.
 
     Args:
@@ -271,6 +249,9 @@ def select_backbones(
         control: True: add a random-init (``weights="none"``) copy of the best registry
             architecture; a registry name: that architecture; False: none.
         epochs, noise, lr, head_batch_size, loss, gamma, alpha: the linear head's training.
+        protocol: a :class:`~dfl_tf.options.SelectOptions` holding ``seeds``, ``weights``,
+            ``control``, the head's training, ``knn_k`` and the maps' settings, or its fields as
+            keyword arguments.
         options: how each candidate is extracted (:class:`~dfl_tf.options.ExtractOptions`, or its
             fields as keyword arguments: views, input_size, fit, batch_size, mpp ...); its
             ``backbone`` and ``weights`` are replaced by each candidate's.
@@ -282,41 +263,31 @@ def select_backbones(
     from dfl_tf.data.sources import load_source
 
     assert options is not None  # resolved by @takes_options
+    p = protocol
     t_start = time.time()
     names = parse_backbones(backbones)
-    weight_map = parse_weights(weights, names)
-    _check_head_args(seeds=seeds, loss=loss, epochs=epochs, head_batch_size=head_batch_size, knn_k=knn_k)
+    weight_map = parse_weights(p.weights, names)
     out = Path(out)
     cache = _prepare_out(out, cache_dir, [dataset, *names], overwrite)  # names: SavedModels are inputs too
     samples = load_source(dataset, classes=classes)
     if len(samples.classes) < 2:
         raise DflError(f"{dataset}: selection needs at least 2 classes, found {samples.classes}")
-    train_ids, val_ids, split = split_samples(dataset, samples, val_fraction, split_seed)
-    head = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(head_batch_size),
-            "noise": float(noise or 0.0), "loss": loss, "gamma": float(gamma), "alpha": float(alpha)}
+    train_ids, val_ids, split = split_samples(dataset, samples, p.val_fraction, p.split_seed)
+    head = {"epochs": int(p.epochs), "lr": float(p.lr), "batch_size": int(p.head_batch_size),
+            "noise": float(p.noise or 0.0), "loss": p.loss, "gamma": float(p.gamma), "alpha": float(p.alpha)}
     ctx = {
         "dataset": str(dataset), "views": list(options.views), "cache": cache, "options": options,
         "classes": classes, "data_fp": samples.fingerprint(), "train_ids": train_ids, "val_ids": val_ids,
-        "seeds": int(seeds), "seed0": int(seed), "split_seed": int(split_seed), "knn_k": int(knn_k),
+        "seeds": int(p.seeds), "seed0": int(p.seed), "split_seed": int(p.split_seed), "knn_k": int(p.knn_k),
         "progress": progress, "head": head,
     }
     notes: list[str] = []
     rows, dirs = _run_candidates(names, weight_map, ctx, notes)
-    control_row = _run_control(control, rows, dirs, ctx, notes)
+    control_row = _run_control(p.control, rows, dirs, ctx, notes)
     result = _result(ctx, samples.classes, split, rows, control_row, notes)
-    if maps and dirs:
-        result["maps"] = _maps(rows, dirs, out, map_method, max_points, split_seed)
+    if p.maps and dirs:
+        result["maps"] = _maps(rows, dirs, out, p.map_method, p.max_points, p.split_seed)
     return _write_results(out, result, t_start)
-
-
-def _maps(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path, method: str, max_points: int,
-          seed: int) -> dict[str, Any]:
-    """maps.png and projector/ of every candidate, in rank order (:mod:`dfl_tf.select.maps`)."""
-    from dfl_tf.select.maps import embedding_maps
-
-    ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
-    titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}
-    return embedding_maps(ordered, out, method=method, max_points=max_points, seed=seed, titles=titles)
 
 
 def _prepare_out(out: Path, cache_dir: str | Path | None, inputs: list[Any], overwrite: bool) -> Path:
@@ -327,17 +298,6 @@ def _prepare_out(out: Path, cache_dir: str | Path | None, inputs: list[Any], ove
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     return cache
-
-
-def _check_head_args(*, seeds: int, loss: str, epochs: int, head_batch_size: int, knn_k: int) -> None:
-    """One-line errors for the linear heads' settings."""
-    if int(seeds) < 0:
-        raise DflError(f"seeds must be >= 0, got {seeds}")
-    if loss not in ("focal", "crossentropy"):
-        raise DflError(f"loss must be focal or crossentropy, got {loss!r}")
-    for label, value in (("epochs", epochs), ("head_batch_size", head_batch_size), ("knn_k", knn_k)):
-        if int(value) < 1:
-            raise DflError(f"{label} must be >= 1, got {value}")
 
 
 def _run_candidates(names: Sequence[str], weight_map: dict[str, str], ctx: dict[str, Any], notes: list[str]
