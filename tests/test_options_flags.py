@@ -56,8 +56,10 @@ def test_click_flags_equal_the_dataclass_fields(command):
 
 
 def test_functions_show_the_dataclass_defaults():
+    import dfl_tf
     from dfl_tf import select_backbones, train_head
 
+    assert dfl_tf.TrainOptions is TrainOptions and dfl_tf.SelectOptions is SelectOptions  # the public API
     for func, cls in ((train_head, TrainOptions), (select_backbones, SelectOptions)):
         shown = inspect.signature(func).parameters
         for f in dataclasses.fields(cls):
