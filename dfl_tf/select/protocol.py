@@ -290,6 +290,16 @@ def select_backbones(dataset: str | Path, backbones: str | Sequence[str], out: s
     return _write_results(out, result, t_start)
 
 
+def _maps(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path, method: str, max_points: int,
+          seed: int) -> dict[str, Any]:
+    """maps.png and projector/ of every candidate, in rank order (:mod:`dfl_tf.select.maps`)."""
+    from dfl_tf.select.maps import embedding_maps
+
+    ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
+    titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}
+    return embedding_maps(ordered, out, method=method, max_points=max_points, seed=seed, titles=titles)
+
+
 def _prepare_out(out: Path, cache_dir: str | Path | None, inputs: list[Any], overwrite: bool) -> Path:
     """Check (and on ``overwrite`` clear) ``out``; make it and the extraction cache; the cache's path."""
     if prepare_out(out, "select", inputs, overwrite) == "replace":
