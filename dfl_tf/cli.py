@@ -10,7 +10,7 @@ import click
 
 from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
 from dfl_tf.errors import DflError
-from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, SelectOptions, TrainOptions
+from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, FinetuneOptions, SelectOptions, TrainOptions
 
 set_log_env(verbose=False)  # before anything imports TensorFlow; `dfl --verbose` changes it
 #: Commands that never touch TensorFlow (not imported for them).
@@ -401,27 +401,17 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
     click.echo(f"best: {res['best']} -> {out}/table.md")
 
 
+#: finetune's flags before --val (the rest follow it)
+_FINETUNE_HEAD = ("epochs", "lr", "batch_size", "seed")
+
+
 @main.command("finetune")
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (model.keras, metrics.json).")
 @option_flags(FINETUNE_FIELDS, views="One view (multi-view is not supported).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Maximum epochs.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Training batch size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of init, augmentation and shuffling.")
+@option_flags(_FINETUNE_HEAD, of=FinetuneOptions)
 @click.option("--val", default=None, type=click.Path(), help="Validation source (default: a split of DATASET).")
-@click.option("--val-fraction", type=float, default=0.25, show_default=True,
-              help="Validation share when there is no --val and no 'split' column.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
-              help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
-@click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
-@click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout before the softmax layer.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
-              help="Flips, 90-degree rotations, colour jitter.")
-@click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
-@click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
+@option_flags(of=FinetuneOptions, exclude=_FINETUNE_HEAD)
 @click.option("--overwrite", is_flag=True, help="Replace an existing fine-tuning folder (never an input or "
               "another folder).")
 @_PROGRESS

@@ -8,5 +8,6 @@ is imported here.
 from dfl_tf.options.base import cli_fields, field_names, option  # noqa: F401
 from dfl_tf.options.extract import (FIELDS, FINETUNE_FIELDS, PRECISIONS, SELECT_FIELDS, STORAGE_DTYPES,  # noqa: F401
                                     ExtractOptions, takes_options)
+from dfl_tf.options.finetune import FinetuneOptions  # noqa: F401
 from dfl_tf.options.select import SelectOptions  # noqa: F401
 from dfl_tf.options.train import TrainOptions  # noqa: F401
