@@ -388,7 +388,7 @@ def train_head(train: str | Path, out: str | Path, val: str | Path | None = None
     without, by ``cv_folds``-fold cross-validation on the training set (stratified, grouped by
     ``group``); then the head is trained on all of it (``head.json``'s ``selection`` records the
     method and the scores); ``always`` / ``never`` force it. Numeric options outside their range
-    (:data:`dfl_tf.heads.inputs.TRAIN_RANGES`), a head too large for the available memory and a
+    (:data:`dfl_tf.options.train.TRAIN_RANGES`), a head too large for the available memory and a
     class without training records are refused. ``probe``: also fit the linear-probe
     reference (``probe.npz``). ``positive_class``: the positive class of a two-class task (the
     threshold, PR curve and GeoJSON class; default: the second class in manifest order); the
