@@ -28,6 +28,8 @@ def __getattr__(name: str):
         "select_backbones": "dfl_tf.select.protocol",
         "finetune": "dfl_tf.baselines.finetune",
         "ExtractOptions": "dfl_tf.options",
+        "TrainOptions": "dfl_tf.options",
+        "SelectOptions": "dfl_tf.options",
     }
     if name in api:
         return getattr(importlib.import_module(api[name]), name)
@@ -36,4 +38,4 @@ def __getattr__(name: str):
 
 __all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "export_model", "load_model",
            "predict", "heatmap", "tile", "__version__", "select_backbones", "finetune",
-           "ExtractOptions"]
+           "ExtractOptions", "TrainOptions", "SelectOptions"]

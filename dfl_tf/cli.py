@@ -10,7 +10,7 @@ import click
 
 from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
 from dfl_tf.errors import DflError
-from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS
+from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, FinetuneOptions, SelectOptions, TrainOptions
 
 set_log_env(verbose=False)  # before anything imports TensorFlow; `dfl --verbose` changes it
 #: Commands that never touch TensorFlow (not imported for them).
@@ -93,26 +93,34 @@ def _run(func, ctx: click.Context, command: str, config: str | None, fixed: dict
     return func(**kwargs)
 
 
-def option_flags(fields: tuple[str, ...] | None = None, **help: str):
-    """Click options for the :class:`~dfl_tf.options.ExtractOptions` ``fields`` (default: all),
-    with the dataclass's defaults and help texts (``help``: per-field replacements)."""
-    import dataclasses
+def option_flags(fields: tuple[str, ...] | None = None, *, of: type | None = None,
+                 exclude: tuple[str, ...] = (), **help: str):
+    """Click options for the fields of the options dataclass ``of`` (default
+    :class:`~dfl_tf.options.ExtractOptions`) that have a flag: ``fields`` (default: all) but
+    ``exclude``, in declaration order, with the dataclass's defaults, types, choices and help texts
+    (``help``: per-field replacements). The click default is only shown: :func:`_run` passes the
+    flags the user set, so the function's (the dataclass's) defaults apply."""
+    from dfl_tf.options import ExtractOptions, cli_fields
 
-    from dfl_tf.options import ExtractOptions
-
-    chosen = [f for f in dataclasses.fields(ExtractOptions) if fields is None or f.name in fields]
+    chosen = [f for f in cli_fields(of or ExtractOptions, fields) if f.name not in exclude]
 
     def decorate(func):
         for f in reversed(chosen):
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
             text = help.get(f.name, meta["help"])
+            if meta["flag"] and meta["negatable"]:
+                func = click.option(f"{flag}/--no-{flag[2:]}", default=f.default, show_default=True,
+                                    help=text)(func)
+                continue
             if meta["flag"]:
                 func = click.option(flag, is_flag=True, help=text)(func)
                 continue
-            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            default = f.default if meta["shown"] is None else meta["shown"]
+            default = ",".join(default) if isinstance(default, tuple) else default
             kind = click.Choice(list(meta["choices"])) if meta["choices"] else (meta["type"] or str)
-            func = click.option(flag, type=kind, default=default, show_default=default is not None,
-                                help=text)(func)
+            convert = meta["convert"]
+            func = click.option(flag, type=kind, default=default, show_default=default is not None, help=text,
+                                callback=None if convert is None else lambda c, p, v, f=convert: f(v))(func)
         return func
 
     return decorate
@@ -206,46 +214,11 @@ def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | N
 @click.option("--val", default=None, type=click.Path(), help="Validation embedding directory (selection, early "
               "stopping, threshold, metrics.json).")
 @click.option("--out", required=True, type=click.Path(), help="Head directory to write.")
-@click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units (0: linear softmax head).")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout after the hidden layer.")
-@click.option("--noise", type=float, default=None,
-              help="Feature-noise std in [0, 1] (default: chosen by --select on small training sets, else 0.1; "
-                   "0 disables it).")
-@click.option("--weight-decay", type=float, default=None,
-              help="AdamW decoupled weight decay on the kernels (0: Adam; default: chosen by --select on small "
-                   "training sets, else 1e-4).")
-@click.option("--select", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="Choose hidden units, weight decay and noise std (those not given), or the linear probe, on "
-                   "--val, else by cross-validation on the training set (auto: when it has < 2,000 records or "
-                   "< 50 in a class); the grid is the config key cv_grid.")
-@click.option("--cv-folds", type=int, default=5, show_default=True,
-              help="Folds of that cross-validation, without --val (stratified, grouped by group).")
-@click.option("--probe/--no-probe", default=True, show_default=True,
-              help="Also fit the linear-probe reference (LogisticRegression, probe.npz).")
-@click.option("--positive-class", default=None,
-              help="Two-class tasks: the positive class (threshold, PR curve, GeoJSON; default: the second class).")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
-              help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
-@click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
-@click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
-@click.option("--epochs", type=int, default=50, show_default=True, help="Maximum epochs.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam(W) learning rate.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Training batch size.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of init, shuffling, noise and cross-validation folds (same seed, same weights).")
-@click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience (0: off).")
-@click.option("--monitor", type=click.Choice(["val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
-              "val_cohen_kappa", "val_roc_auc", "val_pr_auc"]), default="val_balanced_accuracy", show_default=True,
-              help="Validation metric for early stopping and best weights (needs --val).")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
-              help="balanced: weight the loss by inverse class frequency.")
-@click.option("--balanced-sampling/--no-balanced-sampling", default=False, show_default=True,
-              help="Draw classes uniformly in each batch.")
+@option_flags(of=TrainOptions, exclude=("devices",))
 @click.option("--logdir", type=click.Path(), default=None, help="TensorBoard directory (default HEAD_DIR/logs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head directory (never an input or another "
               "folder).")
-@click.option("--devices", default=None,
-              help="Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
+@option_flags(("devices",), of=TrainOptions)
 @_PROGRESS
 @_with_config("YAML file of these options, may hold an 'augment:' list (flags win).")
 def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **options: Any) -> None:
@@ -398,40 +371,18 @@ def heatmap_cmd(model: str, slide: str, out: str, **options: Any) -> None:
     click.echo(f"{summary['tiles']} tiles -> {out} ({len(summary['outputs'])} files)")
 
 
-def _select_control(value: str) -> bool | str:
-    low = value.strip().lower()
-    if low in ("true", "yes", "1", "auto", "best"):
-        return True
-    if low in ("false", "no", "0", "none", "off"):
-        return False
-    return value
+#: select's flags before --cache-dir (the rest follow it)
+_SELECT_HEAD = ("seeds", "weights", "val_fraction", "epochs", "noise", "lr", "head_batch_size", "loss", "seed",
+                "split_seed", "control")
 
 
 @main.command("select")
 @click.argument("dataset", type=click.Path())
 @click.option("--backbones", required=True, help="Comma-separated registry names or SavedModel directories.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (table.md, results.*, maps.png).")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Linear heads per backbone (0: k-NN only).")
-@click.option("--weights", default="default", show_default=True,
-              help="One source for all, or name=weights pairs: 'imagenet,efficientnet_b0=none'.")
-@click.option("--val-fraction", type=float, default=0.25, show_default=True,
-              help="Validation share when the source has no 'split' column.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Linear head epochs.")
-@click.option("--noise", type=float, default=0.1, show_default=True, help="Feature-noise std (0: off).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the heads.")
-@click.option("--head-batch-size", type=int, default=256, show_default=True, help="Linear head batch size.")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
-              help="Focal loss or categorical cross-entropy.")
-@click.option("--seed", type=int, default=0, show_default=True, help="First head seed.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--control", default="true", show_default=True, callback=lambda c, p, v: _select_control(v),
-              help="Random-init control: true (best registry architecture), false, or an architecture name.")
+@option_flags(_SELECT_HEAD, of=SelectOptions)
 @click.option("--cache-dir", type=click.Path(), default=None, help="Extraction cache (default OUT/cache).")
-@click.option("--knn-k", type=int, default=10, show_default=True, help="Neighbours of the k-NN pre-screen.")
-@click.option("--maps/--no-maps", default=True, show_default=True, help="maps.png and projector/ exports.")
-@click.option("--map-method", type=click.Choice(["auto", "umap", "pca", "tsne"]), default="auto", show_default=True,
-              help="auto: UMAP when umap-learn is installed, else PCA.")
-@click.option("--max-points", type=int, default=2000, show_default=True, help="Points per map / projector set.")
+@option_flags(of=SelectOptions, exclude=_SELECT_HEAD)
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier selection in OUT (its cache is "
               "kept).")
 @option_flags(SELECT_FIELDS, input_size="Backbone input side in px (default: each backbone's).",
@@ -450,27 +401,17 @@ def select_cmd(ctx: click.Context, dataset: str, out: str, config: str | None, *
     click.echo(f"best: {res['best']} -> {out}/table.md")
 
 
+#: finetune's flags before --val (the rest follow it)
+_FINETUNE_HEAD = ("epochs", "lr", "batch_size", "seed")
+
+
 @main.command("finetune")
 @click.argument("dataset", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output directory (model.keras, metrics.json).")
 @option_flags(FINETUNE_FIELDS, views="One view (multi-view is not supported).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Maximum epochs.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Training batch size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of init, augmentation and shuffling.")
+@option_flags(_FINETUNE_HEAD, of=FinetuneOptions)
 @click.option("--val", default=None, type=click.Path(), help="Validation source (default: a split of DATASET).")
-@click.option("--val-fraction", type=float, default=0.25, show_default=True,
-              help="Validation share when there is no --val and no 'split' column.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--loss", type=click.Choice(["focal", "crossentropy"]), default="focal", show_default=True,
-              help="Focal loss (--gamma, --alpha) or categorical cross-entropy.")
-@click.option("--gamma", type=float, default=2.0, show_default=True, help="Focal loss gamma.")
-@click.option("--alpha", type=float, default=0.25, show_default=True, help="Focal loss alpha.")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout before the softmax layer.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
-              help="Flips, 90-degree rotations, colour jitter.")
-@click.option("--jitter", type=float, default=1.0, show_default=True, help="Colour-jitter strength (0: off).")
-@click.option("--patience", type=int, default=0, show_default=True, help="Early-stopping patience (0: off).")
+@option_flags(of=FinetuneOptions, exclude=_FINETUNE_HEAD)
 @click.option("--overwrite", is_flag=True, help="Replace an existing fine-tuning folder (never an input or "
               "another folder).")
 @_PROGRESS

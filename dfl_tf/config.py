@@ -1,8 +1,8 @@
 """YAML configs and CLI overrides, validated once at the boundary.
 
 A config file is a mapping of a command's parameters (the keyword arguments of its public
-function, e.g. :func:`dfl_tf.extract`, including the :class:`~dfl_tf.options.ExtractOptions`
-fields it takes), either at the top level or under a section named
+function, e.g. :func:`dfl_tf.extract`, including the fields of the options dataclass it takes,
+:class:`~dfl_tf.options.ExtractOptions`, :class:`~dfl_tf.options.TrainOptions`...), either at the top level or under a section named
 after the command (``extract:``, ``train:``...). Precedence: function defaults < file < flags
 given on the command line.
 
@@ -72,10 +72,11 @@ def section(data: dict[str, Any], name: str) -> dict[str, Any]:
 
 def known_fields(func: Callable) -> list[str]:
     """The keyword arguments a config may set for ``func``: its own parameters and, for a
-    function that takes extraction options, the :class:`~dfl_tf.options.ExtractOptions` fields
-    it accepts (``func.option_fields``)."""
+    function that takes an options dataclass (:mod:`dfl_tf.options`), the fields it accepts
+    (``func.option_fields``)."""
+    skip = ("options", "model", *getattr(func, "options_params", ()))  # the dataclasses themselves
     params = [name for name, p in inspect.signature(func).parameters.items()
-              if name not in ("options", "model") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+              if name not in skip and p.kind is not inspect.Parameter.VAR_KEYWORD]
     return params + [name for name in getattr(func, "option_fields", ()) if name not in params]
 
 
@@ -98,12 +99,10 @@ def merge(func: Callable, config_path: str | Path | None, command: str, given: d
 
 
 def _hints(func: Callable) -> dict[str, Any]:
-    """Type hints of ``func``'s parameters and of the ExtractOptions fields it takes."""
-    from dfl_tf.options import ExtractOptions
-
+    """Type hints of ``func``'s parameters and of the options fields it takes (``func.options_classes``)."""
     hints: dict[str, Any] = {}
-    if getattr(func, "option_fields", None):
-        hints.update(typing.get_type_hints(ExtractOptions))
+    for cls in reversed(getattr(func, "options_classes", ())):
+        hints.update(typing.get_type_hints(cls))
     try:
         hints.update(typing.get_type_hints(inspect.unwrap(func)))
     except Exception:  # noqa: BLE001 - an unresolvable hint: no check rather than no config

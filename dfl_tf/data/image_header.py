@@ -187,38 +187,7 @@ def _size_tensor(data):
         return w, h, (vp8 | vp8l | vp8x) & (length >= 30)
 
     def jpeg():
-        b = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
-        n = tf.cast(tf.strings.length(data), tf.int64)
-
-        last = tf.size(b, out_type=tf.int64) - 1
-
-        def at(i):
-            return tf.gather(b, tf.minimum(i, last))  # past the end reads padding, never out of range
-
-        def cond(pos, w, h, found, done):
-            return tf.logical_not(done)
-
-        def body(pos, w, h, found, done):
-            short = pos + 9 > n
-            lead_ok = tf.equal(at(pos), 0xFF)
-            marker = at(pos + 1)
-            fill = tf.equal(marker, 0xFF)
-            standalone = tf.equal(marker, 0x01) | ((marker >= 0xD0) & (marker <= 0xD8))
-            stop = tf.equal(marker, 0xD9) | tf.equal(marker, 0xDA)
-            sof = (marker >= 0xC0) & (marker <= 0xCF) & tf.not_equal(marker, 0xC4) & \
-                tf.not_equal(marker, 0xC8) & tf.not_equal(marker, 0xCC)
-            length = at(pos + 2) * 256 + at(pos + 3)
-            bad = short | tf.logical_not(lead_ok) | stop | \
-                (tf.logical_not(fill | standalone | sof) & (length < 2))
-            hit = tf.logical_not(bad) & tf.logical_not(fill) & tf.logical_not(standalone) & sof
-            new_w = tf.where(hit, at(pos + 7) * 256 + at(pos + 8), w)
-            new_h = tf.where(hit, at(pos + 5) * 256 + at(pos + 6), h)
-            step = tf.where(fill, tf.constant(1, tf.int64), tf.where(standalone, tf.constant(2, tf.int64), 2 + length))
-            return pos + step, new_w, new_h, hit, bad | hit
-
-        _, w, h, found, _ = tf.while_loop(cond, body, (tf.constant(2, tf.int64), zero, zero, no, no),
-                                          maximum_iterations=_JPEG_SCAN_LIMIT)
-        return w, h, found
+        return _jpeg_size_tensor(padded, tf.cast(length, tf.int64))
 
     magic = head(0, 8)
     is_png = tf.equal(magic, b"\x89PNG\r\n\x1a\n")
@@ -229,6 +198,44 @@ def _size_tensor(data):
     branch = tf.where(is_png, 0, tf.where(is_gif, 1, tf.where(is_bmp, 2, tf.where(is_webp, 3,
                                                                                   tf.where(is_jpeg, 4, 5)))))
     return tf.switch_case(branch, [png, gif, bmp, webp, jpeg, lambda: (zero, zero, no)])
+
+
+def _jpeg_size_tensor(padded, n):
+    """(width, height, found) of a JPEG: its markers walked up to the first SOF (``padded``: the
+    data and 32 zero bytes; ``n``: the data's length, int64)."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    zero, no = tf.constant(0, tf.int64), tf.constant(False)
+    last = tf.size(b, out_type=tf.int64) - 1
+
+    def at(i):
+        return tf.gather(b, tf.minimum(i, last))  # past the end reads padding, never out of range
+
+    def cond(pos, w, h, found, done):
+        return tf.logical_not(done)
+
+    def body(pos, w, h, found, done):
+        short = pos + 9 > n
+        lead_ok = tf.equal(at(pos), 0xFF)
+        marker = at(pos + 1)
+        fill = tf.equal(marker, 0xFF)
+        standalone = tf.equal(marker, 0x01) | ((marker >= 0xD0) & (marker <= 0xD8))
+        stop = tf.equal(marker, 0xD9) | tf.equal(marker, 0xDA)
+        sof = (marker >= 0xC0) & (marker <= 0xCF) & tf.not_equal(marker, 0xC4) & \
+            tf.not_equal(marker, 0xC8) & tf.not_equal(marker, 0xCC)
+        length = at(pos + 2) * 256 + at(pos + 3)
+        bad = short | tf.logical_not(lead_ok) | stop | \
+            (tf.logical_not(fill | standalone | sof) & (length < 2))
+        hit = tf.logical_not(bad) & tf.logical_not(fill) & tf.logical_not(standalone) & sof
+        new_w = tf.where(hit, at(pos + 7) * 256 + at(pos + 8), w)
+        new_h = tf.where(hit, at(pos + 5) * 256 + at(pos + 6), h)
+        step = tf.where(fill, tf.constant(1, tf.int64), tf.where(standalone, tf.constant(2, tf.int64), 2 + length))
+        return pos + step, new_w, new_h, hit, bad | hit
+
+    _, w, h, found, _ = tf.while_loop(cond, body, (tf.constant(2, tf.int64), zero, zero, no, no),
+                                      maximum_iterations=_JPEG_SCAN_LIMIT)
+    return w, h, found
 
 
 def header_sizes(data):

@@ -79,25 +79,8 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
     X = np.asarray(X, np.float32)
     G, N, dim = len(train_sets), X.shape[0], X.shape[1]
     C, H = int(n_classes), int(hidden)
-    means = np.stack([X[t].mean(axis=0) for t in train_sets]).astype(np.float32)
-    stds = np.stack([X[t].std(axis=0) for t in train_sets])
-    stds = np.where(stds < 1e-6, 1.0, stds).astype(np.float32)
-
-    rng = np.random.default_rng(int(seed) + 1)
-
-    def glorot(fan_in: int, fan_out: int) -> np.ndarray:
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-limit, limit, (G, fan_in, fan_out)).astype(np.float32)
-
-    shapes = [(dim, H), (H, C)] if H > 0 else [(dim, C)]
-    # as build_head: Glorot hidden kernel, zero output kernel
-    zero = np.broadcast_to(np.asarray(zero_output, bool), (G,))
-    kernels = [tf.Variable(glorot(a, b) if i < len(shapes) - 1 else np.where(zero[:, None, None], 0.0, glorot(a, b))
-                           .astype(np.float32)) for i, (a, b) in enumerate(shapes)]
-    biases = [tf.Variable(np.zeros((G, b), np.float32)) for _, b in shapes]
-    if init_weights is not None:
-        for var, value in zip(kernels + biases, init_weights):
-            var.assign(np.asarray(value, np.float32))
+    means, stds = _standardisations(X, train_sets)
+    kernels, biases = _initial_weights(G, dim, H, C, seed, zero_output, init_weights)
     params = kernels + biases
     m_s = [tf.Variable(tf.zeros_like(p)) for p in params]
     v_s = [tf.Variable(tf.zeros_like(p)) for p in params]
@@ -135,11 +118,7 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
         onehot = tf.gather(yt, idx)
         with tf.GradientTape() as tape:
             logits = forward(z, True, step)
-            p = tf.clip_by_value(tf.nn.softmax(logits), 1e-7, 1.0 - 1e-7)
-            if loss == "focal":
-                per = tf.reduce_sum(-alpha * tf.pow(1.0 - p, gamma) * onehot * tf.math.log(p), axis=-1)
-            else:
-                per = -tf.reduce_sum(onehot * tf.math.log(p), axis=-1)
+            per = _loss_per_record(logits, onehot, loss, alpha, gamma)
             w = tf.reduce_sum(onehot * cw, axis=-1) * mask
             per_model = tf.reduce_sum(per * w, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
             total = tf.reduce_sum(per_model)
@@ -157,12 +136,57 @@ def fit_predict(X: np.ndarray, y: np.ndarray, n_classes: int, train_sets: Sequen
             step += 1
             raise_if_interrupted()
 
+    return _predict(X, eval_sets, means, stds, [k.numpy() for k in kernels], [b.numpy() for b in biases])
+
+
+def _standardisations(X: np.ndarray, train_sets: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (tiny stds as 1) of each model's training rows, stacked ``[G, dim]``."""
+    means = np.stack([X[t].mean(axis=0) for t in train_sets]).astype(np.float32)
+    stds = np.stack([X[t].std(axis=0) for t in train_sets])
+    return means, np.where(stds < 1e-6, 1.0, stds).astype(np.float32)
+
+
+def _initial_weights(G: int, dim: int, H: int, C: int, seed: int, zero_output: Sequence[bool] | bool,
+                     init_weights: Sequence[np.ndarray] | None) -> tuple[list, list]:
+    """Kernels and biases (``tf.Variable``, leading ``G`` axis) as :func:`build_head` starts them:
+    Glorot hidden kernel, zero output kernel (where ``zero_output``), zero biases; or ``init_weights``."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(int(seed) + 1)
+
+    def glorot(fan_in: int, fan_out: int) -> np.ndarray:
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, (G, fan_in, fan_out)).astype(np.float32)
+
+    shapes = [(dim, H), (H, C)] if H > 0 else [(dim, C)]
+    zero = np.broadcast_to(np.asarray(zero_output, bool), (G,))
+    kernels = [tf.Variable(glorot(a, b) if i < len(shapes) - 1 else np.where(zero[:, None, None], 0.0, glorot(a, b))
+                           .astype(np.float32)) for i, (a, b) in enumerate(shapes)]
+    biases = [tf.Variable(np.zeros((G, b), np.float32)) for _, b in shapes]
+    if init_weights is not None:
+        for var, value in zip(kernels + biases, init_weights):
+            var.assign(np.asarray(value, np.float32))
+    return kernels, biases
+
+
+def _loss_per_record(logits, onehot, loss: str, alpha: float, gamma: float):
+    """Focal or categorical cross-entropy of each record (probabilities clipped to [1e-7, 1 - 1e-7])."""
+    import tensorflow as tf
+
+    p = tf.clip_by_value(tf.nn.softmax(logits), 1e-7, 1.0 - 1e-7)
+    if loss == "focal":
+        return tf.reduce_sum(-alpha * tf.pow(1.0 - p, gamma) * onehot * tf.math.log(p), axis=-1)
+    return -tf.reduce_sum(onehot * tf.math.log(p), axis=-1)
+
+
+def _predict(X: np.ndarray, eval_sets: Sequence[np.ndarray], means: np.ndarray, stds: np.ndarray,
+             kernels: list[np.ndarray], biases: list[np.ndarray]) -> list[np.ndarray]:
+    """Softmax probabilities of model ``g`` on ``X[eval_sets[g]]``, in NumPy."""
     out = []
     for g, e in enumerate(eval_sets):
-        z = (X[e] - means[g]) / stds[g]
-        h = z
+        h = (X[e] - means[g]) / stds[g]
         for i, (k, b) in enumerate(zip(kernels, biases)):
-            h = h @ k.numpy()[g] + b.numpy()[g]
+            h = h @ k[g] + b[g]
             if i < len(kernels) - 1:
                 h = np.maximum(h, 0)
         h = h - h.max(axis=1, keepdims=True)

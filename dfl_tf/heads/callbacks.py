@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from dfl_tf.runtime.signals import raise_if_interrupted
-from dfl_tf.heads.evaluate import compute_metrics, predict_probs
+from dfl_tf.heads.metrics import compute_metrics, predict_probs
 
 
 class InterruptCheck(keras.callbacks.Callback):

@@ -1,14 +1,12 @@
 """Evaluate a head on an embedding directory: metrics via scikit-learn, report.md, plots.
 
-:func:`compute_metrics` is the single metric function: ``dfl train`` uses it for the
-validation ``metrics.json`` of a head directory and :func:`evaluate` for its report.
+:func:`~dfl_tf.heads.metrics.compute_metrics` is the single metric function: ``dfl train`` uses it for
+the validation ``metrics.json`` of a head directory and :func:`evaluate` for its report.
 """
 from __future__ import annotations
 
 import csv
 import io
-import math
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,110 +15,7 @@ import numpy as np
 from dfl_tf.runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError, whole_number
 from dfl_tf.runtime.outputs import clear_out, prepare_out
-
-
-def _f(value: Any) -> float | None:
-    """A JSON-friendly float (None for NaN/inf)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str],
-                    threshold: float | None = None, positive: int = 1) -> dict[str, Any]:
-    """Classification metrics of softmax outputs ``probs`` [N, C] against labels ``y_true`` [N].
-
-    Predictions are the argmax; for two-class tasks the positive class is index ``positive``
-    (the head's ``positive_class``; 1 by default) and, with a ``threshold``, metrics are also
-    given for ``probs[:, positive] >= threshold``. AUCs of a class absent from ``y_true`` (or the
-    only one present) are None.
-    """
-    from sklearn import metrics as skm
-
-    y = np.asarray(y_true, np.int64)
-    probs = np.asarray(probs, np.float64)
-    n_classes = len(classes)
-    if probs.ndim != 2 or probs.shape[1] != n_classes or len(y) != len(probs):
-        raise DflError(f"probabilities of shape {probs.shape} do not match {len(y)} labels and "
-                       f"{n_classes} classes")
-    if len(y) == 0:
-        raise DflError("no labeled records to evaluate")
-    labels = list(range(n_classes))
-    pred = probs.argmax(axis=1)
-    present = set(np.unique(y).tolist())
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined metrics (absent classes) -> 0 / None, documented
-        p, r, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-        per_class: dict[str, dict[str, Any]] = {}
-        for c, name in enumerate(classes):
-            binary = (y == c).astype(int)
-            defined = c in present and len(present) > 1
-            per_class[name] = {
-                "precision": _f(p[c]), "recall": _f(r[c]), "f1": _f(f1[c]), "support": int(support[c]),
-                "average_precision": _f(skm.average_precision_score(binary, probs[:, c])) if c in present else None,
-                "roc_auc": _f(skm.roc_auc_score(binary, probs[:, c])) if defined else None,
-            }
-        averages = {}
-        for avg in ("macro", "weighted"):
-            ap, ar, af, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average=avg,
-                                                                zero_division=0)
-            averages[avg] = {"precision": _f(ap), "recall": _f(ar), "f1": _f(af)}
-        roc_auc = None
-        if len(present) > 1:
-            if n_classes == 2:
-                roc_auc = _f(skm.roc_auc_score(y, probs[:, 1]))  # symmetric in the class order
-            elif len(present) == n_classes:
-                roc_auc = _f(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
-        aps = [v["average_precision"] for v in per_class.values() if v["average_precision"] is not None]
-        result: dict[str, Any] = {
-            "num_records": int(len(y)),
-            "classes": list(classes),
-            "support": {name: int(support[c]) for c, name in enumerate(classes)},
-            "accuracy": _f(skm.accuracy_score(y, pred)),
-            "balanced_accuracy": _f(skm.balanced_accuracy_score(y, pred)),
-            "cohen_kappa": _f(skm.cohen_kappa_score(y, pred, labels=labels)),
-            "precision_macro": averages["macro"]["precision"], "recall_macro": averages["macro"]["recall"],
-            "f1_macro": averages["macro"]["f1"],
-            "precision_weighted": averages["weighted"]["precision"],
-            "recall_weighted": averages["weighted"]["recall"], "f1_weighted": averages["weighted"]["f1"],
-            "roc_auc_macro_ovr": roc_auc,
-            "pr_auc_macro": _f(np.mean(aps)) if aps else None,
-            "log_loss": _f(skm.log_loss(y, np.clip(probs, 1e-7, 1.0), labels=labels)),
-            "per_class": per_class,
-            "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
-        }
-        if n_classes == 2:
-            if positive not in (0, 1):
-                raise DflError(f"positive class index must be 0 or 1, got {positive}")
-            pos = classes[positive]
-            result["positive_class"] = {"index": positive, "name": pos, **{k: per_class[pos][k] for k in
-                                        ("precision", "recall", "f1", "average_precision", "roc_auc")}}
-            if threshold is not None:
-                tpred = np.where(probs[:, positive] >= threshold, positive, 1 - positive).astype(np.int64)
-                tp, tr, tf1, _ = skm.precision_recall_fscore_support(y, tpred, labels=[positive],
-                                                                     zero_division=0)
-                result["at_threshold"] = {
-                    "threshold": float(threshold),
-                    "precision": _f(tp[0]), "recall": _f(tr[0]), "f1": _f(tf1[0]),
-                    "accuracy": _f(skm.accuracy_score(y, tpred)),
-                    "balanced_accuracy": _f(skm.balanced_accuracy_score(y, tpred)),
-                    "cohen_kappa": _f(skm.cohen_kappa_score(y, tpred, labels=labels)),
-                    "confusion_matrix": skm.confusion_matrix(y, tpred, labels=labels).tolist(),
-                }
-    return result
-
-
-def best_f1_threshold(y_true: Sequence[int], pos_probs: np.ndarray) -> float | None:
-    """The threshold on the positive-class probability that maximises F1 (None if undefined)."""
-    from sklearn.metrics import precision_recall_curve
-
-    y = np.asarray(y_true)
-    if y.sum() == 0 or y.sum() == len(y):
-        return None
-    precision, recall, thresholds = precision_recall_curve(y, pos_probs)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)[:-1]
-    return float(thresholds[int(np.argmax(f1))])
+from dfl_tf.heads.metrics import _f, best_f1_threshold, compute_metrics, predict_probs  # noqa: F401  (public here too)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -222,13 +117,6 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     atomic_write_bytes(out / "pr_curves.png", _png(fig))
     plt.close(fig)
     return ["confusion_matrix.png", "pr_curves.png"]
-
-
-def predict_probs(model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Softmax outputs of a head on an in-memory embedding matrix (inference mode)."""
-    if len(X) == 0:
-        return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    return np.asarray(model.predict(np.asarray(X, np.float32), batch_size=batch_size, verbose=0), np.float32)
 
 
 def check_head_embeddings(info: dict[str, Any], manifest: dict[str, Any], head_name: str, emb_name: str) -> None:

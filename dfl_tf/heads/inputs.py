@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dfl_tf.errors import DflError
+from dfl_tf.options.train import TRAIN_RANGES, check_ranges  # noqa: F401  (public here too)
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import record_dataset
 
@@ -133,37 +134,3 @@ def check_memory(dim: int, n_classes: int, hidden: int, batch_size: int, models:
         raise DflError(f"--hidden {int(hidden)}: training {what} needs at least {need / 1e9:.3g} GB of memory "
                        f"(float32 weights, Adam moments and gradients for {dim}-dim embeddings), "
                        f"{avail / 1e9:.3g} GB is available; use a smaller --hidden")
-
-
-#: train_head's numeric options: (flag, lowest, lowest included, highest, highest included); None: unbounded
-TRAIN_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "epochs": (1, True, None, False), "batch_size": (1, True, None, False), "hidden": (0, True, None, False),
-    "patience": (0, True, None, False), "cv_folds": (2, True, None, False), "dropout": (0, True, 1, False),
-    "noise": (0, True, 1, True), "weight_decay": (0, True, None, False), "lr": (0, False, None, False),
-    "gamma": (0, True, None, False), "alpha": (0, True, 1, True),
-}
-
-
-def check_ranges(**values: Any) -> None:
-    """Refuse (:class:`DflError` naming the option and its flag) a numeric option of ``train_head``
-    outside its range (:data:`TRAIN_RANGES`; None values are skipped), wherever it came from
-    (flag, ``--config`` file, Python)."""
-    import math
-
-    for name, value in values.items():
-        if value is None:
-            continue
-        low, low_in, high, high_in = TRAIN_RANGES[name]
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise DflError(f"{name} must be a number (--{name.replace('_', '-')}), got {value!r}") from None
-        ok = math.isfinite(v) and (v >= low if low_in else v > low) and (
-            high is None or (v <= high if high_in else v < high))
-        if not ok:
-            if high is None:
-                rule = f">= {low:g}" if low_in else f"> {low:g}"
-            else:
-                rule = f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            label = "noise std" if name == "noise" else name
-            raise DflError(f"{label} must be {rule} (--{name.replace('_', '-')}), got {value}")

@@ -6,13 +6,20 @@ HEAD_DIR (written to a temporary directory and renamed at the end):
 * ``head.json``: classes, views, backbone, dim, standardisation mean/std, training settings,
   best epoch, decision threshold (two-class tasks), seed, dfl_tf version.
 * ``history.csv``: one row per epoch.
-* ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.heads.evaluate.compute_metrics`).
+* ``metrics.json``: validation metrics at the best epoch (:func:`dfl_tf.heads.metrics.compute_metrics`).
 * ``probe.npz``: the linear-probe reference (:mod:`dfl_tf.heads.probe`).
+* ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
 
 Small training sets get their regularisation chosen first, on the validation set when one is
 given, else by cross-validation (:mod:`dfl_tf.heads.tuning`); ``head.json`` records the
 method, the choice and the scores.
-* ``logs/``: TensorBoard event files (unless ``logdir`` points elsewhere).
+
+:func:`train_head` runs in three steps: :func:`plan_training` (the options, validated by
+:class:`~dfl_tf.options.TrainOptions`; the stores loaded; the selection decided), the fit
+(:func:`choose_settings`: selection on the validation set or by cross-validation and the probe;
+:func:`fit_head`: the final fit; :func:`tune_threshold`) and the record (:func:`head_info`,
+:func:`write_head`: head.json, metrics, probe, history, written to a temporary folder renamed at
+the end).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,28 +37,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_dir
-from dfl_tf.runtime.locks import locks_output
-from dfl_tf.runtime.outputs import prepare_out
+from dfl_tf.errors import DflError
+from dfl_tf.heads.augment import augment_layers, mixup_alpha, resolve_augment
+from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
+from dfl_tf.heads.inputs import check_memory, class_weights, history_csv, load_val
+from dfl_tf.heads.metrics import best_f1_threshold, compute_metrics, predict_probs
+from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, standardize_values,
+                                training_view)
+from dfl_tf.heads.train_data import TrainData
+from dfl_tf.heads.tuning import (DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE, SmallData, grid_candidates,
+                                 make_optimizer)
+from dfl_tf.options.base import takes_options
+from dfl_tf.options.train import LOSSES, MONITORS, TrainOptions  # noqa: F401  (public here too)
 from dfl_tf.provenance import check_compatible  # the one shared check (fingerprint, views, geometry)
 from dfl_tf.runtime.devices import resolve_strategy
 from dfl_tf.runtime.devices import scope as strategy_scope
-from dfl_tf.errors import DflError
-from dfl_tf.heads.evaluate import best_f1_threshold, compute_metrics, predict_probs
-from dfl_tf.heads.augment import augment_layers, mixup_alpha, mixup_batch, resolve_augment
-from dfl_tf.heads.inputs import (check_memory, check_ranges, class_weights, history_csv, index_batches,
-                                 load_val, refuse_non_finite)
-from dfl_tf.heads.callbacks import TensorBoardLogger, ValidationCallback
-from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, safe_std, standardisation,
-                                 standardize_values, training_view)
-from dfl_tf.heads.tuning import (DEFAULT_FOLDS, DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE,
-                                       SELECT_MODES, SmallData, grid_candidates, make_optimizer)
+from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_dir
+from dfl_tf.runtime.locks import locks_output
+from dfl_tf.runtime.outputs import prepare_out
 from dfl_tf.store.manifest import load_manifest
-from dfl_tf.store.shards import DTYPES, record_dataset
 
-LOSSES = ("focal", "crossentropy")
-MONITORS = ("val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro", "val_cohen_kappa",
-            "val_roc_auc", "val_pr_auc")
 HEAD_FORMAT_VERSION = 1
 
 
@@ -59,147 +65,133 @@ def _note(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# data
+# plan: validated options, loaded stores, the selection decided
 
 
-class _TrainData:
-    """The labeled training records: in memory (storage dtype) when small enough, else streamed."""
+@dataclass
+class TrainPlan:
+    """What a head is trained from: options, stores, class weights, and the head's settings (the
+    given ones, then those :func:`choose_settings` picked)."""
 
-    def __init__(self, emb_dir: str | Path, manifest: dict[str, Any], cache_gb: float):
-        self.emb_dir, self.manifest = emb_dir, manifest
-        self.dim = int(manifest["dim"])
-        self.n_classes = len(manifest["classes"])
-        storage = np.dtype(DTYPES[manifest["dtype"]])
-        total = int(manifest["num_records"])
-        self.in_memory = total * self.dim * storage.itemsize <= cache_gb * 1e9
-        self.X: np.ndarray | None = None
-        self.y: np.ndarray | None = None
-        if self.in_memory:
-            X = np.empty((total, self.dim), storage)
-            y = np.empty((total,), np.int64)
-            i = 0
-            for batch in record_dataset(emb_dir, batch_size=8192, manifest=manifest):
-                n = int(batch["label"].shape[0])
-                emb = batch["embedding"].numpy()
-                if not np.isfinite(emb).all():
-                    refuse_non_finite(emb_dir, manifest)
-                X[i:i + n] = emb.astype(storage)
-                y[i:i + n] = batch["label"].numpy()
-                i += n
-            X, y = X[:i], y[:i]
-            keep = y >= 0
-            self.unlabeled = int((~keep).sum())
-            if self.unlabeled:
-                X, y = X[keep], y[keep]
-            self.X, self.y = X, y
-            self.mean, self.std = standardisation(X)
-            self.counts = np.bincount(y, minlength=self.n_classes)
-        else:
-            self._stream_stats()
-        self.num = int(self.counts.sum())
+    train: str | Path
+    val: str | Path | None
+    options: TrainOptions
+    manifest: dict[str, Any]
+    classes: list[str]
+    pos: int
+    data: TrainData
+    cw: np.ndarray | None
+    Xv: np.ndarray | None
+    yv: np.ndarray | None
+    val_unlabeled: int
+    loss_fn: Any
+    small: SmallData
+    candidates: list[dict[str, Any]]
+    hidden: int
+    weight_decay: float
+    noise: float | None
+    specs: list[Any]
+    selection: dict[str, Any] = field(default_factory=dict)
+    probe_model: Any = None
+    probe_info: dict[str, Any] | None = None
 
-    def _stream_stats(self) -> None:
-        """Mean/std and class counts in one pass (Chan's parallel merge, float64)."""
-        n, mean, m2 = 0, np.zeros(self.dim), np.zeros(self.dim)
-        counts = np.zeros(self.n_classes, np.int64)
-        unlabeled = 0
-        for batch in record_dataset(self.emb_dir, batch_size=8192, manifest=self.manifest):
-            y = batch["label"].numpy()
-            keep = y >= 0
-            unlabeled += int((~keep).sum())
-            X = batch["embedding"].numpy()[keep].astype(np.float64)
-            if not np.isfinite(X).all():
-                refuse_non_finite(self.emb_dir, self.manifest)
-            if not len(X):
-                continue
-            counts += np.bincount(y[keep], minlength=self.n_classes)
-            bn, bmean = len(X), X.mean(axis=0)
-            bm2 = ((X - bmean) ** 2).sum(axis=0)
-            delta = bmean - mean
-            tot = n + bn
-            mean = mean + delta * bn / tot
-            m2 = m2 + bm2 + delta ** 2 * n * bn / tot
-            n = tot
-        self.mean = mean.astype(np.float32)
-        self.std = safe_std(np.sqrt(m2 / max(n, 1)))
-        self.counts, self.unlabeled = counts, unlabeled
 
-    def _standardise_in_place(self, mean: np.ndarray, denominator: np.ndarray, chunk: int = 65536) -> None:
-        """``X = (X - mean) / denominator`` in float32, chunk by chunk, stored back in X's dtype."""
-        for i in range(0, len(self.X), chunk):
-            part = self.X[i:i + chunk].astype(np.float32)
-            part -= mean
-            part /= denominator
-            self.X[i:i + chunk] = part
+def _manifests(train: str | Path, val: str | Path | None, positive_class: str | None
+               ) -> tuple[dict[str, Any], list[str], int]:
+    """The training manifest, its classes and the positive class; the validation store checked against it."""
+    tm = load_manifest(train)
+    classes = list(tm["classes"])
+    if len(classes) < 2:
+        raise DflError(f"{train}: a head needs at least 2 classes, the manifest has {classes}")
+    pos = resolve_positive(classes, positive_class, f"training embeddings {train}")
+    if val is not None:
+        vm = load_manifest(val)
+        check_compatible(tm, vm, f"training embeddings {train}", f"validation embeddings {val}")
+        if list(vm["classes"]) != classes:
+            raise DflError(f"training embeddings {train} and validation embeddings {val} disagree on classes: "
+                           f"{classes} vs {list(vm['classes'])}")
+    return tm, classes, pos
 
-    def dataset(self, batch_size: int, seed: int, balanced: bool, class_weights: np.ndarray | None,
-                mixup: float, standardise: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> tuple[tf.data.Dataset, int | None]:
-        """(endless dataset of (x, y_onehot, sample_weight) batches, steps_per_epoch).
 
-        ``standardise=(mean, denominator)``: the batches are standardised embeddings (for
-        :func:`dfl_tf.heads.model.training_view`). In memory they are standardised once, in place
-        and in the storage dtype (so a float16 store adds one float16 rounding of the standardised
-        value, far below the noise augmentation's 0.1 std), and the raw records are no longer
-        kept (``X`` becomes None); streamed batches are standardised in the pipeline."""
-        C = self.n_classes
-        steps = math.ceil(self.num / batch_size)
-        cw = tf.constant(class_weights if class_weights is not None else np.ones(C), tf.float32)
+def _training_records(train: str | Path, tm: dict[str, Any], classes: list[str], cache_gb: float) -> TrainData:
+    """The labeled training records; a class of the manifest without any is refused."""
+    data = TrainData(train, tm, cache_gb)
+    if data.unlabeled:
+        _note(f"{train}: {data.unlabeled} unlabeled records dropped from training")
+    if data.num == 0:
+        raise DflError(f"{train}: no labeled records to train on")
+    if (data.counts == 0).any():  # whatever --select says: a head would never predict that class
+        empty = [c for c, n in zip(classes, data.counts) if n == 0]
+        counts = ", ".join(f"{c} {int(n)}" for c, n in zip(classes, data.counts))
+        raise DflError(f"{train}: class(es) {', '.join(map(repr, empty))} of the manifest have no labeled "
+                       f"training records (counts: {counts}); add records of them or re-extract without those classes")
+    return data
 
-        def finish(x, label):
-            x = tf.cast(x, tf.float32)
-            if standardise is not None and not self.in_memory:
-                x = (x - standardise[0]) / standardise[1]
-            y = tf.one_hot(label, C, dtype=tf.float32)
-            w = tf.reduce_sum(y * cw, axis=-1)
-            return x, y, w
 
-        if self.in_memory:
-            if standardise is not None:
-                self._standardise_in_place(*standardise)
-            Xc, yc = tf.constant(self.X), tf.constant(self.y)
-            if standardise is not None:
-                self.X = None  # standardised now: raw records are read from the shards if asked for
-            if balanced:
-                parts = [tf.data.Dataset.from_tensor_slices(np.flatnonzero(self.y == c).astype(np.int64))
-                         .shuffle(int(self.counts[c]), seed=seed + c, reshuffle_each_iteration=True).repeat()
-                         for c in range(C) if self.counts[c] > 0]
-                idx = tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / len(parts)] * len(parts),
-                                                           seed=seed).batch(batch_size)
-            else:
-                idx = index_batches(self.num, batch_size, seed)  # a fresh permutation per epoch
-            ds = idx.map(lambda i: finish(tf.gather(Xc, i), tf.gather(yc, i)),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        else:
-            # Filter at batch level (cheap), then unbatch -> shuffle -> batch (per record).
-            def labeled(r, c=None):
-                keep = r["label"] >= 0 if c is None else tf.equal(r["label"], c)
-                return tf.boolean_mask(r["embedding"], keep), tf.boolean_mask(r["label"], keep)
+def _validation_records(val: str | Path | None, o: TrainOptions) -> tuple[Any, Any, int]:
+    """(X, y, unlabeled count) of the validation set, or (None, None, 0) without one."""
+    if val is None:
+        if o.monitor != "val_loss" or o.patience:
+            _note("no --val: training for all epochs, no early stopping; metrics.json holds training-set metrics")
+        return None, None, 0
+    Xv, yv, unlabeled = load_val(val)
+    if unlabeled:
+        _note(f"{val}: {unlabeled} unlabeled records dropped from validation")
+    if len(yv) == 0:
+        raise DflError(f"{val}: no labeled records to validate on")
+    return Xv, yv, unlabeled
 
-            rec = record_dataset(self.emb_dir, batch_size=1024, manifest=self.manifest)
-            if balanced:
-                parts = [rec.map(lambda r, c=c: labeled(r, c)).unbatch().repeat()
-                         for c in range(C) if self.counts[c] > 0]
-                rec = tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / len(parts)] * len(parts),
-                                                           seed=seed)
-            else:
-                rec = rec.map(labeled).unbatch()
-            rec = rec.shuffle(min(self.num, 65536), seed=seed, reshuffle_each_iteration=True)
-            ds = rec.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if mixup > 0:
-            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(
-                lambda b, s: mixup_batch(*b, s, alpha=mixup), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-        # One pass = ceil(num / batch_size) batches (partial last batch); repeated, with the
-        # explicit steps_per_epoch, so Keras never has to guess the length of a filtered stream.
-        ds = ds.repeat().prefetch(tf.data.AUTOTUNE)
-        return ds, steps
 
+def plan_training(train: str | Path, val: str | Path | None, o: TrainOptions) -> TrainPlan:
+    """Check what the options name (augmentations, grid, classes, memory), load the stores and
+    decide whether small-data selection runs (:class:`~dfl_tf.heads.tuning.SmallData`)."""
+    hidden = DEFAULT_HIDDEN if o.hidden is None else o.hidden
+    noise_given = o.noise is not None or any(
+        (e if isinstance(e, str) else e.get("name") if isinstance(e, Mapping) else None) == "noise"
+        for e in o.augment or [])
+    specs = resolve_augment(o.augment, o.noise)
+    candidates = grid_candidates(o.cv_grid, fixed={"weight_decay": o.weight_decay is not None, "noise": noise_given,
+                                                   "hidden": o.hidden is not None})
+    tm, classes, pos = _manifests(train, val, o.positive_class)
+    check_memory(int(tm["dim"]), len(classes), hidden, int(o.batch_size))  # before any record is read
+
+    keras.utils.set_random_seed(int(o.seed))
+    tf.config.experimental.enable_op_determinism()
+    data = _training_records(train, tm, classes, o.cache_gb)
+    cw = class_weights(o.class_weight, data.counts, classes)
+    Xv, yv, val_unlabeled = _validation_records(val, o)
+    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=o.alpha, gamma=o.gamma) if o.loss == "focal"
+               else keras.losses.CategoricalCrossentropy())
+    small = SmallData(train, data, o.select, o.cv_folds, o.seed, candidates)
+    weight_decay = DEFAULT_WEIGHT_DECAY if o.weight_decay is None else float(o.weight_decay)
+    return TrainPlan(train, val, o, tm, classes, pos, data, cw, Xv, yv, val_unlabeled, loss_fn, small, candidates,
+                     int(hidden), weight_decay, o.noise, specs, {"performed": False, "reason": small.reason})
 
 
 # --------------------------------------------------------------------------------------------
-# train_head
+# fit: selection on the validation set or by cross-validation, the final fit, the threshold
+
+
+def choose_settings(plan: TrainPlan, progress: bool) -> None:
+    """Small data: choose the regularisation (or the linear probe) on ``val``, else by
+    cross-validation on the training set; fit the probe reference beside it. Updates ``plan``."""
+    o, data = plan.options, plan.data
+    if plan.small.selecting:
+        plan.selection = plan.small.select(
+            plan.candidates, plan.specs, mean=data.mean, std=data.std, X_val=plan.Xv, y_val=plan.yv,
+            hidden=plan.hidden, dropout=float(o.dropout), lr=float(o.lr), epochs=int(o.epochs),
+            batch_size=int(o.batch_size), loss=o.loss, gamma=float(o.gamma), alpha=float(o.alpha),
+            class_weights=plan.cw, weight_decay=plan.weight_decay, progress=progress)
+        choice = plan.selection["choice"]
+        plan.weight_decay = choice.get("weight_decay", plan.weight_decay)
+        plan.hidden = int(choice.get("hidden", plan.hidden))
+        if "noise" in choice:
+            plan.noise = choice["noise"]
+            plan.specs = resolve_augment(plan.specs, plan.noise)
+        if choice.get("model") == PROBE_CHOICE:  # the head becomes the probe (linear)
+            plan.hidden, plan.noise, plan.specs = 0, 0.0, []
+    if o.probe or plan.selection["performed"]:
+        plan.probe_model, plan.probe_info = plan.small.probe(data.mean, data.std, plan.Xv, plan.yv)
 
 
 def steps_per_execution(steps: int, cap: int = 32) -> int:
@@ -210,42 +202,179 @@ def steps_per_execution(steps: int, cap: int = 32) -> int:
     return max(d for d in range(1, max(1, min(cap, steps)) + 1) if steps % d == 0)
 
 
+
+@dataclass
+class Trainer:
+    """The head (what is saved), the model fitted (the head after its standardisation, or the
+    head itself), the endless training dataset and its steps per epoch."""
+
+    model: keras.Model
+    fitted: keras.Model
+    dataset: tf.data.Dataset
+    steps: int
+    replicas: int
+
+
+def build_trainer(plan: TrainPlan) -> Trainer:
+    """Build and compile the head (under a MirroredStrategy over several devices) and its dataset."""
+    o, data = plan.options, plan.data
+    keras.utils.set_random_seed(int(o.seed))
+    strategy = resolve_strategy(o.devices)  # MirroredStrategy over several GPUs (or given devices)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    pre, post = augment_layers(plan.specs, data.dim, data.std)
+    with strategy_scope(strategy):
+        model = build_head(data.dim, len(plan.classes), plan.hidden, o.dropout, data.mean, data.std, augment=post,
+                           pre_augment=pre)
+        # Trained on embeddings standardised once beforehand (not at every step): the part of the head
+        # after its standardisation, sharing its layers; the full head when layers precede it.
+        view = training_view(model)
+        trainer = view if view is not None else model
+        trainer.compile(optimizer=make_optimizer(o.lr, plan.weight_decay), loss=plan.loss_fn,
+                        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                        # several steps per call fails under MirroredStrategy (Keras 3.13): one there
+                        steps_per_execution=steps_per_execution(math.ceil(data.num / int(o.batch_size)))
+                        if replicas == 1 else 1)
+        if view is not None:  # head.keras keeps the compile config and optimizer state, as before
+            model.compile(optimizer=trainer.optimizer, loss=plan.loss_fn,
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    ds, steps = data.dataset(int(o.batch_size), int(o.seed), bool(o.balanced_sampling), plan.cw,
+                             mixup_alpha(plan.specs),
+                             standardise=None if view is None else standardize_values(data.mean, data.std))
+    return Trainer(model, trainer, ds, steps, replicas)
+
+
+@dataclass
+class Fitted:
+    """The trained head and what its fit recorded."""
+
+    model: keras.Model
+    valcb: ValidationCallback
+    history: dict[str, list[float]]
+    epochs_run: int
+    best_epoch: int
+    replicas: int
+
+
+def fit_head(plan: TrainPlan, log_root: Path, progress: bool,
+             callbacks: Sequence[keras.callbacks.Callback] | None = None) -> Fitted:
+    """The final fit on the whole training set (early stopping on ``val``), or the probe's weights
+    when selection preferred the linear probe."""
+    o = plan.options
+    t = build_trainer(plan)
+    valcb = ValidationCallback(plan.Xv, plan.yv, len(plan.classes), plan.loss_fn, o.monitor,
+                               int(o.patience) if plan.val else 0, batch_size=max(int(o.batch_size), 2048),
+                               predict_model=t.model)
+    if (plan.selection.get("choice") or {}).get("model") == PROBE_CHOICE:
+        # selection preferred the probe: a linear head with its weights, no training
+        t.model.get_layer("probabilities").set_weights([plan.probe_model.W.T, plan.probe_model.b])
+        return Fitted(t.model, valcb, {}, 0, 0, t.replicas)
+    history = t.fitted.fit(t.dataset, epochs=int(o.epochs), steps_per_epoch=t.steps,
+                           callbacks=[valcb, TensorBoardLogger(log_root, o.histogram_freq), *(callbacks or [])],
+                           verbose=2 if progress else 0, shuffle=False)
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    epochs_run = len(next(iter(hist.values()))) if hist else 0
+    best_epoch = valcb.best_epoch if plan.val is not None else epochs_run
+    return Fitted(t.model, valcb, hist, epochs_run, best_epoch, t.replicas)
+
+
+def tune_threshold(plan: TrainPlan, fitted: Fitted) -> tuple[float | None, str | None, dict[str, Any]]:
+    """(threshold, how it was chosen, metrics): two-class tasks get the max-F1 threshold of the
+    positive class on ``val`` (0.5 without one); metrics on ``val``, else on the training set."""
+    classes, pos = plan.classes, plan.pos
+    if plan.val is not None:
+        probs, y_eval, split = predict_probs(fitted.model, plan.Xv), plan.yv, "validation"
+    else:
+        X_train, y_train = plan.small.arrays()
+        probs, y_eval, split = predict_probs(fitted.model, X_train), y_train, "train"
+    threshold, threshold_from = None, None
+    if len(classes) == 2:
+        if plan.val is None:  # never tuned on the training data
+            threshold, threshold_from = 0.5, "not tuned (no validation set): 0.5"
+        else:
+            threshold = best_f1_threshold(y_eval == pos, probs[:, pos])
+            threshold_from = f"max F1 of '{classes[pos]}' on validation"
+            if threshold is None:
+                threshold, threshold_from = 0.5, "not tuned (F1 undefined: one class only in validation): 0.5"
+    metrics = compute_metrics(y_eval, probs, classes, threshold, positive=pos)
+    return threshold, threshold_from, {"split": split, "best_epoch": fitted.best_epoch, **metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# record: head.json, metrics, probe, history, written atomically
+
+
+def _settings(plan: TrainPlan, fitted: Fitted) -> dict[str, Any]:
+    """head.json's ``settings``: the options as used (after selection) and how the run went."""
+    o = plan.options
+    return {"hidden": int(plan.hidden), "dropout": float(o.dropout), "noise": plan.noise, "augment": plan.specs,
+            "weight_decay": float(plan.weight_decay), "select": o.select, "cv_folds": int(o.cv_folds),
+            "loss": o.loss, "gamma": float(o.gamma), "alpha": float(o.alpha), "epochs": int(o.epochs),
+            "lr": float(o.lr), "batch_size": int(o.batch_size), "seed": int(o.seed), "patience": int(o.patience),
+            "monitor": o.monitor, "class_weight": o.class_weight if not isinstance(o.class_weight, Mapping)
+            else dict(o.class_weight), "class_weights": None if plan.cw is None else plan.cw.tolist(),
+            "balanced_sampling": bool(o.balanced_sampling), "histogram_freq": o.histogram_freq,
+            "cache_gb": o.cache_gb, "in_memory": plan.data.in_memory, "replicas": fitted.replicas}
+
+
+def _store_info(path: str | Path, classes: list[str], y: np.ndarray, unlabeled: int) -> dict[str, Any]:
+    return {"path": str(Path(path).resolve()), "records": int(len(y)), "unlabeled_dropped": unlabeled,
+            "counts": {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=len(classes)))}}
+
+
+def head_info(plan: TrainPlan, fitted: Fitted, threshold: float | None, threshold_from: str | None,
+              logdir: str | Path | None) -> dict[str, Any]:
+    """head.json: what the head needs to be served and what its training decided."""
+    from dfl_tf import __version__
+
+    o, tm, classes, data, valcb = plan.options, plan.manifest, plan.classes, plan.data, fitted.valcb
+    two = len(classes) == 2
+    return {
+        "format_version": HEAD_FORMAT_VERSION, "classes": classes, "n_classes": len(classes),
+        "positive_class": classes[plan.pos] if two else None,
+        "positive_class_chosen_by": (None if not two else "given" if o.positive_class is not None
+                                     else "default (second class in manifest order)"),
+        "views": list(tm["views"]), "backbone": dict(tm["backbone"]), "dim": int(tm["dim"]),
+        "extraction": {k: tm[k] for k in ("dtype", "settings", "geometry") if k in tm},
+        "standardisation": {"mean": data.mean.tolist(), "std": data.std.tolist()},
+        "settings": _settings(plan, fitted), "seed": int(o.seed),
+        "best_epoch": fitted.best_epoch, "epochs_run": fitted.epochs_run,
+        "stopped_early": valcb.stopped_epoch is not None, "best_value": valcb.best,
+        "threshold": threshold, "threshold_chosen_by": threshold_from,
+        "threshold_tuned": None if threshold is None else plan.val is not None and threshold_from.startswith("max"),
+        "monitor": valcb.monitor if plan.val is not None else None, "monitor_fallback": valcb.fallback,
+        "selection": plan.selection, "linear_probe": plan.probe_info if o.probe else None,
+        "train": {"path": str(Path(plan.train).resolve()), "records": data.num, "unlabeled_dropped": data.unlabeled,
+                  "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
+        "val": None if plan.val is None else _store_info(plan.val, classes, plan.yv, plan.val_unlabeled),
+        "logdir": str(Path(logdir)) if logdir else "logs",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dfl_tf_version": __version__,
+    }
+
+
+def write_head(tmp: Path, plan: TrainPlan, fitted: Fitted, info: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """head.keras, probe.npz, head.json, history.csv and metrics.json into the folder ``tmp``."""
+    fitted.model.save(tmp / HEAD_FILE)
+    if plan.probe_model is not None and plan.options.probe:
+        plan.probe_model.save(tmp)
+    atomic_write_json(tmp / HEAD_JSON, info)
+    atomic_write_text(tmp / "history.csv", history_csv(fitted.history))
+    atomic_write_json(tmp / "metrics.json", metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# train_head
+
+
+@takes_options(TrainOptions)
 @locks_output("train", inside=False,  # HEAD_DIR is replaced whole: lock beside it
               prepare=lambda a: prepare_out(a["out"], "head", (a["train"], a["val"]), a["overwrite"]))
-def train_head(
-    train: str | Path,
-    out: str | Path,
-    val: str | Path | None = None,
-    hidden: int | None = None,
-    dropout: float = 0.0,
-    noise: float | None = None,
-    augment: Sequence[Any] | None = None,
-    weight_decay: float | None = None,
-    positive_class: str | None = None,
-    select: str = "auto",
-    cv_folds: int = DEFAULT_FOLDS,
-    cv_grid: Mapping[str, Sequence[float]] | None = None,
-    probe: bool = True,
-    loss: str = "focal",
-    gamma: float = 2.0,
-    alpha: float = 0.25,
-    epochs: int = 50,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    seed: int = 0,
-    patience: int = 10,
-    monitor: str = "val_balanced_accuracy",
-    class_weight: str | Mapping[str, float] | None = None,
-    balanced_sampling: bool = False,
-    logdir: str | Path | None = None,
-    histogram_freq: int = 1,
-    cache_gb: float = 2.0,
-    overwrite: bool = False,
-    progress: bool = True,
-    callbacks: Sequence[keras.callbacks.Callback] | None = None,
-    devices: str | Sequence[str] | None = None,
-) -> dict[str, Any]:
+def train_head(train: str | Path, out: str | Path, val: str | Path | None = None, *, options: TrainOptions,
+               logdir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+               callbacks: Sequence[keras.callbacks.Callback] | None = None) -> dict[str, Any]:
     """Train a softmax head on the embedding directory ``train``; write HEAD_DIR ``out``.
+
+    ``options``: a :class:`~dfl_tf.options.TrainOptions`, or its fields as keyword arguments
+    (``hidden=``, ``epochs=``...; a keyword wins over ``options``).
 
     ``noise``: std of the isotropic Gaussian feature noise (None: the ``noise`` entry of
     ``augment``, else 0.1; 0 disables it). ``augment``: list of augmentations, e.g.
@@ -259,7 +388,7 @@ def train_head(
     without, by ``cv_folds``-fold cross-validation on the training set (stratified, grouped by
     ``group``); then the head is trained on all of it (``head.json``'s ``selection`` records the
     method and the scores); ``always`` / ``never`` force it. Numeric options outside their range
-    (:data:`dfl_tf.heads.inputs.TRAIN_RANGES`), a head too large for the available memory and a
+    (:data:`dfl_tf.options.train.TRAIN_RANGES`), a head too large for the available memory and a
     class without training records are refused. ``probe``: also fit the linear-probe
     reference (``probe.npz``). ``positive_class``: the positive class of a two-class task (the
     threshold, PR curve and GeoJSON class; default: the second class in manifest order); the
@@ -280,203 +409,24 @@ def train_head(
     """
     t0 = time.time()
     out = Path(out)  # checked by prepare_out (locks_output above): not an input, a head directory or new
-    if loss in ("ce", "categorical_crossentropy", "cross-entropy"):
-        loss = "crossentropy"
-    if loss not in LOSSES:
-        raise DflError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if monitor not in MONITORS:
-        raise DflError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
-    hidden_given, hidden = hidden is not None, DEFAULT_HIDDEN if hidden is None else hidden
-    check_ranges(epochs=epochs, batch_size=batch_size, hidden=hidden, patience=patience, cv_folds=cv_folds,
-                 dropout=dropout, noise=noise, weight_decay=weight_decay, lr=lr, gamma=gamma, alpha=alpha)
-    if select not in SELECT_MODES:
-        raise DflError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
-    noise_given = noise is not None or any(
-        (e if isinstance(e, str) else e.get("name") if isinstance(e, Mapping) else None) == "noise"
-        for e in augment or [])
-    specs = resolve_augment(augment, noise)
-    candidates = grid_candidates(cv_grid, fixed={"weight_decay": weight_decay is not None, "noise": noise_given,
-                                                 "hidden": hidden_given})
-
-    tm = load_manifest(train)
-    classes = list(tm["classes"])
-    if len(classes) < 2:
-        raise DflError(f"{train}: a head needs at least 2 classes, the manifest has {classes}")
-    pos = resolve_positive(classes, positive_class, f"training embeddings {train}")
-    vm = None
-    if val is not None:
-        vm = load_manifest(val)
-        check_compatible(tm, vm, f"training embeddings {train}", f"validation embeddings {val}")
-        if list(vm["classes"]) != classes:
-            raise DflError(f"training embeddings {train} and validation embeddings {val} disagree on classes: "
-                           f"{classes} vs {list(vm['classes'])}")
-
-    check_memory(int(tm["dim"]), len(classes), hidden, int(batch_size))  # before any record is read
-
-    keras.utils.set_random_seed(int(seed))
-    tf.config.experimental.enable_op_determinism()
-
-    data = _TrainData(train, tm, cache_gb)
-    if data.unlabeled:
-        _note(f"{train}: {data.unlabeled} unlabeled records dropped from training")
-    if data.num == 0:
-        raise DflError(f"{train}: no labeled records to train on")
-    if (data.counts == 0).any():  # whatever --select says: a head would never predict that class
-        empty = [c for c, n in zip(classes, data.counts) if n == 0]
-        raise DflError(f"{train}: class(es) {', '.join(map(repr, empty))} of the manifest have no labeled "
-                       f"training records (counts: {', '.join(f'{c} {int(n)}' for c, n in zip(classes, data.counts))}); "
-                       "add records of them or re-extract without those classes")
-    cw = class_weights(class_weight, data.counts, classes)
-    Xv = yv = None
-    val_unlabeled = 0
-    if val is not None:
-        Xv, yv, val_unlabeled = load_val(val)
-        if val_unlabeled:
-            _note(f"{val}: {val_unlabeled} unlabeled records dropped from validation")
-        if len(yv) == 0:
-            raise DflError(f"{val}: no labeled records to validate on")
-    elif monitor != "val_loss" or patience:
-        _note("no --val: training for all epochs, no early stopping; metrics.json holds training-set metrics")
-
-    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
-               else keras.losses.CategoricalCrossentropy())
-    # Small data: regularisation chosen on --val, else by cross-validation on the training set; the probe beside it.
-    small = SmallData(train, data, select, cv_folds, seed, candidates)
-    weight_decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else float(weight_decay)
-    selection: dict[str, Any] = {"performed": False, "reason": small.reason}
-    if small.selecting:
-        selection = small.select(candidates, specs, mean=data.mean, std=data.std, X_val=Xv, y_val=yv,
-                                 hidden=int(hidden),
-                                 dropout=float(dropout), lr=float(lr),
-                                 epochs=int(epochs), batch_size=int(batch_size), loss=loss, gamma=float(gamma),
-                                 alpha=float(alpha), class_weights=cw, weight_decay=weight_decay,
-                                 progress=progress)
-        weight_decay = selection["choice"].get("weight_decay", weight_decay)
-        hidden = int(selection["choice"].get("hidden", hidden))
-        if "noise" in selection["choice"]:
-            noise = selection["choice"]["noise"]
-            specs = resolve_augment(specs, noise)
-        if selection["choice"].get("model") == PROBE_CHOICE:  # the head becomes the probe (linear)
-            hidden, noise, specs = 0, 0.0, []
-    probe_model, probe_info = (small.probe(data.mean, data.std, Xv, yv) if probe or selection["performed"]
-                               else (None, None))
-
-    keras.utils.set_random_seed(int(seed))
-    strategy = resolve_strategy(devices)  # MirroredStrategy over several GPUs (or given devices)
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    pre, post = augment_layers(specs, data.dim, data.std)
-    with strategy_scope(strategy):
-        model = build_head(data.dim, len(classes), hidden, dropout, data.mean, data.std, augment=post,
-                           pre_augment=pre)
-        # Trained on embeddings standardised once beforehand (not at every step): the part of the head
-        # after its standardisation, sharing its layers; the full head when layers precede it.
-        view = training_view(model)
-        trainer = view if view is not None else model
-        trainer.compile(optimizer=make_optimizer(lr, weight_decay), loss=loss_fn,
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                      # several steps per call fails under MirroredStrategy (Keras 3.13): one there
-                      steps_per_execution=steps_per_execution(math.ceil(data.num / int(batch_size)))
-                      if replicas == 1 else 1)
-        if view is not None:  # head.keras keeps the compile config and optimizer state, as before
-            model.compile(optimizer=trainer.optimizer, loss=loss_fn,
-                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    ds, steps = data.dataset(int(batch_size), int(seed), bool(balanced_sampling), cw, mixup_alpha(specs),
-                             standardise=None if view is None else standardize_values(data.mean, data.std))
-
+    plan = plan_training(train, val, options)
+    choose_settings(plan, progress)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        log_root = Path(logdir) if logdir else tmp / "logs"
-        valcb = ValidationCallback(Xv, yv, len(classes), loss_fn, monitor, int(patience) if val else 0,
-                                   batch_size=max(int(batch_size), 2048), predict_model=model)
-        if (selection.get("choice") or {}).get("model") == PROBE_CHOICE:
-            # selection preferred the probe: a linear head with its weights, no training
-            model.get_layer("probabilities").set_weights([probe_model.W.T, probe_model.b])
-            hist, epochs_run, best_epoch = {}, 0, 0
-        else:
-            history = trainer.fit(ds, epochs=int(epochs), steps_per_epoch=steps,
-                                callbacks=[valcb, TensorBoardLogger(log_root, histogram_freq), *(callbacks or [])],
-                                verbose=2 if progress else 0, shuffle=False)
-            hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-            epochs_run = len(next(iter(hist.values()))) if hist else 0
-            best_epoch = valcb.best_epoch if val is not None else epochs_run
-
-        threshold, threshold_from = None, None
-        if val is not None:
-            probs, y_eval, split = predict_probs(model, Xv), yv, "validation"
-        else:
-            X_train, y_train = small.arrays()
-            probs, y_eval, split = predict_probs(model, X_train), y_train, "train"
-        if len(classes) == 2:
-            if val is None:  # never tuned on the training data
-                threshold, threshold_from = 0.5, "not tuned (no validation set): 0.5"
-            else:
-                threshold = best_f1_threshold(y_eval == pos, probs[:, pos])
-                threshold_from = f"max F1 of '{classes[pos]}' on validation"
-                if threshold is None:
-                    threshold, threshold_from = 0.5, "not tuned (F1 undefined: one class only in validation): 0.5"
-        metrics = compute_metrics(y_eval, probs, classes, threshold, positive=pos)
-        metrics = {"split": split, "best_epoch": best_epoch, **metrics}
-
-        settings = {"hidden": int(hidden), "dropout": float(dropout), "noise": noise, "augment": specs,
-                    "weight_decay": float(weight_decay), "select": select, "cv_folds": int(cv_folds),
-                    "loss": loss, "gamma": float(gamma), "alpha": float(alpha), "epochs": int(epochs),
-                    "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "patience": int(patience),
-                    "monitor": monitor, "class_weight": class_weight if not isinstance(class_weight, Mapping)
-                    else dict(class_weight), "class_weights": None if cw is None else cw.tolist(),
-                    "balanced_sampling": bool(balanced_sampling), "histogram_freq": histogram_freq,
-                    "cache_gb": cache_gb, "in_memory": data.in_memory, "replicas": replicas}
-        from dfl_tf import __version__
-
-        info = {
-            "format_version": HEAD_FORMAT_VERSION,
-            "classes": classes,
-            "n_classes": len(classes),
-            "positive_class": classes[pos] if len(classes) == 2 else None,
-            "positive_class_chosen_by": (None if len(classes) != 2 else "given" if positive_class is not None
-                                         else "default (second class in manifest order)"),
-            "views": list(tm["views"]),
-            "backbone": dict(tm["backbone"]),
-            "dim": int(tm["dim"]),
-            "extraction": {k: tm[k] for k in ("dtype", "settings", "geometry") if k in tm},
-            "standardisation": {"mean": data.mean.tolist(), "std": data.std.tolist()},
-            "settings": settings,
-            "seed": int(seed),
-            "best_epoch": best_epoch,
-            "epochs_run": epochs_run,
-            "stopped_early": valcb.stopped_epoch is not None,
-            "best_value": valcb.best,
-            "threshold": threshold,
-            "threshold_chosen_by": threshold_from,
-            "threshold_tuned": None if threshold is None else val is not None and threshold_from.startswith("max"),
-            "monitor": valcb.monitor if val is not None else None,
-            "monitor_fallback": valcb.fallback,
-            "selection": selection,
-            "linear_probe": probe_info if probe else None,
-            "train": {"path": str(Path(train).resolve()), "records": data.num, "unlabeled_dropped": data.unlabeled,
-                      "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
-            "val": None if val is None else {
-                "path": str(Path(val).resolve()), "records": int(len(yv)), "unlabeled_dropped": val_unlabeled,
-                "counts": {c: int(n) for c, n in zip(classes, np.bincount(yv, minlength=len(classes)))}},
-            "logdir": str(Path(logdir)) if logdir else "logs",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dfl_tf_version": __version__,
-        }
-        model.save(tmp / HEAD_FILE)
-        if probe_model is not None and probe:
-            probe_model.save(tmp)
-        atomic_write_json(tmp / HEAD_JSON, info)
-        atomic_write_text(tmp / "history.csv", history_csv(hist))
-        atomic_write_json(tmp / "metrics.json", metrics)
+        fitted = fit_head(plan, Path(logdir) if logdir else tmp / "logs", progress, callbacks)
+        threshold, threshold_from, metrics = tune_threshold(plan, fitted)
+        info = head_info(plan, fitted, threshold, threshold_from, logdir)
+        write_head(tmp, plan, fitted, info, metrics)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {
-        "out": str(out), "classes": classes, "best_epoch": best_epoch, "epochs_run": epochs_run,
-        "monitor": monitor, "best_value": valcb.best, "threshold": threshold, "metrics": metrics,
-        "train_records": data.num, "val_records": None if yv is None else int(len(yv)), "replicas": replicas,
-        "selection": info["selection"], "linear_probe": info["linear_probe"],
+        "out": str(out), "classes": plan.classes, "best_epoch": fitted.best_epoch, "epochs_run": fitted.epochs_run,
+        "monitor": options.monitor, "best_value": fitted.valcb.best, "threshold": threshold, "metrics": metrics,
+        "train_records": plan.data.num, "val_records": None if plan.yv is None else int(len(plan.yv)),
+        "replicas": fitted.replicas, "selection": info["selection"], "linear_probe": info["linear_probe"],
         "seconds": round(time.time() - t0, 2),
     }

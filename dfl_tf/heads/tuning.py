@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dfl_tf.errors import DflError
+from dfl_tf.options.train import SELECT_MODES  # noqa: F401  (public here too)
 from dfl_tf.data.splits import DEFAULT_FOLDS, cv_folds  # noqa: F401  (the folds live in splits.py, public here too)
 
 SMALL_N = 2000
@@ -28,7 +29,6 @@ SMALL_PER_CLASS = 50
 DEFAULT_GRID: dict[str, list[float]] = {"hidden": [256, 0], "weight_decay": [1e-4, 1.0], "noise": [0.1, 0.5, 1.0]}
 #: the choice recorded when the linear-probe reference beats every head candidate
 PROBE_CHOICE = "linear probe"
-SELECT_MODES = ("auto", "always", "never")
 #: AdamW weight decay of the default head (when no selection runs); chosen by the study
 DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_HIDDEN = 256
@@ -210,7 +210,7 @@ def validate(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
 class SmallData:
     """Cross-validated selection and the linear probe for one training set (used by train_head).
 
-    ``data`` is the head's training data (:class:`dfl_tf.heads.train._TrainData`); records,
+    ``data`` is the head's training data (:class:`dfl_tf.heads.train_data.TrainData`); records,
     labels and groups are read into memory here only when selecting or fitting the probe.
     """
 

@@ -22,11 +22,9 @@ For every candidate backbone:
 """
 from __future__ import annotations
 
-import csv
 import gc
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -39,8 +37,12 @@ import numpy as np
 from dfl_tf.runtime.files import atomic_write_json, atomic_write_text
 from dfl_tf.errors import DflError
 from dfl_tf.runtime.outputs import clear_out, prepare_out
-from dfl_tf.options import SELECT_FIELDS, ExtractOptions, takes_options
+from dfl_tf.options import SELECT_FIELDS, ExtractOptions, SelectOptions, takes_options
+from dfl_tf.options.base import takes_options as takes
 from dfl_tf.data.splits import split_samples  # noqa: F401  (public here too)
+from dfl_tf.select.report import CSV_FIELDS, _fmt, results_csv, table_markdown  # noqa: F401  (public here too)
+from dfl_tf.select.scores import (_summary, linear_probe_score, separability,  # noqa: F401  (public here too)
+                                  train_linear_head)
 
 CONTROL_SUFFIX = " (random init control)"
 SIDE_FILE = "dfl_select.json"
@@ -96,110 +98,6 @@ def parse_weights(weights: str | Mapping[str, str] | None, names: Sequence[str])
 
 
 # --------------------------------------------------------------------------------------------
-# scoring
-
-
-def train_linear_head(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, n_classes: int,
-                      seed: int = 0, epochs: int = 30, lr: float = 1e-3, batch_size: int = 256,
-                      noise: float = 0.1, loss: str = "focal", gamma: float = 2.0, alpha: float = 0.25
-                      ) -> np.ndarray:
-    """The protocol's linear softmax head, trained in memory; returns validation probabilities."""
-    import keras
-
-    from dfl_tf.heads.evaluate import predict_probs
-    from dfl_tf.heads.callbacks import InterruptCheck
-    from dfl_tf.heads.model import build_head, standardisation
-
-    keras.utils.set_random_seed(int(seed))
-    mean, std = standardisation(X_train)
-    augment = [keras.layers.GaussianNoise(float(noise), seed=int(seed), name="noise")] if noise and noise > 0 else []
-    model = build_head(X_train.shape[1], n_classes, hidden=0, mean=mean, std=std, augment=augment,
-                       name="linear_head")
-    loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=alpha, gamma=gamma) if loss == "focal"
-               else keras.losses.CategoricalCrossentropy())
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss=loss_fn)
-    onehot = np.eye(n_classes, dtype=np.float32)[y_train]
-    model.fit(np.asarray(X_train, np.float32), onehot, epochs=int(epochs), batch_size=int(batch_size),
-              shuffle=True, verbose=0, callbacks=[InterruptCheck()])
-    probs = predict_probs(model, X_val)
-    del model
-    return probs
-
-
-def linear_probe_score(emb, tr: np.ndarray, va: np.ndarray, seed: int = 0) -> float:
-    """Validation balanced accuracy of the linear-probe reference (:mod:`dfl_tf.heads.probe`)
-    trained on the train part, ``C`` by 3-fold cross-validation there (grouped when possible)."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    from dfl_tf.heads.model import standardisation
-    from dfl_tf.heads.probe import fit_probe
-    from dfl_tf.data.splits import cv_folds
-
-    y_tr = emb.y[tr]
-    try:
-        folds, _ = cv_folds(y_tr, [emb.groups[i] for i in tr], k=3, seed=seed)
-    except DflError:
-        folds = None  # too few records for folds: C tuned on a plain split inside fit_probe
-    mean, std = standardisation(emb.X[tr])
-    probe, _ = fit_probe(emb.X[tr], y_tr, len(emb.classes), mean, std, folds=folds, seed=seed)
-    return float(balanced_accuracy_score(emb.y[va], probe.predict_proba(emb.X[va]).argmax(axis=1)))
-
-
-def separability(X: np.ndarray, y: np.ndarray, groups: Sequence[str | None] | None = None, k: int = 10,
-                 seed: int = 0, max_points: int = 5000) -> dict[str, float | None]:
-    """Training-free pre-screen: cross-validated k-NN (standardised, Euclidean) and silhouette."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, silhouette_score
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    result: dict[str, float | None] = {"knn_accuracy": None, "knn_balanced_accuracy": None, "silhouette": None,
-                                       "knn_k": None}
-    y = np.asarray(y)
-    counts = np.bincount(y)
-    counts = counts[counts > 0]
-    if len(counts) < 2:
-        return result
-    n_splits = int(min(5, counts.min()))
-    if n_splits >= 2:
-        smallest_train = len(y) - math.ceil(len(y) / n_splits)
-        kk = int(max(1, min(k, smallest_train)))
-        model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=kk))
-        pred = None
-        if groups is not None and any(g for g in groups):
-            g = np.array([gr or f"__{i}" for i, gr in enumerate(groups)])
-            try:
-                cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-                pred = cross_val_predict(model, X, y, groups=g, cv=cv)
-            except ValueError:
-                pred = None
-        if pred is None:
-            cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-            pred = cross_val_predict(model, X, y, cv=cv)
-        result.update(knn_accuracy=float(accuracy_score(y, pred)),
-                      knn_balanced_accuracy=float(balanced_accuracy_score(y, pred)), knn_k=kk)
-    if len(counts) < len(y):
-        std = X.std(axis=0)
-        Xs = (X - X.mean(axis=0)) / np.where(std < 1e-6, 1.0, std)
-        size = min(len(y), max_points)
-        try:
-            result["silhouette"] = float(silhouette_score(Xs, y, sample_size=size if size < len(y) else None,
-                                                          random_state=seed))
-        except ValueError:
-            pass
-    return result
-
-
-def _summary(values: Sequence[float]) -> dict[str, Any]:
-    arr = np.asarray([v for v in values if v is not None], np.float64)
-    if not len(arr):
-        return {"mean": None, "std": None, "values": []}
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "values": [float(v) for v in arr]}
-
-
-# --------------------------------------------------------------------------------------------
 # one candidate
 
 
@@ -239,7 +137,7 @@ class _Candidate:
 
 
 def _run_candidate(cand: _Candidate, ctx: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    from dfl_tf.heads.evaluate import compute_metrics
+    from dfl_tf.heads.metrics import compute_metrics
     from dfl_tf.extraction.core import build_backbone
     from dfl_tf.extraction.local import extract
     from dfl_tf.store.shards import load_embeddings
@@ -329,104 +227,15 @@ def _rank_key(row: dict[str, Any]) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
-# outputs
-
-
-def _fmt(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "-"
-    if summary.get("std") is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def table_markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Backbone selection: {result['dataset']}", "",
-             f"Views {','.join(result['views'])}; {result['split']['train']} train / {result['split']['val']} "
-             f"validation records ({result['split']['method']}); linear softmax head, focal loss, Adam, "
-             f"feature noise {result['protocol']['noise']}, {result['protocol']['epochs']} epochs, "
-             f"{result['protocol']['seeds']} seeds (mean ± std).", "",
-             "| rank | backbone | bal. acc | probe bal. acc | kappa | weighted F1 | kNN acc | silhouette "
-             "| extract s | train s |",
-             "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
-    for row in result["results"]:
-        if row["cached"]:
-            ext = "cached" + (f" ({row['extract_seconds_original']:.1f})"
-                              if row.get("extract_seconds_original") is not None else "")
-        else:
-            ext = f"{row['extract_seconds']:.1f}"
-        lines.append(f"| {row['rank']} | {row['backbone']} | {_fmt(row['balanced_accuracy'])} | "
-                     f"{_num(row.get('probe_balanced_accuracy'))} | {_fmt(row['cohen_kappa'])} | {_fmt(row['f1_weighted'])} | {_num(row['knn_accuracy'])} | "
-                     f"{_num(row['silhouette'])} | {ext} | {row['train_seconds']:.1f} |")
-    lines += ["", f"Best: **{result['best']}**." if result.get("best") else ""]
-    lines.append("probe bal. acc: scikit-learn LogisticRegression (C by 3-fold cross-validation on the train "
-                 "part) on the same split, the reference for the linear heads; "
-                 "kNN acc: cross-validated k-NN accuracy on all labeled records (training-free pre-screen); "
-                 "extract s: seconds spent extracting in this run (cached: reused, with the original time).")
-    for note in result.get("notes", []):
-        lines.append(f"- note: {note}")
-    return "\n".join(lines) + "\n"
-
-
-CSV_FIELDS = ["rank", "backbone", "weights", "control", "balanced_accuracy_mean", "balanced_accuracy_std",
-              "probe_balanced_accuracy",
-              "cohen_kappa_mean", "cohen_kappa_std", "f1_weighted_mean", "f1_weighted_std", "knn_accuracy",
-              "knn_balanced_accuracy", "silhouette", "extract_seconds", "extract_seconds_original", "cached",
-              "train_seconds", "dim", "input_size", "fingerprint", "cache"]
-
-
-def results_csv(rows: Sequence[dict[str, Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        flat = {k: row.get(k) for k in CSV_FIELDS}
-        for metric in ("balanced_accuracy", "cohen_kappa", "f1_weighted"):
-            flat[f"{metric}_mean"] = row[metric]["mean"]
-            flat[f"{metric}_std"] = row[metric]["std"]
-        writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------------------------
 # public
 
 
 @takes_options(only=SELECT_FIELDS)
-def select_backbones(
-    dataset: str | Path,
-    backbones: str | Sequence[str],
-    out: str | Path,
-    *,
-    options: ExtractOptions | None = None,
-    seeds: int = 5,
-    weights: str | Mapping[str, str] | None = "default",
-    val_fraction: float = 0.25,
-    epochs: int = 30,
-    noise: float = 0.1,
-    lr: float = 1e-3,
-    head_batch_size: int = 256,
-    loss: str = "focal",
-    gamma: float = 2.0,
-    alpha: float = 0.25,
-    seed: int = 0,
-    split_seed: int = 0,
-    control: bool | str = True,
-    cache_dir: str | Path | None = None,
-    knn_k: int = 10,
-    maps: bool = True,
-    map_method: str = "auto",
-    max_points: int = 2000,
-    classes: Sequence[str] | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
+@takes(SelectOptions, param="protocol")
+def select_backbones(dataset: str | Path, backbones: str | Sequence[str], out: str | Path, *,
+                     options: ExtractOptions | None = None, protocol: SelectOptions,
+                     cache_dir: str | Path | None = None, classes: Sequence[str] | None = None,
+                     progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Rank frozen ``backbones`` on ``dataset`` with linear heads; write OUT/table.md etc.
 
     Args:
@@ -440,6 +249,9 @@ def select_backbones(
         control: True: add a random-init (``weights="none"``) copy of the best registry
             architecture; a registry name: that architecture; False: none.
         epochs, noise, lr, head_batch_size, loss, gamma, alpha: the linear head's training.
+        protocol: a :class:`~dfl_tf.options.SelectOptions` holding ``seeds``, ``weights``,
+            ``control``, the head's training, ``knn_k`` and the maps' settings, or its fields as
+            keyword arguments.
         options: how each candidate is extracted (:class:`~dfl_tf.options.ExtractOptions`, or its
             fields as keyword arguments: views, input_size, fit, batch_size, mpp ...); its
             ``backbone`` and ``weights`` are replaced by each candidate's.
@@ -448,41 +260,59 @@ def select_backbones(
             :func:`dfl_tf.runtime.outputs.prepare_out`.
     Returns the content of ``results.json``.
     """
-    from dfl_tf import __version__
     from dfl_tf.data.sources import load_source
 
     assert options is not None  # resolved by @takes_options
+    p = protocol
     t_start = time.time()
     names = parse_backbones(backbones)
-    weight_map = parse_weights(weights, names)
-    view_list = list(options.views)
-    if int(seeds) < 0:
-        raise DflError(f"seeds must be >= 0, got {seeds}")
-    if loss not in ("focal", "crossentropy"):
-        raise DflError(f"loss must be focal or crossentropy, got {loss!r}")
-    for label, value in (("epochs", epochs), ("head_batch_size", head_batch_size), ("knn_k", knn_k)):
-        if int(value) < 1:
-            raise DflError(f"{label} must be >= 1, got {value}")
+    weight_map = parse_weights(p.weights, names)
     out = Path(out)
-    if prepare_out(out, "select", [dataset, *names], overwrite) == "replace":  # names: SavedModels are inputs too
+    cache = _prepare_out(out, cache_dir, [dataset, *names], overwrite)  # names: SavedModels are inputs too
+    samples = load_source(dataset, classes=classes)
+    if len(samples.classes) < 2:
+        raise DflError(f"{dataset}: selection needs at least 2 classes, found {samples.classes}")
+    train_ids, val_ids, split = split_samples(dataset, samples, p.val_fraction, p.split_seed)
+    head = {"epochs": int(p.epochs), "lr": float(p.lr), "batch_size": int(p.head_batch_size),
+            "noise": float(p.noise or 0.0), "loss": p.loss, "gamma": float(p.gamma), "alpha": float(p.alpha)}
+    ctx = {
+        "dataset": str(dataset), "views": list(options.views), "cache": cache, "options": options,
+        "classes": classes, "data_fp": samples.fingerprint(), "train_ids": train_ids, "val_ids": val_ids,
+        "seeds": int(p.seeds), "seed0": int(p.seed), "split_seed": int(p.split_seed), "knn_k": int(p.knn_k),
+        "progress": progress, "head": head,
+    }
+    notes: list[str] = []
+    rows, dirs = _run_candidates(names, weight_map, ctx, notes)
+    control_row = _run_control(p.control, rows, dirs, ctx, notes)
+    result = _result(ctx, samples.classes, split, rows, control_row, notes)
+    if p.maps and dirs:
+        result["maps"] = _maps(rows, dirs, out, p.map_method, p.max_points, p.split_seed)
+    return _write_results(out, result, t_start)
+
+
+def _maps(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path, method: str, max_points: int,
+          seed: int) -> dict[str, Any]:
+    """maps.png and projector/ of every candidate, in rank order (:mod:`dfl_tf.select.maps`)."""
+    from dfl_tf.select.maps import embedding_maps
+
+    ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
+    titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}
+    return embedding_maps(ordered, out, method=method, max_points=max_points, seed=seed, titles=titles)
+
+
+def _prepare_out(out: Path, cache_dir: str | Path | None, inputs: list[Any], overwrite: bool) -> Path:
+    """Check (and on ``overwrite`` clear) ``out``; make it and the extraction cache; the cache's path."""
+    if prepare_out(out, "select", inputs, overwrite) == "replace":
         clear_out(out, "select")  # the earlier results and maps; the cache stays
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
-    samples = load_source(dataset, classes=classes)
-    if len(samples.classes) < 2:
-        raise DflError(f"{dataset}: selection needs at least 2 classes, found {samples.classes}")
-    train_ids, val_ids, split = split_samples(dataset, samples, val_fraction, split_seed)
-    notes: list[str] = []
-    ctx = {
-        "dataset": str(dataset), "views": view_list, "cache": cache, "options": options, "classes": classes,
-        "data_fp": samples.fingerprint(), "train_ids": train_ids, "val_ids": val_ids, "seeds": int(seeds),
-        "seed0": int(seed), "split_seed": int(split_seed), "knn_k": int(knn_k), "progress": progress,
-        "head": {"epochs": int(epochs), "lr": float(lr), "batch_size": int(head_batch_size),
-                 "noise": float(noise or 0.0), "loss": loss, "gamma": float(gamma), "alpha": float(alpha)},
-    }
 
+def _run_candidates(names: Sequence[str], weight_map: dict[str, str], ctx: dict[str, Any], notes: list[str]
+                    ) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Extract (or reuse) and score every candidate: its rows, ranked, and embedding folders by name."""
     rows, dirs = [], {}
     for name in names:
         cand = _Candidate(name, weight_map[name])
@@ -495,64 +325,79 @@ def select_backbones(
         dirs[cand.display] = directory
         if row["records"]["missing"]:
             _note(f"{cand.display}: {row['records']['missing']} samples have no embedding (skipped)", notes)
-    if int(seeds) == 0:
+    if ctx["seeds"] == 0:
         _note("seeds=0: no heads trained; ranked by cross-validated k-NN balanced accuracy", notes)
     rows.sort(key=_rank_key)
+    return rows, dirs
 
-    control_row = None
+
+def _control_arch(control: bool | str, rows: list[dict[str, Any]], notes: list[str]) -> str | None:
+    """The architecture of the random-init control (None: no control)."""
     if isinstance(control, str) and control.strip().lower() in ("false", "no", "0", "none", "off", ""):
-        control = False
-    if control:
-        if isinstance(control, str) and control.strip().lower() not in ("true", "1", "yes", "auto", "best"):
-            arch = control
-        else:
-            real = [r for r in rows if r["architecture"] and r["weights"] != "none"]
-            arch = real[0]["architecture"] if real else None
-            if arch is None:
-                _note("random init control skipped: no registry architecture with pretrained weights among the "
-                      "candidates (pass control=NAME to choose one)", notes)
-            elif rows[0]["architecture"] != arch:
-                _note(f"control: the best candidate is not a registry architecture; using {arch}", notes)
-        if arch is not None:
-            cand = _Candidate(arch, "none", control=True)
-            control_row, directory = _run_candidate(cand, ctx)
-            rows.append(control_row)
-            dirs[cand.display] = directory
-            rows.sort(key=_rank_key)
+        return None
+    if not control:
+        return None
+    if isinstance(control, str) and control.strip().lower() not in ("true", "1", "yes", "auto", "best"):
+        return control
+    real = [r for r in rows if r["architecture"] and r["weights"] != "none"]
+    arch = real[0]["architecture"] if real else None
+    if arch is None:
+        _note("random init control skipped: no registry architecture with pretrained weights among the "
+              "candidates (pass control=NAME to choose one)", notes)
+    elif rows[0]["architecture"] != arch:
+        _note(f"control: the best candidate is not a registry architecture; using {arch}", notes)
+    return arch
+
+
+def _run_control(control: bool | str, rows: list[dict[str, Any]], dirs: dict[str, Path], ctx: dict[str, Any],
+                 notes: list[str]) -> dict[str, Any] | None:
+    """Score the random-init control beside the candidates (``rows`` re-ranked, numbered)."""
+    control_row = None
+    arch = _control_arch(control, rows, notes)
+    if arch is not None:
+        cand = _Candidate(arch, "none", control=True)
+        control_row, directory = _run_candidate(cand, ctx)
+        rows.append(control_row)
+        dirs[cand.display] = directory
+        rows.sort(key=_rank_key)
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
-    real_rows = [r for r in rows if not r["control"]]
-    best = real_rows[0]["backbone"] if real_rows else None
+    return control_row
 
-    result: dict[str, Any] = {
-        "dataset": str(dataset),
-        "views": view_list,
-        "classes": samples.classes,
-        "protocol": {"head": "linear softmax (hidden 0)", "loss": loss, "gamma": float(gamma),
-                     "alpha": float(alpha), "optimizer": "adam", "lr": float(lr), "epochs": int(epochs),
-                     "batch_size": int(head_batch_size), "noise": float(noise or 0.0), "seeds": int(seeds),
-                     "seed": int(seed), "metrics_on": "validation part", "std": "sample std over seeds (ddof=1)",
-                     "knn": {"k": int(knn_k), "cv": "stratified (group) k-fold, up to 5 folds, standardised"},
+
+def _result(ctx: dict[str, Any], classes: list[str], split: dict[str, Any], rows: list[dict[str, Any]],
+            control_row: dict[str, Any] | None, notes: list[str]) -> dict[str, Any]:
+    """results.json without maps and timing."""
+    head, seeds = ctx["head"], ctx["seeds"]
+    real_rows = [r for r in rows if not r["control"]]
+    return {
+        "dataset": ctx["dataset"],
+        "views": ctx["views"],
+        "classes": classes,
+        "protocol": {"head": "linear softmax (hidden 0)", "loss": head["loss"], "gamma": head["gamma"],
+                     "alpha": head["alpha"], "optimizer": "adam", "lr": head["lr"], "epochs": head["epochs"],
+                     "batch_size": head["batch_size"], "noise": head["noise"], "seeds": seeds,
+                     "seed": ctx["seed0"], "metrics_on": "validation part", "std": "sample std over seeds (ddof=1)",
+                     "knn": {"k": ctx["knn_k"], "cv": "stratified (group) k-fold, up to 5 folds, standardised"},
                      "silhouette": "Euclidean on standardised embeddings"},
         "split": split,
         "results": rows,
         "ranking": [r["backbone"] for r in rows],
-        "ranked_by": "balanced_accuracy (mean over seeds)" if int(seeds) else "knn_balanced_accuracy",
-        "best": best,
+        "ranked_by": "balanced_accuracy (mean over seeds)" if seeds else "knn_balanced_accuracy",
+        "best": real_rows[0]["backbone"] if real_rows else None,
         "control": None if control_row is None else control_row["backbone"],
         "notes": notes,
     }
-    if maps and dirs:
-        from dfl_tf.select.maps import embedding_maps
 
-        ordered = {r["backbone"]: dirs[r["backbone"]] for r in rows}
-        titles = {r["backbone"]: f"{r['backbone']}\nbal. acc {_fmt(r['balanced_accuracy'])}" for r in rows}
-        result["maps"] = embedding_maps(ordered, out, method=map_method, max_points=max_points,
-                                        seed=split_seed, titles=titles)
+
+def _write_results(out: Path, result: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """Timing and version into ``result``; table.md, results.csv and results.json written atomically."""
+    from dfl_tf import __version__
+
     result["seconds"] = round(time.time() - t_start, 2)
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["dfl_tf_version"] = __version__
     atomic_write_text(out / "table.md", table_markdown(result))
-    atomic_write_text(out / "results.csv", results_csv(rows))
+    atomic_write_text(out / "results.csv", results_csv(result["results"]))
     atomic_write_json(out / "results.json", result)
     return result

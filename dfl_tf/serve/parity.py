@@ -138,6 +138,11 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
             result["bytes_note"] = "slide samples: their tiles sent as PNG"
     else:
         result["bytes_note"] = "no sample in a format the bytes signatures read"
+    return _verdict(result, tolerance, emb_rtol)
+
+
+def _verdict(result: dict[str, Any], tolerance: float, emb_rtol: float) -> dict[str, Any]:
+    """``result`` with ``passed`` and, when a difference exceeds its tolerance, the first ``reason``."""
     checks = [
         ("probabilities (serve_pixels vs Python)", result["max_abs_diff_probabilities"], tolerance),
         ("probabilities (serving_default on the files vs Python)", result.get("bytes_max_abs_diff_probabilities"),

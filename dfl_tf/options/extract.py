@@ -13,24 +13,19 @@ This module does not import TensorFlow (the CLI reads its fields before any comm
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from dfl_tf.data.view_spec import FITS, check_fit, parse_views, views_to_strings
 from dfl_tf.errors import DflError
+from dfl_tf.options.base import option
+from dfl_tf.options.base import takes_options as _takes_options
 
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 STORAGE_DTYPES = ("float16", "float32")
 
 
-def _opt(default: Any, help: str, *, type: Any = None, choices: Sequence[str] | None = None,
-         records: bool = False, flag: bool = False) -> Any:
-    """A field with what the CLI needs to build its flag (``help``, click ``type``/``choices``,
-    ``flag`` for on/off); ``records``: the value changes the embeddings (part of cache keys)."""
-    return field(default=default, metadata={"help": help, "type": type, "choices": choices,
-                                            "records": records, "flag": flag})
+_opt = option  # the shared field helper (dfl_tf.options.base)
 
 
 @dataclass(frozen=True)
@@ -123,45 +118,7 @@ FINETUNE_FIELDS = ("backbone", "weights", "input_size", "views", "fit", "pad_to"
 
 def takes_options(*, exclude: Sequence[str] = (), only: Sequence[str] | None = None
                   ) -> Callable[[Callable], Callable]:
-    """Let a public function take ``options=ExtractOptions(...)`` and/or option fields as keywords.
-
-    The decorated function is called with ``options`` resolved: the given dataclass (or the
-    defaults) with the keyword fields applied, validated once. ``exclude`` / ``only``: fields the
-    function does not use / the only ones it uses (passing another one as a keyword is an error,
-    as is any unknown keyword). The accepted field names
-    are kept as ``func.option_fields`` for :func:`dfl_tf.config.merge`.
-    """
-    def decorate(func: Callable) -> Callable:
-        own = set(inspect.signature(func).parameters)
-        unknown = (set(exclude) | set(only or ())) - set(FIELDS)
-        if unknown:
-            raise TypeError(f"{func.__name__}: {sorted(unknown)} are not ExtractOptions fields")
-        accepted = tuple(name for name in FIELDS if name not in exclude and (only is None or name in only))
-        clash = own & set(accepted)
-        if clash:  # a field must not also be a parameter of the function
-            raise TypeError(f"{func.__name__}: parameters {sorted(clash)} shadow ExtractOptions fields")
-
-        @functools.wraps(func)
-        def wrapper(*args: Any, options: ExtractOptions | None = None, **kwargs: Any) -> Any:
-            fields = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
-            unknown = [k for k in kwargs if k not in own]
-            if unknown:
-                raise TypeError(f"{func.__name__}() got an unexpected keyword argument '{unknown[0]}'")
-            if options is None:
-                options = ExtractOptions(**fields)
-            elif not isinstance(options, ExtractOptions):
-                raise TypeError(f"{func.__name__}(): options must be an ExtractOptions, not {type(options).__name__}")
-            elif fields:
-                options = options.replace(**fields)
-            return func(*args, options=options, **kwargs)
-
-        wrapper.option_fields = accepted  # type: ignore[attr-defined]
-        # help() and IDEs show the accepted fields as keyword-only parameters, with their defaults
-        signature = inspect.signature(func)
-        extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-                 for f in dataclasses.fields(ExtractOptions) if f.name in accepted]
-        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[*signature.parameters.values(), *extra])
-        return wrapper
-
-    return decorate
+    """Let a public function take ``options=ExtractOptions(...)`` and/or option fields as keywords
+    (:func:`dfl_tf.options.base.takes_options`; ``exclude`` / ``only``: the fields it does not use /
+    the only ones it uses)."""
+    return _takes_options(ExtractOptions, exclude=exclude, only=only)
