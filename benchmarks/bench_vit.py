@@ -43,7 +43,7 @@ def dfl_fn(label: str, size: int, precision: str, batch: int, jit: bool = False)
     if name is not None:
         return f"dfl_tf {name}", backbone_fn(name, size, precision, batch, jit)
     try:
-        from dfl_tf.backbones.vit import ViTConfig, build_vit
+        from dfl_tf.backbones.vit.model import ViTConfig, build_vit
     except ImportError:
         return None, None
     import keras

@@ -59,7 +59,7 @@ def per_op(repeats: int) -> dict[str, float]:
     import tensorflow as tf
     import torch
 
-    from dfl_tf.backbones.vit import LayerNorm, ViTBlock
+    from dfl_tf.backbones.vit.model import LayerNorm, ViTBlock
 
     batch, tokens, dim, heads = 32, 197, 384, 6
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def whole_model(names: dict[str, int], repeats: int) -> list[dict]:
     import numpy as np
     import tensorflow as tf
 
-    from dfl_tf.backbones import vit
+    from dfl_tf.backbones.vit import model as vit
     from dfl_tf.backbones.registry import load_backbone
 
     current = (vit.ViTBlock._attention, vit.LayerNorm.call)

@@ -175,19 +175,36 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
                f"{len(manifest['skipped'])} skipped -> {out}")
 
 
+class _RegistryArchs(click.Choice):
+    """``import-weights --arch`` choices: the registered backbones with a checkpoint converter,
+    read from the registry when first needed (``dfl --help`` imports no backbone family)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from dfl_tf.backbones.converter import import_archs
+
+        return tuple(import_archs())
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns it
+        pass
+
+    @property
+    def documented(self) -> tuple[str, ...]:
+        """The choices the family folders register (what docs/cli.md lists; tests may add more)."""
+        from dfl_tf.backbones.registry import converter_names
+
+        return tuple(converter_names(families_only=True))
+
+
 @main.command("import-weights")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--arch", required=True,
-              type=click.Choice(["resnet50_tv", "dino_resnet50", "swav_resnet50", "efficientnet_lite0",
-                                 "lunit_resnet50_bt", "lunit_resnet50_swav", "lunit_resnet50_mocov2",
-                                 # ViTs (vit_zoo.CONFIGS): .safetensors or torch files, timm/hub/transformers keys
-                                 "dino_vits16", "dino_vits8", "vit_b16_imagenet", "dinov2_vits14", "dinov2_vitb14",
-                                 "dinov2_vitl14", "dinov2_vitg14", "dinov2_vits14_reg", "dinov2_vitb14_reg",
-                                 "dinov2_vitl14_reg", "dinov2_vitg14_reg", "phikon", "phikon_v2", "hibou_b", "uni",
-                                 "uni2_h", "virchow2", "h_optimus_0", "prov_gigapath", "lunit_vits16",
-                                 "lunit_vits8"]),
-              help="Architecture of the checkpoint (the ResNet-50 names share one layout; ViT names read "
-                   ".safetensors too).")
+@click.option("--arch", required=True, type=_RegistryArchs(),
+              help="Registry name of the checkpoint's backbone (the registered entries with a converter; the "
+                   "ResNet-50 names share one layout; ViT names read .safetensors too).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination, must end in .weights.h5.")
 @click.option("--input-size", type=int, default=None, help="Side of the model built for the conversion.")
 def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | None) -> None:
