@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
+from dfl_tf.backbones.converter import ArchChoice
 from dfl_tf.errors import DflError
 from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS
 
@@ -175,34 +176,9 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
                f"{len(manifest['skipped'])} skipped -> {out}")
 
 
-class _RegistryArchs(click.Choice):
-    """``import-weights --arch`` choices: the registered backbones with a checkpoint converter,
-    read from the registry when first needed (``dfl --help`` imports no backbone family)."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from dfl_tf.backbones.converter import import_archs
-
-        return tuple(import_archs())
-
-    @choices.setter
-    def choices(self, _value) -> None:  # click.Choice.__init__ assigns it
-        pass
-
-    @property
-    def documented(self) -> tuple[str, ...]:
-        """The choices the family folders register (what docs/cli.md lists; tests may add more)."""
-        from dfl_tf.backbones.registry import converter_names
-
-        return tuple(converter_names(families_only=True))
-
-
 @main.command("import-weights")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--arch", required=True, type=_RegistryArchs(),
+@click.option("--arch", required=True, type=ArchChoice(),
               help="Registry name of the checkpoint's backbone (the registered entries with a converter; the "
                    "ResNet-50 names share one layout; ViT names read .safetensors too).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination, must end in .weights.h5.")

@@ -1,14 +1,15 @@
 """``dfl import-weights``: convert a checkpoint into ``.weights.h5`` with its family's converter.
 
 Each family declares the converter of its entries (``BackboneSpec.converter``: key renaming,
-ignored prefixes, aliases live in the family's folder); this module only looks it up.
+ignored prefixes, aliases live in the family's folder); this module only looks it up, and gives
+the CLI its ``--arch`` choice. Cheap to import: the registry loads when first needed.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from dfl_tf.backbones.registry import converter_names, converter_spec
+import click
 
 
 def import_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathLike,
@@ -28,9 +29,36 @@ def import_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathL
     Returns:
         ``out`` as a Path; load it later with ``load_backbone(name, weights=out)``.
     """
+    from dfl_tf.backbones.registry import converter_spec
+
     return converter_spec(arch).converter(checkpoint, out, input_size)
 
 
 def import_archs() -> list[str]:
     """The names ``dfl import-weights --arch`` accepts (registered entries with a converter)."""
+    from dfl_tf.backbones.registry import converter_names
+
     return converter_names()
+
+
+class ArchChoice(click.Choice):
+    """``import-weights --arch``: the registered backbones with a converter, read from the registry
+    when first needed (``dfl --help`` imports no backbone family)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(import_archs())
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns it
+        pass
+
+    @property
+    def documented(self) -> tuple[str, ...]:
+        """The choices the family folders register (what docs/cli.md lists; tests may add more)."""
+        from dfl_tf.backbones.registry import converter_names
+
+        return tuple(converter_names(families_only=True))

@@ -105,12 +105,22 @@ def _seeded_build(seed: int):
 def register(spec: BackboneSpec) -> BackboneSpec:
     """Add a spec to the registry (later registrations with the same name win).
 
-    Called by a family's modules when the registry imports them (the entry then belongs to
-    that family, :func:`family_of`), or by anyone later (tests, plug-ins: no family).
+    Called at import time by a family's modules (the entry then belongs to that family,
+    :func:`family_of`), or later by anyone (tests, scripts: no family).
     """
     _REGISTRY[spec.name] = spec
-    _FAMILY[spec.name] = _SCANNED["loading"]
+    _FAMILY[spec.name] = _importing_family()
     return spec
+
+
+def _importing_family() -> str | None:
+    """The family folder whose module body is running the registration, if one is."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    prefix = f"{__package__}."
+    return module[len(prefix):].split(".")[0] if module.startswith(prefix) else None
 
 
 def family_of(name: str) -> str | None:
@@ -119,7 +129,7 @@ def family_of(name: str) -> str | None:
     return _FAMILY.get(name)
 
 
-_SCANNED: dict[str, object] = {"path": None, "families": set(), "loading": None}
+_SCANNED: dict[str, object] = {"path": None, "families": set()}
 _FAMILY: dict[str, str | None] = {}
 _LOAD_LOCK = threading.RLock()
 
@@ -134,11 +144,7 @@ def _ensure_loaded() -> None:
             return
         for info in pkgutil.iter_modules(path):
             if info.ispkg and info.name not in _SCANNED["families"]:
-                _SCANNED["loading"] = info.name
-                try:
-                    importlib.import_module(f"{__package__}.{info.name}")
-                finally:
-                    _SCANNED["loading"] = None
+                importlib.import_module(f"{__package__}.{info.name}")
                 _SCANNED["families"].add(info.name)
         _SCANNED["path"] = path
 

@@ -38,12 +38,14 @@ def _url(key: str, spec_name: str, url: str, license: str) -> WeightSource:
     return weight_cache.url_source(spec_name, key, url, license, "no published checksum")
 
 
-def vit_builder(spec_name: str, config: ViTConfig):
-    """``builder(input_size, weights)``: random init, a named source, or a local file."""
+def vit_builder(spec_name: str):
+    """``builder(input_size, weights)``: random init, a named source, or a local file (the
+    architecture is ``CONFIGS[spec_name]``, read when building)."""
 
     def build(input_size: int, weights: str | None) -> keras.Model:
         from dfl_tf.backbones.checkpoints import safetensors
 
+        config = CONFIGS[spec_name]
         source = get_spec(spec_name).weight_source(weights) if weights is not None else None
         converted = weight_cache.converted_path(spec_name, weights) if source is not None else None
         # fetch first: an offline or gated download fails before a large model is built
@@ -86,11 +88,11 @@ def register_vit(name: str, config: ViTConfig, sources: dict[str, WeightSource],
     interp = ("bicubic" if config.interpolation == "bicubic" else "bicubic antialias")
     interp += f", scale_factor offset {config.interp_offset:g}" if config.interp_offset else ", size="
     return register(BackboneSpec(
-        name=name, builder=vit_builder(name, config), input_size=224, dim=config.out_dim,
+        name=name, builder=vit_builder(name), input_size=224, dim=config.out_dim,
         weights=bound, default_weights=next(iter(bound), "none"), params=config.params(),
         embedding=_EMBEDDING[config.pool], preprocessing=describe_normalisation(config.mean, config.std),
         description=f"{description}; pos-embed {config.grid}x{config.grid} resampled {interp}. Source: {ref}",
-        converter=lambda checkpoint, out, input_size=None: convert_vit_checkpoint(checkpoint, config, name, out),
+        converter=lambda checkpoint, out, input_size=None: import_vit_weights(checkpoint, name, out),
     ))
 
 
