@@ -35,7 +35,7 @@ def dfl_name(label: str) -> str | None:
 
 def dfl_fn(label: str, size: int, precision: str, batch: int, jit: bool = False):
     """(implementation label, callable) for dfl_tf's ``label`` ViT: the registry entry when one is
-    registered, else :func:`dfl_tf.backbones.vit.build_vit` with the same shape (random weights);
+    registered, else :func:`dfl_tf.backbones.vit.model.build_vit` with the same shape (random weights);
     (None, None) when this checkout has no Keras ViT."""
     from bench_backbone import backbone_fn
 
