@@ -30,21 +30,19 @@ from dfl_tf.errors import DflError
 
 # keys of a backbone file that are not part of the feature extractor
 _IGNORED = re.compile(r"^(mask_token|head\b.*|pooler\..*|classifier\..*|embeddings\.mask_token)$")
+# transformers name inside ``encoder.layer.N.`` -> timm name inside ``blocks.N.`` (then ``.weight``/``.bias``)
+_HF_BLOCK = {r"(?:layernorm_before|norm1)": "norm1", r"(?:layernorm_after|norm2)": "norm2",
+             r"attention\.attention\.(?P<part>query|key|value)": r"attn.\g<part>",
+             r"attention\.output\.dense": "attn.proj", r"intermediate\.dense": "mlp.fc1", r"output\.dense": "mlp.fc2",
+             r"mlp\.(?:fc1|weights_in)": "mlp.fc1", r"mlp\.(?:fc2|weights_out)": "mlp.fc2"}
 _HF_RULES = [
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.register_tokens$", "reg_token"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^encoder\.layer\.(\d+)\.(?:layernorm_before|norm1)\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^encoder\.layer\.(\d+)\.(?:layernorm_after|norm2)\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", r"blocks.\1.attn.\2.\3"),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-    (r"^encoder\.layer\.(\d+)\.layer_scale1\.lambda1$", r"blocks.\1.ls1.gamma"),
-    (r"^encoder\.layer\.(\d+)\.layer_scale2\.lambda1$", r"blocks.\1.ls2.gamma"),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
+    *((rf"^encoder\.layer\.(?P<i>\d+)\.{old}\.(?P<leaf>weight|bias)$", rf"blocks.\g<i>.{new}.\g<leaf>")
+      for old, new in _HF_BLOCK.items()),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"^layernorm\.(weight|bias)$", r"norm.\1"),
 ]
 _HUB_RULES = [
