@@ -25,8 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: neither the token width nor the pooling, so the dim they declare is still what is checked.
 DEPTH_REDUCED_ABOVE = 250_000_000
 SHIPPED = [spec.name for spec in list_specs() if family_of(spec.name) is not None]
-#: The slowest builds (about 5 s each on 2 cores; the module's other entries take 1-3 s).
-SLOW = ("convnext_base", "densenet121")
 
 
 def _smoke_size(name: str) -> int:
@@ -34,7 +32,7 @@ def _smoke_size(name: str) -> int:
     return 2 * CONFIGS[name].patch if name in CONFIGS else 32
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SHIPPED])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_every_entry_builds_with_its_declared_dim(name, monkeypatch):
     spec = registry.get_spec(name)
     if name in CONFIGS and spec.params >= DEPTH_REDUCED_ABOVE:
