@@ -35,7 +35,7 @@ def dfl_name(label: str) -> str | None:
 
 def dfl_fn(label: str, size: int, precision: str, batch: int, jit: bool = False):
     """(implementation label, callable) for dfl_tf's ``label`` ViT: the registry entry when one is
-    registered, else :func:`dfl_tf.backbones.vit.build_vit` with the same shape (random weights);
+    registered, else :func:`dfl_tf.backbones.vit.model.build_vit` with the same shape (random weights);
     (None, None) when this checkout has no Keras ViT."""
     from bench_backbone import backbone_fn
 
@@ -43,7 +43,7 @@ def dfl_fn(label: str, size: int, precision: str, batch: int, jit: bool = False)
     if name is not None:
         return f"dfl_tf {name}", backbone_fn(name, size, precision, batch, jit)
     try:
-        from dfl_tf.backbones.vit import ViTConfig, build_vit
+        from dfl_tf.backbones.vit.model import ViTConfig, build_vit
     except ImportError:
         return None, None
     import keras

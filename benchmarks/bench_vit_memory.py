@@ -25,7 +25,7 @@ WRITE = r"""
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from dfl_tf.backbones.vit_zoo import CONFIGS
+from dfl_tf.backbones.vit.presets import CONFIGS
 cfg, path = CONFIGS[sys.argv[2]], sys.argv[3]
 d, h = cfg.dim, cfg.mlp_hidden
 shapes = {"cls_token": [1, 1, d], "pos_embed": [1, cfg.pos_prefix + cfg.grid ** 2, d],

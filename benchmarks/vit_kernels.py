@@ -7,7 +7,7 @@ Run by hand (about 4 min on 2 cores)::
 1. **Per op** at ViT-S/16 shapes (batch 32 x 197 tokens, width 384, 6 heads), in bfloat16 (the
    ``mixed_bfloat16`` policy's dtypes), each through a tf.function, median of several runs:
    LayerNorm as Keras' ``LayerNormalization`` (float32 inside, eleven ops), as
-   ``dfl_tf.backbones.vit.LayerNorm`` (float32, five ops) and as torch's ``layer_norm`` under
+   ``dfl_tf.backbones.vit.model.LayerNorm`` (float32, five ops) and as torch's ``layer_norm`` under
    autocast; attention (from the fused qkv output to the head-merged output, scaling and softmax
    included) as before (q/k/v strided slices, float32 einsums and softmax), as now (one
    transpose, matmuls in bfloat16, float32 softmax) and as torch's
@@ -59,7 +59,7 @@ def per_op(repeats: int) -> dict[str, float]:
     import tensorflow as tf
     import torch
 
-    from dfl_tf.backbones.vit import LayerNorm, ViTBlock
+    from dfl_tf.backbones.vit.model import LayerNorm, ViTBlock
 
     batch, tokens, dim, heads = 32, 197, 384, 6
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def whole_model(names: dict[str, int], repeats: int) -> list[dict]:
     import numpy as np
     import tensorflow as tf
 
-    from dfl_tf.backbones import vit
+    from dfl_tf.backbones.vit import model as vit
     from dfl_tf.backbones.registry import load_backbone
 
     current = (vit.ViTBlock._attention, vit.LayerNorm.call)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dfl_tf.runtime.tflog import import_tensorflow, set_log_env
+from dfl_tf.backbones.converter import ArchChoice
 from dfl_tf.errors import DflError
 from dfl_tf.options import FINETUNE_FIELDS, SELECT_FIELDS, FinetuneOptions, SelectOptions, TrainOptions
 
@@ -185,17 +186,9 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
 
 @main.command("import-weights")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--arch", required=True,
-              type=click.Choice(["resnet50_tv", "dino_resnet50", "swav_resnet50", "efficientnet_lite0",
-                                 "lunit_resnet50_bt", "lunit_resnet50_swav", "lunit_resnet50_mocov2",
-                                 # ViTs (vit_zoo.CONFIGS): .safetensors or torch files, timm/hub/transformers keys
-                                 "dino_vits16", "dino_vits8", "vit_b16_imagenet", "dinov2_vits14", "dinov2_vitb14",
-                                 "dinov2_vitl14", "dinov2_vitg14", "dinov2_vits14_reg", "dinov2_vitb14_reg",
-                                 "dinov2_vitl14_reg", "dinov2_vitg14_reg", "phikon", "phikon_v2", "hibou_b", "uni",
-                                 "uni2_h", "virchow2", "h_optimus_0", "prov_gigapath", "lunit_vits16",
-                                 "lunit_vits8"]),
-              help="Architecture of the checkpoint (the ResNet-50 names share one layout; ViT names read "
-                   ".safetensors too).")
+@click.option("--arch", required=True, type=ArchChoice(),
+              help="Registry name of the checkpoint's backbone (the registered entries with a converter; the "
+                   "ResNet-50 names share one layout; ViT names read .safetensors too).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination, must end in .weights.h5.")
 @click.option("--input-size", type=int, default=None, help="Side of the model built for the conversion.")
 def import_weights_cmd(checkpoint: str, arch: str, out: str, input_size: int | None) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dfl_tf.backbones import torch_import
+from dfl_tf.backbones.checkpoints import torch_pickle
 from dfl_tf.backbones.converter import import_weights
-from dfl_tf.backbones.torch_import import load_checkpoint
+from dfl_tf.backbones.checkpoints.torch_pickle import load_checkpoint
 from dfl_tf.errors import DflError
 
 
@@ -85,7 +85,7 @@ def test_lying_tensors_are_refused(tmp_path, spec, match):
 
 def test_archive_member_size_limit(tmp_path, monkeypatch):
     path = write_zip(tmp_path / "big.pth", {"w": ("0", 64, 0, (64,), (1,))}, {"0": _floats(64)})
-    monkeypatch.setattr(torch_import, "MAX_TENSOR_BYTES", 100)
+    monkeypatch.setattr(torch_pickle, "MAX_TENSOR_BYTES", 100)
     with pytest.raises(DflError, match=r"big.pth.*declares 256 bytes \(limit 100\)"):
         load_checkpoint(path)
 
@@ -189,7 +189,7 @@ def test_fuzz_legacy_checkpoint_never_crashes(tmp_path):
     assert errors > 100
 
 
-# -- safetensors (reader: dfl_tf/backbones/safetensors_io.py) ------------------------------------
+# -- safetensors (reader: dfl_tf/backbones/checkpoints/safetensors.py) ------------------------------------
 
 def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> bytes:
     from safetensors.numpy import save_file
@@ -202,7 +202,7 @@ def test_safetensors_wrapping_shape_refused(tmp_path):
     import json
     import struct
 
-    from dfl_tf.backbones.safetensors_io import load_safetensors
+    from dfl_tf.backbones.checkpoints.safetensors import load_safetensors
 
     for dtype in ("F32", "BF16"):  # 2**32 x 2**32 elements: an int64 product wraps to 0 bytes
         header = json.dumps({"w": {"dtype": dtype, "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 0]}}).encode()
@@ -216,7 +216,7 @@ def test_fuzz_safetensors_header_flips_and_truncations(tmp_path):
     """Header flips and truncations give a DflError or the same tensors (the data bytes carry no
     checksum in this format, so only the header region is flipped)."""
     pytest.importorskip("safetensors")
-    from dfl_tf.backbones.safetensors_io import load_safetensors
+    from dfl_tf.backbones.checkpoints.safetensors import load_safetensors
 
     rng = np.random.default_rng(18)
     want = {"conv": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "bias": np.arange(4, dtype=np.float32),

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from dfl_tf.backbones import load_backbone, register  # noqa: E402
 from dfl_tf.backbones import registry, weights  # noqa: E402
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, offline_status  # noqa: E402
-from dfl_tf.backbones.resnet_tv import make_builder  # noqa: E402
+from dfl_tf.backbones.resnet.presets import make_builder  # noqa: E402
 from dfl_tf.backbones.converter import import_weights  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 from dfl_tf.runtime.files import sha256_file  # noqa: E402
@@ -146,9 +146,9 @@ def test_fetch_offline_error():
 
 
 def test_wrong_keras_weights_file(tmp_path):
-    from dfl_tf.backbones.converter import build_with_layout
+    from dfl_tf.backbones.efficientnet_lite.model import build_model
 
-    model, _ = build_with_layout("efficientnet_lite0", 32)
+    model, _ = build_model(32)
     path = tmp_path / "lite.weights.h5"
     model.save_weights(path)
     with pytest.raises(DflError, match="does not fit resnet50_tv"):

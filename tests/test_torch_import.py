@@ -11,8 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dfl_tf.backbones import load_backbone  # noqa: E402
-from dfl_tf.backbones.converter import build_with_layout, import_weights  # noqa: E402
-from dfl_tf.backbones.torch_import import assign_state_dict, extract_state_dict, load_checkpoint  # noqa: E402
+from dfl_tf.backbones.converter import import_weights  # noqa: E402
+from dfl_tf.backbones.checkpoints.state_dict import assign_state_dict, extract_state_dict
+from dfl_tf.backbones.checkpoints.torch_pickle import load_checkpoint  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_resnet import random_resnet50  # noqa: E402
@@ -34,7 +35,9 @@ def numpy_state(torch_model):
 
 @pytest.fixture(scope="module")
 def layout():
-    return build_with_layout("resnet50_tv", SIZE)[1]
+    from dfl_tf.backbones.resnet.model import build_model
+
+    return build_model(SIZE)[1]
 
 
 @pytest.fixture(autouse=True)

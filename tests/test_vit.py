@@ -15,10 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from dfl_tf.backbones.vit import ViTConfig, build_vit, resize_matrix  # noqa: E402
-from dfl_tf.backbones.converter import import_vit_weights  # noqa: E402
-from dfl_tf.backbones.vit_weights import load_vit_file  # noqa: E402
-from dfl_tf.backbones.vit_zoo import CONFIGS  # noqa: E402
+from dfl_tf.backbones.vit.model import ViTConfig, build_vit, resize_matrix  # noqa: E402
+from dfl_tf.backbones.vit.presets import import_vit_weights  # noqa: E402
+from dfl_tf.backbones.vit.checkpoint import load_vit_file  # noqa: E402
+from dfl_tf.backbones.vit.presets import CONFIGS  # noqa: E402
 from dfl_tf.errors import DflError  # noqa: E402
 from vit_refs import RefViT, randomise  # noqa: E402
 
@@ -186,7 +186,7 @@ def test_layer_norm_matches_keras_layer_normalization(policy):
     """dfl_tf's LayerNorm (float32, five ops) computes Keras' LayerNormalization with the same weights."""
     import keras
 
-    from dfl_tf.backbones.vit import LayerNorm
+    from dfl_tf.backbones.vit.model import LayerNorm
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((6, 5, 48)) * 3 + 1).astype("float32")

@@ -13,8 +13,8 @@ import pytest
 from conftest import write_images
 from dfl_tf import extract, load_embeddings, load_model, select_backbones
 from dfl_tf.backbones.registry import load_backbone
-from dfl_tf.backbones.vit import ViTConfig
-from dfl_tf.backbones.vit_zoo import register_vit
+from dfl_tf.backbones.vit.model import ViTConfig
+from dfl_tf.backbones.vit.presets import register_vit
 from dfl_tf.demo import demo
 
 ROOT = Path(__file__).resolve().parents[1]

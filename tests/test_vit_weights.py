@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dfl_tf.backbones.safetensors_io import load_safetensors, read_header
+from dfl_tf.backbones.checkpoints.safetensors import load_safetensors, read_header
 from dfl_tf.errors import DflError
 
 
@@ -88,7 +88,7 @@ def test_lunit_resnet_reads_torchvision_layout(tmp_path):
     from torch_resnet import random_resnet50
 
     from dfl_tf.backbones.registry import load_backbone
-    from dfl_tf.backbones.vit_zoo import LUNIT_MEAN, LUNIT_STD
+    from dfl_tf.backbones.layers import LUNIT_MEAN, LUNIT_STD
 
     ref = random_resnet50()
     state = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}

@@ -35,7 +35,7 @@ def _type(param: click.Parameter) -> str:
     if isinstance(param, click.Option) and param.is_flag:
         return "flag"
     if isinstance(param.type, click.Choice):
-        return " \\| ".join(f"`{c}`" for c in param.type.choices)
+        return " \\| ".join(f"`{c}`" for c in getattr(param.type, "documented", param.type.choices))
     name = param.type.name
     return {"text": "text", "integer": "int", "float": "float", "path": "path", "boolean": "bool"}.get(name, name)
 

@@ -7,6 +7,8 @@ from keras import ops
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+#: Lunit's TCGA statistics (its ViTs and ResNet-50s; kaiko-ai/eva backbones/pathology/lunit.py)
+LUNIT_MEAN, LUNIT_STD = (0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464)
 #: What each Preprocess mode does, as `dfl backbones` prints it.
 PREPROCESSING = {
     "caffe": "RGB -> BGR, minus the ImageNet mean (103.939, 116.779, 123.68) in BGR order, no scaling (caffe)",
@@ -15,6 +17,12 @@ PREPROCESSING = {
     "unit": "x/255",
     "none": "built into the Keras model ([0, 255] in)",
 }
+
+
+def describe_normalisation(mean: tuple, std: tuple) -> str:
+    """``x/255, mean (...), std (...)``: a mean/std normalisation as `dfl backbones` prints it."""
+    fmt = lambda v: "(" + ", ".join(f"{x:g}" for x in v) + ")"  # noqa: E731
+    return f"x/255, mean {fmt(mean)}, std {fmt(std)}"
 
 
 @keras.saving.register_keras_serializable(package="dfl_tf")

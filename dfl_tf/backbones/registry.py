@@ -1,4 +1,10 @@
-"""Backbone registry: name -> spec (builder, input size, dim, preprocessing, weight sources, licence).
+"""Backbone registry: name -> spec (builder, input size, dim, preprocessing, weight sources, licence,
+checkpoint converter).
+
+Families are the subpackages of :mod:`dfl_tf.backbones` (``vit/``, ``resnet/``, ...): each
+registers its entries with :func:`register` when imported. Nothing lists them: the first
+registry access imports every subpackage found on the package path, once (a folder added to
+``dfl_tf.backbones.__path__`` later is picked up on the next access).
 
 Every backbone built here is a frozen ``keras.Model`` that maps float32 RGB images in
 [0, 255], shape ``[N, S, S, 3]``, to pooled embeddings ``[N, dim]``: preprocessing and
@@ -8,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
+import pkgutil
 import random
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +31,6 @@ from dfl_tf.backbones.base import Backbone
 from dfl_tf.backbones.fold import fold_batchnorm
 from dfl_tf.errors import DflError
 from dfl_tf.options import PRECISIONS
-
-
 
 @dataclass(frozen=True)
 class WeightSource:
@@ -46,6 +53,9 @@ class BackboneSpec:
 
     ``builder(input_size, weights)`` returns a Keras model from float32 [0, 255] RGB to
     pooled features; ``weights`` is ``None`` (random init) or a source name or a local path.
+    ``converter(checkpoint, out, input_size)``, where the family has one, is what
+    ``dfl import-weights --arch NAME`` runs (it writes ``out``, a ``.weights.h5``, and returns
+    it); ``import_aliases`` are further ``import_weights`` names for the same converter.
     """
 
     name: str
@@ -58,6 +68,8 @@ class BackboneSpec:
     embedding: str = "global average pool of the last feature map"
     preprocessing: str = ""
     params: int | None = None
+    converter: Callable[[str | os.PathLike, str | os.PathLike, int | None], Path] | None = None
+    import_aliases: tuple[str, ...] = ()
 
     def weight_source(self, key: str) -> WeightSource | None:
         return self.weights.get(key)
@@ -91,21 +103,50 @@ def _seeded_build(seed: int):
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
-    """Add a spec to the registry (later registrations with the same name win)."""
+    """Add a spec to the registry (later registrations with the same name win).
+
+    Called at import time by a family's modules (the entry then belongs to that family,
+    :func:`family_of`), or later by anyone (tests, scripts: no family).
+    """
     _REGISTRY[spec.name] = spec
+    _FAMILY[spec.name] = _importing_family()
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules registers their specs.
-    import importlib
+def _importing_family() -> str | None:
+    """The family folder whose module body is running the registration, if one is."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    prefix = f"{__package__}."
+    return module[len(prefix):].split(".")[0] if module.startswith(prefix) else None
 
-    for module in ("keras_apps", "resnet_tv", "efficientnet_lite", "vit_zoo"):
-        try:
-            importlib.import_module(f"dfl_tf.backbones.{module}")
-        except ModuleNotFoundError as exc:  # a family not written yet
-            if exc.name != f"dfl_tf.backbones.{module}":
-                raise
+
+def family_of(name: str) -> str | None:
+    """The family folder that registered ``name`` (``vit``, ``resnet``, ...), None if registered by hand."""
+    _ensure_loaded()
+    return _FAMILY.get(name)
+
+
+_SCANNED: dict[str, object] = {"path": None, "families": set()}
+_FAMILY: dict[str, str | None] = {}
+_LOAD_LOCK = threading.RLock()
+
+
+def _ensure_loaded() -> None:
+    """Import each family subpackage of :mod:`dfl_tf.backbones` once (importing registers it)."""
+    path = tuple(sys.modules[__package__].__path__)
+    if _SCANNED["path"] == path:
+        return
+    with _LOAD_LOCK:
+        if _SCANNED["path"] == path:
+            return
+        for info in pkgutil.iter_modules(path):
+            if info.ispkg and info.name not in _SCANNED["families"]:
+                importlib.import_module(f"{__package__}.{info.name}")
+                _SCANNED["families"].add(info.name)
+        _SCANNED["path"] = path
 
 
 def list_specs() -> list[BackboneSpec]:
@@ -119,6 +160,25 @@ def get_spec(name: str) -> BackboneSpec:
         known = ", ".join(sorted(_REGISTRY))
         raise DflError(f"unknown backbone '{name}' (known: {known}, or a SavedModel directory)")
     return _REGISTRY[name]
+
+
+def converter_names(families_only: bool = False) -> list[str]:
+    """Registry names that ``dfl import-weights --arch`` accepts: the entries with a converter
+    (``families_only``: those the family folders register, as the CLI reference lists them)."""
+    return [spec.name for spec in list_specs()
+            if spec.converter is not None and not (families_only and _FAMILY.get(spec.name) is None)]
+
+
+def converter_spec(arch: str) -> BackboneSpec:
+    """The entry whose converter handles ``arch`` (a registry name or one of its import aliases)."""
+    specs = [spec for spec in list_specs() if spec.converter is not None]
+    for spec in specs:
+        if arch == spec.name:
+            return spec
+    for spec in specs:
+        if arch in spec.import_aliases:
+            return spec
+    raise DflError(f"unknown architecture '{arch}' for weight import (choose from {', '.join(converter_names())})")
 
 
 def fingerprint_model(model: keras.Model) -> str:
@@ -238,5 +298,7 @@ def describe_backbones() -> list[dict]:
             "embedding": spec.embedding,
             "preprocessing": spec.preprocessing,
             "description": spec.description,
+            "family": _FAMILY.get(spec.name),
+            "converter": spec.converter is not None,
         })
     return rows

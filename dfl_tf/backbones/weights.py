@@ -7,6 +7,9 @@ Layout of the cache (``$DFL_TF_CACHE``, default ``~/.cache/dfl_tf``)::
 
 Every file lands through a temporary name and an atomic rename, so an interrupted
 download or a concurrent conversion never leaves a half-written file under the final name.
+
+Families declare their sources with :func:`url_source` (a direct URL, through this cache) or
+:func:`hub_source` (a Hugging Face repository, through ``huggingface_hub``'s own cache).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,3 +132,67 @@ def clear(backbone: str | None = None) -> None:
         return
     for path in folder.glob(f"{backbone}-*.weights.h5"):
         path.unlink()
+
+
+def downloaded(source: WeightSource) -> Callable[[], str | None]:
+    """``local_file`` for :func:`converted`: the raw download when it is already in the cache."""
+
+    def local() -> str | None:
+        path = download_path(source)
+        return str(path) if path.exists() else None
+
+    return local
+
+
+def url_source(backbone: str, key: str, url: str, license: str, note: str = "",
+               sha256: str | None = None) -> WeightSource:
+    """A downloadable checkpoint of ``backbone`` (file name: the URL's last part), offline once
+    downloaded or converted."""
+    source = WeightSource(key, url=url, sha256=sha256, license=license, filename=url.rsplit("/", 1)[-1], note=note)
+    return replace(source, offline_path=offline_checker(backbone, key, downloaded(source)))
+
+
+@dataclass(frozen=True)
+class HubSource(WeightSource):
+    """Weights in a Hugging Face repository (``repo``/``filename``), fetched with huggingface_hub."""
+
+    repo: str = ""
+
+
+def hub_source(backbone: str, key: str, repo: str, filename: str, license: str, gated: bool = False,
+               note: str = "") -> HubSource:
+    """A file of a Hugging Face repository, offline once in the hub cache or converted."""
+    source = HubSource(key, url=f"https://huggingface.co/{repo}/resolve/main/{filename}", license=license,
+                       filename=filename, note=note, gated=gated, repo=repo)
+    return replace(source, offline_path=offline_checker(backbone, key, lambda: _hub_cached(source)))
+
+
+def _hub_cached(source: HubSource) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    path = try_to_load_from_cache(source.repo, source.filename)
+    return path if isinstance(path, str) else None
+
+
+def hub_download(source: HubSource) -> Path:
+    """The local file of ``source``: the Hugging Face cache, else a download (token from ``HF_TOKEN``)."""
+    where = (f"get {source.filename} from https://huggingface.co/{source.repo}"
+             f"{' (accept its licence there, then set HF_TOKEN)' if source.gated else ''}; licence: "
+             f"{source.license}; then pass it with --weights PATH")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DflError(f"huggingface_hub is not installed (pip install 'dfl_tf[hub]'), or {where}") from None
+    try:
+        return Path(hf_hub_download(source.repo, source.filename, token=os.environ.get("HF_TOKEN") or None))
+    except Exception as exc:  # noqa: BLE001 - offline, 401/403 (gated), 404: one line either way
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise DflError(f"cannot download {source.repo}/{source.filename} ({type(exc).__name__}: {reason}); "
+                       f"{where}") from None
+
+
+def raw_file(source: WeightSource) -> Path:
+    """The original file of ``source``: from the hub for a :class:`HubSource`, else :func:`fetch`."""
+    return hub_download(source) if isinstance(source, HubSource) else fetch(source)

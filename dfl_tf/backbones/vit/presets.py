@@ -1,100 +1,55 @@
-"""Registry entries for the ViTs (DINO, DINOv2, ImageNet ViT-B/16, pathology foundation models),
-ConvNeXt-B and Lunit's pathology ResNet-50s.
+"""Registry entries for the ViTs: DINO, DINOv2, ImageNet ViT-B/16 and the pathology foundation models.
 
 Every constant (architecture, position-grid, interpolation, mean/std, pooling) comes from the
 authors' code or model card named in the entry's ``ref``. Weights: direct URLs (DINO, DINOv2,
-Lunit) through the hash-checking cache of :mod:`weights`; Hugging Face repositories through
-``huggingface_hub`` (``pip install 'dfl_tf[hub]'``; gated repositories read ``HF_TOKEN``).
-``.safetensors`` load directly each time; torch pickles are converted once to ``.weights.h5``.
+Lunit) through the hash-checking cache of :mod:`~dfl_tf.backbones.weights`; Hugging Face
+repositories through ``huggingface_hub`` (``pip install 'dfl_tf[hub]'``; gated repositories read
+``HF_TOKEN``). ``.safetensors`` load directly each time; torch pickles are converted once to
+``.weights.h5``. Every entry's ``dfl import-weights`` converter is
+:func:`~dfl_tf.backbones.vit.checkpoint.convert_vit_checkpoint` with its configuration.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
-from dfl_tf.runtime.files import atomic_save_weights
 from dfl_tf.backbones import weights as weight_cache
-from dfl_tf.backbones.layers import Normalize
+from dfl_tf.backbones.layers import LUNIT_MEAN, LUNIT_STD, describe_normalisation
 from dfl_tf.backbones.registry import BackboneSpec, WeightSource, get_spec, register
-from dfl_tf.backbones.vit import ViTConfig, build_vit
+from dfl_tf.backbones.vit.checkpoint import convert_vit_checkpoint, load_vit_file
+from dfl_tf.backbones.vit.model import ViTConfig, build_vit
+from dfl_tf.backbones.weights import HubSource
 from dfl_tf.errors import DflError
+from dfl_tf.runtime.files import atomic_save_weights
 
-LUNIT_MEAN, LUNIT_STD = (0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464)
 HOPT_MEAN, HOPT_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 HIBOU_MEAN, HIBOU_STD = (0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)
 HALF = (0.5, 0.5, 0.5)
 
 
-@dataclass(frozen=True)
-class HubSource(WeightSource):
-    """Weights in a Hugging Face repository (``repo``/``filename``), fetched with huggingface_hub."""
-
-    repo: str = ""
+def _hub(key: str, repo: str, filename: str, license: str, gated: bool = False) -> HubSource:
+    """A hub source; :func:`register_vit` binds its offline check to the entry's name."""
+    return weight_cache.hub_source("", key, repo, filename, license, gated=gated)
 
 
-def _hub(key: str, repo: str, filename: str, license: str, gated: bool = False, note: str = "") -> HubSource:
-    return HubSource(key, url=f"https://huggingface.co/{repo}/resolve/main/{filename}", license=license,
-                     filename=filename, note=note, gated=gated, repo=repo)
+def _url(key: str, spec_name: str, url: str, license: str) -> WeightSource:
+    return weight_cache.url_source(spec_name, key, url, license, "no published checksum")
 
 
-def _hub_cached(source: HubSource) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    path = try_to_load_from_cache(source.repo, source.filename)
-    return path if isinstance(path, str) else None
-
-
-def hub_download(source: HubSource) -> Path:
-    """The local file of ``source``: the Hugging Face cache, else a download (token from ``HF_TOKEN``)."""
-    where = (f"get {source.filename} from https://huggingface.co/{source.repo}"
-             f"{' (accept its licence there, then set HF_TOKEN)' if source.gated else ''}; licence: "
-             f"{source.license}; then pass it with --weights PATH")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise DflError(f"huggingface_hub is not installed (pip install 'dfl_tf[hub]'), or {where}") from None
-    try:
-        return Path(hf_hub_download(source.repo, source.filename, token=os.environ.get("HF_TOKEN") or None))
-    except Exception as exc:  # noqa: BLE001 - offline, 401/403 (gated), 404: one line either way
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise DflError(f"cannot download {source.repo}/{source.filename} ({type(exc).__name__}: {reason}); "
-                       f"{where}") from None
-
-
-def _url(key: str, spec_name: str, url: str, license: str, note: str = "") -> WeightSource:
-    filename = url.rsplit("/", 1)[-1]
-    proto = WeightSource(key, url=url, license=license, filename=filename, note=note)
-
-    def local() -> str | None:
-        path = weight_cache.download_path(proto)
-        return str(path) if path.exists() else None
-
-    return WeightSource(key, url=url, license=license, filename=filename, note=note,
-                        offline_path=weight_cache.offline_checker(spec_name, key, local))
-
-
-def _raw_file(source: WeightSource) -> Path:
-    if isinstance(source, HubSource):
-        return hub_download(source)
-    return weight_cache.fetch(source)
-
-
-def vit_builder(spec_name: str, config: ViTConfig):
-    """``builder(input_size, weights)``: random init, a named source, or a local file."""
+def vit_builder(spec_name: str):
+    """``builder(input_size, weights)``: random init, a named source, or a local file (the
+    architecture is ``CONFIGS[spec_name]``, read when building)."""
 
     def build(input_size: int, weights: str | None) -> keras.Model:
-        from dfl_tf.backbones import safetensors_io
-        from dfl_tf.backbones.vit_weights import load_vit_file
+        from dfl_tf.backbones.checkpoints import safetensors
 
+        config = CONFIGS[spec_name]
         source = get_spec(spec_name).weight_source(weights) if weights is not None else None
         converted = weight_cache.converted_path(spec_name, weights) if source is not None else None
         # fetch first: an offline or gated download fails before a large model is built
-        raw = _raw_file(source) if converted is not None and not converted.exists() else None
+        raw = weight_cache.raw_file(source) if converted is not None and not converted.exists() else None
         model = build_vit(config, input_size, name=spec_name)
         if weights is None:
             return model
@@ -102,20 +57,18 @@ def vit_builder(spec_name: str, config: ViTConfig):
             load_vit_file(model, config, weights if source is None else converted, spec_name)
             return model
         load_vit_file(model, config, raw, spec_name)
-        if not safetensors_io.is_safetensors(raw):  # cache the slow pickle conversion once
+        if not safetensors.is_safetensors(raw):  # cache the slow pickle conversion once
             atomic_save_weights(model, converted)
         return model
 
     return build
 
 
-def _offline_hub(spec_name: str, key: str, source: HubSource):
-    return weight_cache.offline_checker(spec_name, key, lambda: _hub_cached(source))
-
-
-def _preprocessing(mean: tuple, std: tuple) -> str:
-    fmt = lambda v: "(" + ", ".join(f"{x:g}" for x in v) + ")"  # noqa: E731
-    return f"x/255, mean {fmt(mean)}, std {fmt(std)}"
+def import_vit_weights(checkpoint: str | os.PathLike, arch: str, out: str | os.PathLike) -> Path:
+    """Convert a checkpoint of the registered ViT ``arch`` to ``.weights.h5`` (any input size)."""
+    if arch not in CONFIGS:
+        raise DflError(f"unknown ViT architecture '{arch}' (choose from {', '.join(sorted(CONFIGS))})")
+    return convert_vit_checkpoint(checkpoint, CONFIGS[arch], arch, out)
 
 
 _EMBEDDING = {"cls": "class token after the final LayerNorm",
@@ -130,20 +83,16 @@ def register_vit(name: str, config: ViTConfig, sources: dict[str, WeightSource],
                  description: str) -> BackboneSpec:
     """Register one ViT; hub sources get their offline check bound to this name."""
     CONFIGS[name] = config
-    bound = {}
-    for key, source in sources.items():
-        if isinstance(source, HubSource):
-            source = HubSource(source.name, url=source.url, license=source.license, filename=source.filename,
-                               note=source.note, gated=source.gated, repo=source.repo,
-                               offline_path=_offline_hub(name, key, source))
-        bound[key] = source
+    bound = {key: weight_cache.hub_source(name, key, source.repo, source.filename, source.license, source.gated)
+             if isinstance(source, HubSource) else source for key, source in sources.items()}
     interp = ("bicubic" if config.interpolation == "bicubic" else "bicubic antialias")
     interp += f", scale_factor offset {config.interp_offset:g}" if config.interp_offset else ", size="
     return register(BackboneSpec(
-        name=name, builder=vit_builder(name, config), input_size=224, dim=config.out_dim,
+        name=name, builder=vit_builder(name), input_size=224, dim=config.out_dim,
         weights=bound, default_weights=next(iter(bound), "none"), params=config.params(),
-        embedding=_EMBEDDING[config.pool], preprocessing=_preprocessing(config.mean, config.std),
+        embedding=_EMBEDDING[config.pool], preprocessing=describe_normalisation(config.mean, config.std),
         description=f"{description}; pos-embed {config.grid}x{config.grid} resampled {interp}. Source: {ref}",
+        converter=lambda checkpoint, out, input_size=None: import_vit_weights(checkpoint, name, out),
     ))
 
 
@@ -160,7 +109,7 @@ for _p in (16, 8):
     register_vit(f"dino_vits{_p}", _vit(_p, 384, 12, 6, 224 // _p, interp_offset=0.1),
                  {"dino": _url("dino", f"dino_vits{_p}",
                                f"https://dl.fbaipublicfiles.com/dino/dino_deitsmall{_p}_pretrain/"
-                               f"dino_deitsmall{_p}_pretrain.pth", _DINO_LIC, "no published checksum")},
+                               f"dino_deitsmall{_p}_pretrain.pth", _DINO_LIC)},
                  _DINO, f"DINO ViT-S/{_p}")
 
 register_vit("vit_b16_imagenet", _vit(16, 768, 12, 12, 14, eps=1e-12, mean=HALF, std=HALF),
@@ -182,7 +131,7 @@ for _arch, (_dim, _depth, _heads, _mlp) in {"s": (384, 12, 6, None), "b": (768, 
                     interpolation="bicubic_aa" if _reg else "bicubic", interp_offset=0.0 if _reg else 0.1)
         register_vit(_name, _cfg,
                      {"lvd142m": _url("lvd142m", _name, f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{_arch}14/"
-                                      f"{_file}", _DINOV2_LIC, "no published checksum")},
+                                      f"{_file}", _DINOV2_LIC)},
                      _DINOV2, f"DINOv2 ViT-{_arch.upper()}/14" + (" with registers" if _reg else ""))
 
 # ---------------------------------------------------------------- pathology foundation models
@@ -239,57 +188,5 @@ for _p in (16, 8):
     register_vit(f"lunit_vits{_p}", _vit(_p, 384, 12, 6, 224 // _p, interpolation="bicubic_aa",
                                          mean=LUNIT_MEAN, std=LUNIT_STD),
                  {"lunit": _url("lunit", f"lunit_vits{_p}", f"{_LUNIT}dino_vit_small_patch{_p}_ep200.torch",
-                                _LUNIT_LIC, "no published checksum")},
+                                _LUNIT_LIC)},
                  _LUNIT_REF, f"Lunit DINO ViT-S/{_p} (TCGA), timm layout")
-
-
-# ---------------------------------------------------------------- CNNs of the same comparison
-
-
-def _lunit_resnet(input_size: int, name: str = "lunit_resnet50"):
-    """torchvision ResNet-50 trunk behind Lunit's mean/std (the layout of :mod:`resnet_tv`)."""
-    from dfl_tf.backbones import resnet_tv
-
-    wrapped, layout = resnet_tv.build_model(input_size, name=name)
-    inputs = keras.Input((input_size, input_size, 3), name="images")
-    x = Normalize(LUNIT_MEAN, LUNIT_STD, name="preprocess")(inputs)
-    x = wrapped.get_layer(resnet_tv.BASE_NAME)(x, training=False)
-    x = keras.layers.Activation("linear", dtype="float32", name="embedding")(x)
-    return keras.Model(inputs, x, name=name), layout
-
-
-def _register_cnns() -> None:
-    from dfl_tf.backbones import resnet_tv
-
-    for method, file in (("bt", "bt_rn50_ep200.torch"), ("swav", "swav_rn50_ep200.torch"),
-                         ("mocov2", "mocov2_rn50_ep200.torch")):
-        name = f"lunit_resnet50_{method}"
-        register(BackboneSpec(
-            name=name, builder=resnet_tv.make_builder(name, build=_lunit_resnet), input_size=224, dim=2048,
-            weights={method: _url(method, name, _LUNIT + file, _LUNIT_LIC, "no published checksum")},
-            default_weights=method, params=23_508_032, preprocessing=_preprocessing(LUNIT_MEAN, LUNIT_STD),
-            description=f"Lunit ResNet-50 ({method}, TCGA), torchvision layout. Source: {_LUNIT_REF}",
-        ))
-    register(BackboneSpec(
-        name="convnext_base",
-        builder=lambda size, weights: _keras_convnext_base(size, weights),
-        input_size=224, dim=1024, params=87_566_464, preprocessing="built into the Keras model ([0, 255] in)",
-        weights={"imagenet": WeightSource("imagenet", url="https://storage.googleapis.com/tensorflow/"
-                                          "keras-applications/convnext/convnext_base_notop.h5",
-                                          filename="convnext_base_notop.h5",
-                                          license="Keras Applications weights (Apache-2.0 code); ImageNet-1k "
-                                                  "(research terms)",
-                                          note="Keras download, hash checked by keras.utils.get_file")},
-        description="ConvNeXt-Base (Keras Applications ConvNeXtBase; the paper's ConvNeXt-B)",
-    ))
-
-
-def _keras_convnext_base(input_size: int, weights: str | None) -> keras.Model:
-    from dfl_tf.backbones.layers import wrap
-
-    base = keras.applications.ConvNeXtBase(include_top=False, weights=weights, pooling="avg",
-                                           input_shape=(input_size, input_size, 3))
-    return wrap(base, input_size, "none", "convnext_base")
-
-
-_register_cnns()

@@ -1,4 +1,4 @@
-"""ViT checkpoints -> the Keras ViT of :mod:`dfl_tf.backbones.vit`, without torch.
+"""ViT checkpoints -> the Keras ViT of :mod:`dfl_tf.backbones.vit.model`, without torch.
 
 Three key layouts are recognised from the keys themselves and renamed to one canonical
 (timm-style) layout before assignment:
@@ -11,8 +11,9 @@ Three key layouts are recognised from the keys themselves and renamed to one can
   ``save_pretrained``: ``embeddings.*``, ``encoder.layer.N.attention.attention.query`` ...,
   separate q/k/v concatenated here; ``vit.``/``dinov2.`` wrapper prefixes stripped).
 
-Files: ``.safetensors`` (validated header, :mod:`safetensors_io`), torch checkpoints
-(:func:`torch_import.load_checkpoint`), or Keras ``.weights.h5``. A checkpoint whose keys or
+Files: ``.safetensors`` (validated header, :mod:`~dfl_tf.backbones.checkpoints.safetensors`),
+torch checkpoints (:func:`~dfl_tf.backbones.checkpoints.torch_pickle.load_checkpoint`), or Keras
+``.weights.h5``. A checkpoint whose keys or
 shapes do not fit is refused with one error naming the first mismatches.
 """
 from __future__ import annotations
@@ -23,26 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from dfl_tf.backbones.vit import ViTConfig
+from dfl_tf.backbones.checkpoints import safetensors, state_dict, torch_pickle
+from dfl_tf.backbones.vit.model import ViTConfig, build_vit
 from dfl_tf.errors import DflError
 
 # keys of a backbone file that are not part of the feature extractor
 _IGNORED = re.compile(r"^(mask_token|head\b.*|pooler\..*|classifier\..*|embeddings\.mask_token)$")
+# transformers name inside ``encoder.layer.N.`` -> timm name inside ``blocks.N.`` (then ``.weight``/``.bias``)
+_HF_BLOCK = {r"(?:layernorm_before|norm1)": "norm1", r"(?:layernorm_after|norm2)": "norm2",
+             r"attention\.attention\.(?P<part>query|key|value)": r"attn.\g<part>",
+             r"attention\.output\.dense": "attn.proj", r"intermediate\.dense": "mlp.fc1", r"output\.dense": "mlp.fc2",
+             r"mlp\.(?:fc1|weights_in)": "mlp.fc1", r"mlp\.(?:fc2|weights_out)": "mlp.fc2"}
 _HF_RULES = [
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.register_tokens$", "reg_token"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^encoder\.layer\.(\d+)\.(?:layernorm_before|norm1)\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-    (r"^encoder\.layer\.(\d+)\.(?:layernorm_after|norm2)\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$", r"blocks.\1.attn.\2.\3"),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-    (r"^encoder\.layer\.(\d+)\.layer_scale1\.lambda1$", r"blocks.\1.ls1.gamma"),
-    (r"^encoder\.layer\.(\d+)\.layer_scale2\.lambda1$", r"blocks.\1.ls2.gamma"),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2"),
+    *((rf"^encoder\.layer\.(?P<i>\d+)\.{old}\.(?P<leaf>weight|bias)$", rf"blocks.\g<i>.{new}.\g<leaf>")
+      for old, new in _HF_BLOCK.items()),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"^layernorm\.(weight|bias)$", r"norm.\1"),
 ]
 _HUB_RULES = [
@@ -182,11 +182,9 @@ def assign_vit(model, config: ViTConfig, state: dict, source: str, arch: str) ->
 def read_state(path: str | os.PathLike) -> dict:
     """A ViT state dict from ``.safetensors`` (lazy tensors) or a torch checkpoint (arrays;
     nesting and ``module.``/``backbone.`` prefixes unwrapped)."""
-    from dfl_tf.backbones import safetensors_io, torch_import
-
-    if safetensors_io.is_safetensors(path):
-        return safetensors_io.lazy_safetensors(path)  # read tensor by tensor while assigning
-    obj = torch_import.load_checkpoint(path)
+    if safetensors.is_safetensors(path):
+        return safetensors.lazy_safetensors(path)  # read tensor by tensor while assigning
+    obj = torch_pickle.load_checkpoint(path)
     # DINO-style files nest {"teacher": {"backbone.<key>": ...}}; transformers keys keep "encoder."
     for _ in range(5):
         if isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
@@ -210,9 +208,32 @@ def read_state(path: str | os.PathLike) -> dict:
 
 def load_vit_file(model, config: ViTConfig, path: str | os.PathLike, arch: str) -> None:
     """Load a local file into a built ViT: Keras ``.weights.h5`` directly, else convert on the fly."""
-    from dfl_tf.backbones import torch_import
-
-    if torch_import.is_keras_weights(path):
-        torch_import.load_weights_file(model, [], str(path), arch, arch)
+    if state_dict.is_keras_weights(path):
+        state_dict.load_weights_file(model, [], str(path), arch, arch)
         return
     assign_vit(model, config, read_state(path), Path(path).name, arch)
+
+
+def convert_vit_checkpoint(checkpoint: str | os.PathLike, config: ViTConfig, arch: str,
+                           out: str | os.PathLike) -> Path:
+    """Convert a ViT checkpoint (safetensors or torch; timm, hub or transformers keys) to ``.weights.h5``.
+
+    The Keras model is built at the checkpoint's own grid, so the file loads at any input size.
+    """
+    import keras
+
+    from dfl_tf.runtime.files import atomic_save_weights
+
+    out = Path(out)
+    if not out.name.endswith(".weights.h5"):
+        raise DflError(f"output file name must end in .weights.h5 (got {out.name})")
+    state = read_state(checkpoint)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        model = build_vit(config, config.grid * config.patch, name=arch)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assign_vit(model, config, state, Path(checkpoint).name, arch)
+    del state
+    return atomic_save_weights(model, out)

@@ -1,7 +1,8 @@
-"""Keras Applications backbones: ResNet50 (v1), ConvNeXt, EfficientNetB0, DenseNet121.
+"""Keras Applications backbones: ResNet50 (v1), ConvNeXt-Tiny and -Base, EfficientNetB0, DenseNet121.
 
 ImageNet weights come from the Keras download (URL and file hash inside Keras, cached in
 ``~/.keras/models``); ``weights=None`` gives a random init; a path loads a local weights file.
+No checkpoint converter: Keras files load as they are.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ _APPS = (
      "ResNet-50 v1 (Keras Applications), caffe preprocessing"),
     ("convnext_tiny", keras.applications.ConvNeXtTiny, "none", 768, 27_820_128, "convnext/convnext_tiny_notop.h5",
      "ConvNeXt-Tiny (Keras Applications), built-in normalisation"),
+    ("convnext_base", keras.applications.ConvNeXtBase, "none", 1024, 87_566_464, "convnext/convnext_base_notop.h5",
+     "ConvNeXt-Base (Keras Applications ConvNeXtBase; the paper's ConvNeXt-B)"),
     ("efficientnet_b0", keras.applications.EfficientNetB0, "none", 1280, 4_007_548, "efficientnetb0_notop.h5",
      "EfficientNet-B0 (Keras Applications), built-in rescaling"),
     ("densenet121", keras.applications.DenseNet121, "torch", 1024, 6_953_856,

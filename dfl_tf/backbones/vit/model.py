@@ -17,8 +17,8 @@ in :class:`ViTConfig` and reproduced exactly:
 * pooling: the normalised class token, or class token concatenated with the mean of the
   patch tokens (Virchow2), or the mean of the patch tokens.
 
-Checkpoint key layouts and the registry entries live in :mod:`dfl_tf.backbones.vit_weights`
-and :mod:`dfl_tf.backbones.vit_zoo`.
+Checkpoint key layouts and the registry entries live beside it, in
+:mod:`dfl_tf.backbones.vit.checkpoint` and :mod:`dfl_tf.backbones.vit.presets`.
 """
 from __future__ import annotations
 
