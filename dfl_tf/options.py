@@ -16,10 +16,13 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from dfl_tf.data.view_spec import FITS, check_fit, parse_views, views_to_strings
+from dfl_tf.data.plan import FITS, check_fit, parse_views, views_to_strings
 from dfl_tf.errors import DflError
+
+if TYPE_CHECKING:
+    from dfl_tf.data.plan import ReadPlan
 
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 STORAGE_DTYPES = ("float16", "float32")
@@ -100,6 +103,13 @@ class ExtractOptions:
             put(name, bool(getattr(self, name)))
         if self.devices is not None and not isinstance(self.devices, str):
             put("devices", tuple(str(d) for d in self.devices))
+
+    def plan(self, input_size: int | None = None, precision: str | None = None) -> "ReadPlan":
+        """The read plan of these options (:class:`dfl_tf.data.plan.ReadPlan`); ``input_size`` and
+        ``precision``: the backbone's, once it is built."""
+        from dfl_tf.data.plan import ReadPlan
+
+        return ReadPlan.from_options(self, input_size, precision)
 
     def replace(self, **changes: Any) -> "ExtractOptions":
         """A copy with ``changes`` applied (validated again)."""

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from dfl_tf.provenance import check_compatible
 from dfl_tf.data.decode import tf_decodable
-from dfl_tf.data.sources import SlideRead, load_sample, load_source
+from dfl_tf.data.sources import load_fields, load_source
 from dfl_tf.errors import DflError
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import record_dataset
@@ -41,10 +41,11 @@ def _samples_by_id(manifest: dict[str, Any]) -> dict[str, Any]:
     return {s.id: s for s in samples.samples}
 
 
-def _slide_read(manifest: dict[str, Any]) -> SlideRead:
+def _read_plan(manifest: dict[str, Any], graph: Any) -> Any:
+    """The graph's read plan with the slide read of the extraction (its run-wide mpp, patch size)."""
     read = manifest.get("settings", {}).get("slide_read") or {}
-    return SlideRead(mpp=read.get("mpp", 0.5), patch_size=read.get("patch_size", 256),
-                     slide_mpp=read.get("slide_mpp"))
+    return graph.plan.replace(mpp=float(read.get("mpp", 0.5)), patch_size=int(read.get("patch_size", 256)),
+                              slide_mpp=read.get("slide_mpp"))
 
 
 def _file_bytes(sample: Any, context: bool, pixels: tuple[np.ndarray, np.ndarray | None]
@@ -85,7 +86,7 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
     ids = [i.decode() for i in batch["id"].numpy()]
     stored = batch["embedding"].numpy()
     by_id = _samples_by_id(manifest)
-    slide_read = _slide_read(manifest)
+    plan = _read_plan(manifest, graph)
     sigs = tf.saved_model.load(str(path)).signatures
     pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
     bytes_rows, bytes_emb, bytes_probs = [], [], []
@@ -93,8 +94,9 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
         if sample_id not in by_id:
             raise DflError(f"parity check: sample {sample_id} of {emb_dir} is no longer in its source")
         sample = by_id[sample_id]
-        image, context = load_sample(sample, graph.separate_context, slide_read)
-        context = context if graph.separate_context else None
+        fields = load_fields(sample, plan, graph.fields)
+        image = fields[graph.fields[0]]
+        context = fields[graph.fields[1]] if graph.separate_context else None
         inputs = {"images": tf.constant(image[None])}
         if context is not None:
             inputs["context"] = tf.constant(context[None])
