@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .._io import atomic_write_bytes, atomic_write_text
+from ..runtime.files import atomic_write_bytes, atomic_write_text
 from ..errors import DflError
 from ..outputs import prepare_out
 from .slides import open_slide, parse_magnification

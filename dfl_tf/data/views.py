@@ -3,11 +3,14 @@
 A sample is seen through one or more views, each a (zoom, colour) pair: ``x20:rgb``,
 ``x20:gray``, ``x5:rgb``, ``x5:gray``. ``x5`` is the sibling field: same centre, 4x the
 field of view. The same functions run in the extraction pipeline and inside the exported
-SavedModel, so training-time and serving-time inputs are built identically.
+SavedModel, so training-time and serving-time inputs are built identically. Pixels come in per
+field, keyed by field factor (1: the x20 patch, 4: x5; the table is :data:`dfl_tf.data.plan.ZOOMS`):
+:func:`compose_fields` (or :func:`compose_plan` with a read plan); :func:`compose_views` is the
+x20/x5 pair as (image, context).
 
 Field rule for image sources:
-  * with a context image (``context_path`` column, or a slide's x5 read), x20 = the image
-    and x5 = the context image;
+  * with a context image (``context_path`` column), x20 = the image and x5 = the context image
+    (slides read every field around the same centre);
   * without one, when an x5 view is asked for, the image itself is the x5 field and x20 is
     its centre crop of a quarter of each side;
   * otherwise x20 is the whole image.

@@ -87,34 +87,13 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
     stored = batch["embedding"].numpy()
     by_id = _samples_by_id(manifest)
     plan = _read_plan(manifest, graph)
-    sigs = tf.saved_model.load(str(path)).signatures
-    pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
-    bytes_rows, bytes_emb, bytes_probs = [], [], []
-    for row, sample_id in enumerate(ids):
+    samples = []
+    for sample_id in ids:
         if sample_id not in by_id:
             raise DflError(f"parity check: sample {sample_id} of {emb_dir} is no longer in its source")
-        sample = by_id[sample_id]
-        fields = load_fields(sample, plan, graph.fields)
-        image = fields[graph.fields[0]]
-        context = fields[graph.fields[1]] if graph.separate_context else None
-        inputs = {"images": tf.constant(image[None])}
-        if context is not None:
-            inputs["context"] = tf.constant(context[None])
-        out = sigs["serve_pixels"](**inputs)
-        pixel_emb.append(sigs["embed_pixels"](**inputs)["embedding"].numpy()[0])
-        pixel_probs.append(_probs(out, tasks))
-        emb = graph.embed_views(graph.compose(tf.constant(image[None]),
-                                              None if context is None else tf.constant(context[None]))).numpy()
-        python_emb.append(emb[0])
-        python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
-        encoded = _file_bytes(sample, graph.separate_context, (image, context))
-        if encoded is not None:
-            inputs = {"image_bytes": tf.constant([encoded[0]])}
-            if graph.separate_context:
-                inputs["context_bytes"] = tf.constant([encoded[1]])
-            bytes_rows.append(row)
-            bytes_emb.append(sigs["embed"](**inputs)["embedding"].numpy()[0])
-            bytes_probs.append(_probs(sigs["serving_default"](**inputs), tasks))
+        samples.append(by_id[sample_id])
+    runs = _run_signatures(tf.saved_model.load(str(path)).signatures, graph, tasks, plan, samples)
+    pixel_emb, python_emb, pixel_probs, python_probs, bytes_rows, bytes_emb, bytes_probs = runs
     scale = float(np.abs(stored).max()) or 1.0
     python_probs = np.stack(python_probs)
     precision = getattr(graph.backbone, "precision", "float32")
@@ -155,6 +134,37 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
         what, value, tol = failed
         result.update(passed=False, reason=f"{what} differ by {value:.2e} > {tol:g}")
     return result
+
+
+def _run_signatures(sigs: Any, graph: Any, tasks: Sequence, plan: Any, samples: Sequence) -> tuple[list, ...]:
+    """Each sample's fields through the pixel signatures, the Python graph and (where its file is
+    in a format they read) the bytes signatures: (pixel embeddings, Python embeddings, pixel
+    probabilities, Python probabilities, rows with bytes, bytes embeddings, bytes probabilities)."""
+    pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
+    bytes_rows, bytes_emb, bytes_probs = [], [], []
+    for row, sample in enumerate(samples):
+        fields = load_fields(sample, plan, graph.fields)
+        image = fields[graph.fields[0]]
+        context = fields[graph.fields[1]] if graph.separate_context else None
+        inputs = {"images": tf.constant(image[None])}
+        if context is not None:
+            inputs["context"] = tf.constant(context[None])
+        out = sigs["serve_pixels"](**inputs)
+        pixel_emb.append(sigs["embed_pixels"](**inputs)["embedding"].numpy()[0])
+        pixel_probs.append(_probs(out, tasks))
+        emb = graph.embed_views(graph.compose(tf.constant(image[None]),
+                                              None if context is None else tf.constant(context[None]))).numpy()
+        python_emb.append(emb[0])
+        python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
+        encoded = _file_bytes(sample, graph.separate_context, (image, context))
+        if encoded is not None:
+            inputs = {"image_bytes": tf.constant([encoded[0]])}
+            if graph.separate_context:
+                inputs["context_bytes"] = tf.constant([encoded[1]])
+            bytes_rows.append(row)
+            bytes_emb.append(sigs["embed"](**inputs)["embedding"].numpy()[0])
+            bytes_probs.append(_probs(sigs["serving_default"](**inputs), tasks))
+    return pixel_emb, python_emb, pixel_probs, python_probs, bytes_rows, bytes_emb, bytes_probs
 
 
 def _probs(outputs: dict[str, Any], tasks: Sequence) -> np.ndarray:
