@@ -15,7 +15,7 @@ from dfl_tf.errors import DflError
 
 #: Fields two artefacts must agree on, in the order they are checked.
 FIELDS = ("backbone fingerprint", "views", "dim", "input size", "fit", "pad_to", "context", "mpp", "patch size",
-          "precision", "decoder")
+          "precision", "decoder", "stain")
 
 
 def _geometry(artefact: dict[str, Any]) -> dict[str, Any] | None:
@@ -63,6 +63,7 @@ def compat_record(artefact: dict[str, Any]) -> dict[str, Any]:
         "patch size": _mpp_value(geo, "patch_size", "patch_sizes"),
         "precision": geo.get("precision"),
         "decoder": geo.get("decoder"),
+        "stain": geo.get("stain"),  # the read plan's stain handling (issue 31); None: raw pixels
     })
     return record
 

@@ -112,3 +112,21 @@ def test_x10_extracts_from_slides_and_is_refused_where_it_cannot_be_served(tmp_p
     with pytest.raises(DflError, match=r"x10:rgb.*carry two fields.*cannot be exported"):
         export_model([tmp_path / "head"], tmp_path / "model", parity_samples=1)
     assert not (tmp_path / "model" / "1").exists()
+
+
+def test_stain_has_a_place_in_the_plan_and_the_check(tmp_path):
+    """Issue 31's stain handling: recorded by the plan when set, compared by the one check."""
+    from dfl_tf.data.sources import load_source
+    from dfl_tf.provenance import check_compatible
+
+    bound = ExtractOptions(patch_size=64).plan(32).bind(load_source(_slide(tmp_path)))
+    raw = bound.to_record()
+    assert "stain" not in raw  # stores without stain handling keep their geometry layout
+    normalised = bound.replace(stain={"norm": "macenko"}).to_record()
+    assert normalised["stain"] == {"norm": "macenko"}
+    assert ReadPlan.from_record(normalised, ["x20:rgb"]).stain == {"norm": "macenko"}
+    a = {"views": ["x20:rgb"], "dim": 16, "geometry": raw}
+    b = {"views": ["x20:rgb"], "dim": 16, "geometry": normalised}
+    check_compatible(a, dict(a), "head h", "embeddings e")
+    with pytest.raises(DflError, match="head h and embeddings e disagree on stain: None vs "):
+        check_compatible(a, b, "head h", "embeddings e")

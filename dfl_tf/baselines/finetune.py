@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from dfl_tf.data.plan import parse_views
 from dfl_tf.errors import DflError
 from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_dir
 from dfl_tf.runtime.signals import raise_if_interrupted
@@ -112,7 +111,7 @@ def _history_csv(hist: dict[str, list[float]]) -> str:
 
 def _check_settings(options: ExtractOptions, loss: str, epochs: int, batch_size: int, patience: int,
                     dropout: float) -> None:
-    if len(parse_views(options.views)) != 1:
+    if len(options.views) != 1:  # validated (and normalised) by ExtractOptions
         raise DflError(f"finetune takes one view (e.g. x20:rgb), got {','.join(options.views)}")
     if loss not in ("focal", "crossentropy"):
         raise DflError(f"loss must be focal or crossentropy, got {loss!r}")

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from ..runtime.files import atomic_write_bytes, atomic_write_text
 from ..errors import DflError
-from ..outputs import prepare_out
+from ..runtime.outputs import prepare_out
 from .slides import open_slide, parse_magnification
 
 __all__ = ["tissue_mask", "otsu_threshold", "tile_slide", "tile", "grid_centres"]
