@@ -18,7 +18,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from dfl_tf.data.plan import FITS, check_fit, parse_views, views_to_strings
+from dfl_tf.data.view_spec import FITS, check_fit, parse_views, views_to_strings
 from dfl_tf.errors import DflError
 
 if TYPE_CHECKING:

@@ -132,7 +132,8 @@ class ReadPlan:
     def from_options(cls, options: Any, input_size: int | None = None, precision: str | None = None) -> "ReadPlan":
         """The plan of an :class:`~dfl_tf.options.ExtractOptions` (validated there); ``input_size``
         and ``precision``: the backbone's (default: the options')."""
-        return cls(views=parse_views(options.views), input_size=input_size or options.input_size,
+        views = tuple(View(*v.split(":")) for v in options.views)  # parsed and normalised by the options
+        return cls(views=views, input_size=input_size or options.input_size,
                    fit=options.fit, pad_to=options.pad_to, mpp=float(options.mpp),
                    patch_size=int(options.patch_size), slide_mpp=options.slide_mpp,
                    precision=precision or options.precision, x5_from_image=options.x5_from_image,
