@@ -153,7 +153,7 @@ def compose_fields(
     pads = pads or {}
     given = {int(f): tf.cast(t, tf.float32) for f, t in fields.items()}
     widest = max(given)
-    if min_side and any(v.factor not in given for v in views):
+    if min_side and 1 not in given:  # the centre-crop rule: the image is the widest field
         given[widest] = _assert_min_side(given[widest], min_side)
     fitted: dict[int, tf.Tensor] = {}
     out = []
