@@ -321,33 +321,7 @@ def export_model(
     try:
         graph.archive().write_out(str(tmp), verbose=False)
         parity = parity_check(tmp, graph, tasks, parity_data, parity_samples, tolerance)
-        info = {
-            "name": root.name,
-            "version": version,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": backbone.describe(),
-            "views": [str(v) for v in graph.views],
-            "fit": graph.fit,
-            "pad_to": graph.pad_to,
-            "context": "separate" if graph.separate_context else
-                       tasks[0].info.get("extraction", {}).get("settings", {}).get("context", "none"),
-            "slide_read": tasks[0].info.get("extraction", {}).get("settings", {}).get("slide_read"),
-            # the read geometry of the heads' extraction: predict and heatmap default to it
-            "geometry": graph.geometry or None,
-            "mpp": (graph.geometry or {}).get("mpp"),
-            "patch_size": (graph.geometry or {}).get("patch_size"),
-            "decoder": DECODER,
-            "max_image_pixels": graph.max_image_pixels,
-            "max_batch": graph.max_batch,
-            "dim": graph.backbone.dim * len(graph.views),
-            "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
-                       "threshold": t.threshold, "best_epoch": t.info.get("best_epoch"),
-                       "positive_class": t.classes[t.positive] if len(t.classes) == 2 else None} for t in tasks],
-            "signatures": _describe_signatures(tmp),
-            "parity": parity,
-            "seconds": round(time.time() - t0, 2),
-            "dfl_tf_version": __version__,
-        }
+        info = _export_info(root.name, version, graph, tasks, tmp, parity, t0)
         atomic_write_json(tmp / EXPORT_JSON, info)
         if not parity["passed"]:
             raise DflError(f"parity check failed: {parity['reason']} (no version written)")
@@ -357,6 +331,38 @@ def export_model(
         raise
     info["path"] = str(final)
     return info
+
+
+def _export_info(name: str, version: int, graph: "ServingGraph", tasks: Sequence[Task], tmp: Path,
+                 parity: dict[str, Any], t0: float) -> dict[str, Any]:
+    """export.json's content: heads, classes, views and the read geometry, bounds, signatures, parity."""
+    return {
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": graph.backbone.describe(),
+        "views": [str(v) for v in graph.views],
+        "fit": graph.fit,
+        "pad_to": graph.pad_to,
+        "context": "separate" if graph.separate_context else
+                   tasks[0].info.get("extraction", {}).get("settings", {}).get("context", "none"),
+        "slide_read": tasks[0].info.get("extraction", {}).get("settings", {}).get("slide_read"),
+        # the read geometry of the heads' extraction: predict and heatmap default to it
+        "geometry": graph.geometry or None,
+        "mpp": (graph.geometry or {}).get("mpp"),
+        "patch_size": (graph.geometry or {}).get("patch_size"),
+        "decoder": DECODER,
+        "max_image_pixels": graph.max_image_pixels,
+        "max_batch": graph.max_batch,
+        "dim": graph.backbone.dim * len(graph.views),
+        "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
+                   "threshold": t.threshold, "best_epoch": t.info.get("best_epoch"),
+                   "positive_class": t.classes[t.positive] if len(t.classes) == 2 else None} for t in tasks],
+        "signatures": _describe_signatures(tmp),
+        "parity": parity,
+        "seconds": round(time.time() - t0, 2),
+        "dfl_tf_version": __version__,
+    }
 
 
 def _describe_signatures(path: Path) -> dict[str, Any]:
