@@ -231,6 +231,7 @@ MUTATIONS = {
     "patch size": lambda m: m["geometry"].update(patch_size=128),
     "precision": lambda m: m["geometry"].update(precision="bfloat16"),
     "decoder": lambda m: m["geometry"].update(decoder="pillow"),
+    "stain": lambda m: m["geometry"].update(stain={"norm": "macenko"}),  # the read plan's stain field (issue 31)
 }
 
 
@@ -243,7 +244,7 @@ def test_each_compatibility_field_mismatch_refused(manifest, field):
         check_compatible(manifest, other, "head X", "embeddings Y")
     head_like = {k: manifest[k] for k in ("backbone", "views", "dim")}
     head_like["extraction"] = {"geometry": other["geometry"]}
-    if field in ("fit", "pad_to", "context", "mpp", "patch size", "precision", "decoder"):
+    if field in ("fit", "pad_to", "context", "mpp", "patch size", "precision", "decoder", "stain"):
         with pytest.raises(DflError, match=f"disagree on {field}"):  # head.json carries it as extraction.geometry
             check_compatible(head_like, manifest, "head", "test")
 

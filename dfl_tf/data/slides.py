@@ -7,8 +7,8 @@ Geometry conventions (shared with :mod:`dfl_tf.data.tissue`, extraction and pred
   covers the level-0 square ``[cx - W/2, cx + W/2) x [cy - H/2, cy + H/2)`` with
   ``W = H = size * target_mpp / slide_mpp``; at the slide's own resolution and an even
   ``size`` this is exactly the pixels ``cx - size/2 .. cx + size/2 - 1`` (no resampling).
-* The x5 sibling (:func:`read_views`) has the same centre and 4x the field of view
-  (4x the mpp), resized to the same ``size``.
+* The fields of a read plan (:func:`read_fields`) share the centre: a field factor f (x5: 4)
+  covers f times the x20 field of view (f times the mpp), resized to the same ``size``.
 * Pixels outside the slide are white (255, 255, 255); OpenSlide's transparent
   out-of-slide pixels are composited onto white.
 * The pyramid level read is the lowest-resolution level whose mpp is at most the
@@ -32,12 +32,13 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DflError
+from .plan import CONTEXT_FACTOR as _PLAN_CONTEXT_FACTOR
 from .slide_backends import _Backend, _OpenSlideBackend, _TiffFileBackend, openslide
 from .slide_strips import StripCache
 
@@ -45,6 +46,7 @@ __all__ = [
     "SlideReader",
     "open_slide",
     "read_views",
+    "read_fields",
     "borrow_reader",
     "close_pooled_readers",
     "drop_strips",
@@ -52,8 +54,8 @@ __all__ = [
     "CONTEXT_FACTOR",
 ]
 
-#: The x5 sibling view covers CONTEXT_FACTOR times the field of view of the x20 view.
-CONTEXT_FACTOR = 4.0
+#: The x5 sibling view covers CONTEXT_FACTOR times the field of view of the x20 view (the plan's table).
+CONTEXT_FACTOR = float(_PLAN_CONTEXT_FACTOR)
 #: Relative tolerance when comparing a level's mpp with the target mpp.
 _LEVEL_TOLERANCE = 0.01
 #: Objective power -> mpp: 20x is 0.5 um/px.
@@ -387,17 +389,24 @@ def close_pooled_readers() -> None:
         reader.close()
 
 
-def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: int, context: bool,
-               mpp_override: float | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The x20 tile and, when ``context``, its x5 sibling (same centre, 4x the mpp), both size x size."""
-    mpp = parse_magnification(mpp)
+def read_fields(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: int,
+                factors: Sequence[int] = (1,), mpp_override: float | str | None = None) -> dict[int, np.ndarray]:
+    """One size x size tile per field factor (:mod:`dfl_tf.data.plan`), all centred on level-0
+    (cx, cy): factor f is read at ``f * mpp`` (f times the field of the x20 patch), narrowest first."""
     with borrow_reader(path, mpp_override) as reader:
         width, height = reader.dimensions
         if not (0 <= cx < width and 0 <= cy < height):
             raise DflError(f"{path}: centre ({cx}, {cy}) lies outside the slide ({width} x {height} level-0 px)")
         try:
-            x20 = reader.read_region_at_mpp(cx, cy, mpp, size)
-            x5 = reader.read_region_at_mpp(cx, cy, mpp * CONTEXT_FACTOR, size) if context else None
+            return {int(f): reader.read_region_at_mpp(cx, cy, mpp * f, size) for f in sorted(factors)}
         except DflError as exc:  # name the tile as the source names it
             raise DflError(f"{exc} for the tile centred at ({cx}, {cy})") from exc
-    return x20, x5
+
+
+def read_views(path: str | os.PathLike, cx: float, cy: float, mpp: float, size: int, context: bool,
+               mpp_override: float | str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The x20 tile and, when ``context``, its x5 sibling (same centre, 4x the mpp), both size x size
+    (:func:`read_fields` for the x20/x5 pair)."""
+    wide = int(CONTEXT_FACTOR)
+    fields = read_fields(path, cx, cy, parse_magnification(mpp), size, (1, wide) if context else (1,), mpp_override)
+    return fields[1], fields.get(wide)

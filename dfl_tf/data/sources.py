@@ -26,11 +26,14 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from dfl_tf.errors import DflError
+
+if TYPE_CHECKING:
+    from dfl_tf.data.plan import ReadPlan
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 
@@ -272,9 +275,33 @@ class SlideRead:
             object.__setattr__(self, "slide_mpp", parse_magnification(self.slide_mpp))
 
 
+def load_fields(sample: Sample, plan: "ReadPlan", factors: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """The sample's pixels per field (uint8 RGB), keyed by field factor: ``plan.loaded_fields``
+    (bound to the source, :meth:`~dfl_tf.data.plan.ReadPlan.bind`). Slides: one tile per field at
+    the plan's mpp (or the row's) around the sample's centre. Images: the image as the x20 field,
+    its context image as the x5 field, or under the centre-crop rule the image as the widest field.
+    ``factors``: other fields to read (e.g. ``plan.serving_fields``)."""
+    if sample.error:
+        raise DflError(sample.error)
+    factors = tuple(factors or plan.loaded_fields)
+    if sample.slide is not None:
+        from dfl_tf.data.slides import read_fields
+
+        return read_fields(sample.slide, sample.x, sample.y, sample.mpp or plan.mpp,
+                           sample.patch_size or plan.patch_size, factors,
+                           mpp_override=sample.slide_mpp or plan.slide_mpp)
+    image = read_image(sample.source)
+    if len(factors) == 2:  # a context image per sample
+        if not sample.context:
+            raise DflError(f"{sample.id}: no context image (its model needs a context_path per sample)")
+        return {factors[0]: image, factors[1]: read_image(sample.context)}
+    return {factors[0]: image}
+
+
 def load_sample(sample: Sample, context: bool, slide_read: SlideRead | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The sample's image and, where it has one, its context (x5) image, as uint8 RGB."""
+    """The sample's image and, where it has one, its context (x5) image, as uint8 RGB (the x20/x5
+    pair; :func:`load_fields` reads the fields of any read plan)."""
     if sample.error:
         raise DflError(sample.error)
     if sample.slide is not None:

@@ -3,11 +3,14 @@
 A sample is seen through one or more views, each a (zoom, colour) pair: ``x20:rgb``,
 ``x20:gray``, ``x5:rgb``, ``x5:gray``. ``x5`` is the sibling field: same centre, 4x the
 field of view. The same functions run in the extraction pipeline and inside the exported
-SavedModel, so training-time and serving-time inputs are built identically.
+SavedModel, so training-time and serving-time inputs are built identically. Pixels come in per
+field, keyed by field factor (1: the x20 patch, 4: x5; the table is :data:`dfl_tf.data.plan.ZOOMS`):
+:func:`compose_fields` (or :func:`compose_plan` with a read plan); :func:`compose_views` is the
+x20/x5 pair as (image, context).
 
 Field rule for image sources:
-  * with a context image (``context_path`` column, or a slide's x5 read), x20 = the image
-    and x5 = the context image;
+  * with a context image (``context_path`` column), x20 = the image and x5 = the context image
+    (slides read every field around the same centre);
   * without one, when an x5 view is asked for, the image itself is the x5 field and x20 is
     its centre crop of a quarter of each side;
   * otherwise x20 is the whole image.
@@ -27,14 +30,16 @@ Views never collapse silently:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-from dfl_tf.data.view_spec import (  # noqa: F401  (the specs live there; public here too)
+from dfl_tf.data.plan import (  # noqa: F401  (the specs live there; public here too)
     COLOURS,
+    CONTEXT_FACTOR,
     FITS,
     ZOOMS,
+    ReadPlan,
     View,
     check_fit,
     needs_context,
@@ -44,44 +49,16 @@ from dfl_tf.data.view_spec import (  # noqa: F401  (the specs live there; public
 from dfl_tf.errors import DflError
 
 PAD_VALUE = 255.0
-#: The x5 field covers CONTEXT_FACTOR times the side of the x20 field.
-CONTEXT_FACTOR = 4
 
 
-def x5_source(views: Sequence[View], context: str, source_kind: str) -> str | None:
-    """Where the x5 field comes from: ``slide`` (read at the patch size), ``context image``
-    (a context_path image at the image's um/px), ``image`` (the centre-crop rule) or None."""
-    if not needs_context(views):
-        return None
-    if source_kind == "slides":
-        return "slide"
-    return "context image" if context == "separate" else "image"
-
-
-def check_x5_fit(views: Sequence[View], fit: str, source: str | None, where: str = "") -> None:
-    """Refuse an x5 view that ``fit`` would collapse (see the module docstring)."""
-    if needs_context(views) and fit == "pad" and source in ("context image", "image"):
-        field = "the context image" if source == "context image" else "the whole image"
-        raise DflError(f"{where + ': ' if where else ''}--fit pad keeps the pixel scale, so the x5 view "
-                       f"({field}, 4x the x20 field) cannot fit the input: use --fit scale or pad-scale, or "
-                       f"drop the x5 views")
-
-
-def min_x5_side(size: int, fit: str, pad_to: int | None) -> int:
-    """Smallest image side for the centre-crop rule without upsampling x20 (4x the input side,
-    or 4x ``pad_to`` under ``pad-scale``)."""
-    side = pad_to if (fit == "pad-scale" and pad_to) else size
-    return CONTEXT_FACTOR * int(side)
-
-
-def check_x5_field(shape: Sequence[int], size: int, fit: str, pad_to: int | None, name: str) -> None:
+def check_x5_field(shape: Sequence[int], plan: ReadPlan, name: str) -> None:
     """The centre-crop rule's check in Python: a one-line DflError naming ``name`` when the image
-    is too small (the caller skips it when the user passed ``x5_from_image``)."""
-    need = min_x5_side(size, fit, pad_to)
-    if min(int(shape[0]), int(shape[1])) < need:
-        raise DflError(f"{name}: {shape[1]}x{shape[0]} px is smaller than {need} px (4x the x20 side), so its x5 "
-                       f"view would be the image and x20 its centre quarter upsampled; add a context_path "
-                       f"column, drop the x5 views, or pass --x5-from-image to accept that rule")
+    is too small for ``plan`` (nothing when the plan does not enforce it, see ``min_side``)."""
+    need = plan.min_side()
+    if need and min(int(shape[0]), int(shape[1])) < need:
+        raise DflError(f"{name}: {shape[1]}x{shape[0]} px is smaller than {need} px ({max(plan.factors)}x the x20 "
+                       f"side), so its x5 view would be the image and x20 its centre quarter upsampled; add a "
+                       f"context_path column, drop the x5 views, or pass --x5-from-image to accept that rule")
 
 
 def _pad_or_crop(image: tf.Tensor, height, width) -> tf.Tensor:
@@ -126,18 +103,72 @@ def fit_field(image: tf.Tensor, size: int, fit: str = "scale", pad_to: int | Non
     return tf.ensure_shape(out, [None] * (len(out.shape) - 3) + [size, size, 3])
 
 
-def centre_quarter(image: tf.Tensor) -> tf.Tensor:
-    """The x20 field inside an x5 field: same centre, a quarter of each side."""
+def centre_crop(image: tf.Tensor, ratio: int = CONTEXT_FACTOR) -> tf.Tensor:
+    """The field ``ratio`` times narrower inside ``image``: same centre, 1/ratio of each side
+    (the x20 field inside an x5 field: ratio 4)."""
     shape = tf.shape(image)
     h, w = shape[-3], shape[-2]
-    ch, cw = tf.maximum(h // 4, 1), tf.maximum(w // 4, 1)
+    ch, cw = tf.maximum(h // ratio, 1), tf.maximum(w // ratio, 1)
     return tf.image.crop_to_bounding_box(image, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+
+def centre_quarter(image: tf.Tensor) -> tf.Tensor:
+    """The x20 field inside an x5 field: same centre, a quarter of each side."""
+    return centre_crop(image, CONTEXT_FACTOR)
 
 
 def to_gray(image: tf.Tensor) -> tf.Tensor:
     """Luminance (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) replicated to three channels."""
     weights = tf.constant([0.299, 0.587, 0.114], dtype=image.dtype)
     return tf.repeat(tf.reduce_sum(image * weights, axis=-1, keepdims=True), 3, axis=-1)
+
+
+def _assert_min_side(image: tf.Tensor, min_side: int) -> tf.Tensor:
+    shape = tf.shape(image)
+    small = tf.minimum(shape[-3], shape[-2])
+    check = tf.debugging.assert_greater_equal(
+        small, tf.cast(min_side, small.dtype),
+        message=f"image smaller than {min_side} px: the x5 view from the image itself would upsample x20 "
+                f"(the model was extracted without --x5-from-image)")
+    with tf.control_dependencies([check]):
+        return tf.identity(image)
+
+
+def compose_fields(
+    fields: Mapping[int, tf.Tensor],
+    views: Sequence[View],
+    size: int,
+    fit: str = "scale",
+    pads: Mapping[int, int | None] | None = None,
+    min_side: int | None = None,
+) -> tf.Tensor:
+    """One sample's views as float32 [len(views), size, size, 3] in [0, 255], from its fields.
+
+    ``fields``: pixels [h, w, 3] (or batches [N, h, w, 3], giving [N, len(views), ...]) keyed by
+    field factor (1: the x20 patch field, 4: x5, ...; see :mod:`dfl_tf.data.plan`). A view whose
+    field is not given is the centre crop of the widest field given (the centre-crop rule;
+    ``min_side``: it fails in the graph on images with a smaller side). ``pads``: pad-scale's
+    square per factor (None: the field's larger side).
+    """
+    pads = pads or {}
+    given = {int(f): tf.cast(t, tf.float32) for f, t in fields.items()}
+    widest = max(given)
+    if min_side and 1 not in given:  # the centre-crop rule: the image is the widest field
+        given[widest] = _assert_min_side(given[widest], min_side)
+    fitted: dict[int, tf.Tensor] = {}
+    out = []
+    for view in views:
+        f = view.factor
+        if f not in fitted:
+            field = given[f] if f in given else centre_crop(given[widest], widest // f)
+            fitted[f] = fit_field(field, size, fit, pads.get(f))
+        out.append(to_gray(fitted[f]) if view.colour == "gray" else fitted[f])
+    return tf.stack(out, axis=len(given[widest].shape) - 3)
+
+
+def compose_plan(fields: Mapping[int, tf.Tensor], plan: ReadPlan, min_side: int | None = None) -> tf.Tensor:
+    """:func:`compose_fields` with the views, input size, fit and pads of a bound read plan."""
+    return compose_fields(fields, plan.views, int(plan.input_size), plan.fit, plan.pads(), min_side)
 
 
 def compose_views(
@@ -150,35 +181,16 @@ def compose_views(
     x5_pad_to: int | None = None,
     min_side: int | None = None,
 ) -> tf.Tensor:
-    """One sample's views as float32 [len(views), size, size, 3] in [0, 255].
+    """:func:`compose_fields` for the x20/x5 pair: ``image`` and ``context`` (x5, may be None).
 
-    ``image`` and ``context`` are [h, w, 3] (any real or integer dtype in [0, 255]);
-    ``context`` may be None (see the module docstring for the field rule). Batches
-    [N, h, w, 3] work too and give [N, len(views), size, size, 3]. ``x5_pad_to``: the square
-    the x5 field is padded to under ``pad-scale`` (the geometry's ``x5_pad_to``; None: its larger
-    side). ``min_side``: the centre-crop rule fails (in the graph) on images with a smaller side.
+    Without a context, when an x5 view is asked for, the image itself is the x5 field and x20 its
+    centre quarter; otherwise the image is the x20 field. ``x5_pad_to``: the square the x5 field
+    is padded to under ``pad-scale`` (None: its larger side).
     """
-    image = tf.cast(image, tf.float32)
     if context is not None:
-        x20, x5 = image, tf.cast(context, tf.float32)
+        fields = {1: image, CONTEXT_FACTOR: context}
     elif needs_context(views):
-        if min_side:
-            shape = tf.shape(image)
-            small = tf.minimum(shape[-3], shape[-2])
-            check = tf.debugging.assert_greater_equal(
-                small, tf.cast(min_side, small.dtype),
-                message=f"image smaller than {min_side} px: the x5 view from the image itself would upsample x20 "
-                        f"(the model was extracted without --x5-from-image)")
-            with tf.control_dependencies([check]):
-                image = tf.identity(image)
-        x20, x5 = centre_quarter(image), image
+        fields = {CONTEXT_FACTOR: image}
     else:
-        x20, x5 = image, None
-    fields = {"x20": fit_field(x20, size, fit, pad_to)}
-    if x5 is not None and needs_context(views):
-        fields["x5"] = fit_field(x5, size, fit, x5_pad_to)
-    out = []
-    for view in views:
-        field = fields[view.zoom]
-        out.append(to_gray(field) if view.colour == "gray" else field)
-    return tf.stack(out, axis=len(image.shape) - 3)
+        fields = {1: image}
+    return compose_fields(fields, views, size, fit, {1: pad_to, CONTEXT_FACTOR: x5_pad_to}, min_side)

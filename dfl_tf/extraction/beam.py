@@ -181,7 +181,7 @@ class _ExtractShard(beam.DoFn if beam is not None else object):
             raise DflError(f"worker read source {job['source']} differently from the driver "
                            "(paths must be the same on every worker)")
         self.n, self.size = len(samples.samples), options.shard_size
-        self.runner = ShardRunner(bb, options, samples, strategy)
+        self.runner = ShardRunner(bb, options, samples, strategy, plan=job["plan"])
         self.counter = beam.metrics.Metrics.counter("dfl_extract", "samples")
 
     def process(self, index: int):
@@ -224,6 +224,7 @@ def extract_beam(source: str | Path, out: str | Path, *, options: ExtractOptions
             "source": str(source), "split": split, "classes": list(classes) if classes is not None else None,
             "options": dataclasses.asdict(options), "fingerprint": bb.fingerprint,
             "source_fingerprint": samples.fingerprint(), "out": str(run.out.resolve()), "names": run.names,
+            "plan": run.plan,  # the driver's read plan, bound to the source: built once
         }
         del bb  # the driver only needed its fingerprint and description
         _run_pipeline(job, run.pending, flags)

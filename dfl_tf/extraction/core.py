@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -23,10 +23,10 @@ import tensorflow as tf
 from dfl_tf import __version__
 from dfl_tf.runtime.files import atomic_write_json
 from dfl_tf.backbones.registry import Backbone, load_backbone
-from dfl_tf.provenance import read_geometry, view_fit
 from dfl_tf.data.pipeline import fixed_prefetch
-from dfl_tf.data.sources import SampleSet, SlideRead, load_sample
-from dfl_tf.data.views import View, check_x5_field, compose_views, needs_context, parse_views
+from dfl_tf.data.plan import ReadPlan
+from dfl_tf.data.sources import SampleSet, load_fields
+from dfl_tf.data.views import check_x5_field, compose_plan
 from dfl_tf.runtime.devices import distributed_infer
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions
@@ -41,11 +41,6 @@ def build_backbone(options: ExtractOptions) -> Backbone:
     """The frozen backbone ``options`` names (call inside the strategy scope when mirroring)."""
     return load_backbone(options.backbone, weights=options.weights, input_size=options.input_size,
                          precision=options.precision)
-
-
-def slide_read(options: ExtractOptions) -> SlideRead:
-    """The slide read settings (mpp, patch size, slide mpp) of ``options``."""
-    return SlideRead(mpp=float(options.mpp), patch_size=int(options.patch_size), slide_mpp=options.slide_mpp)
 
 
 def part_path(out: Path, index: int) -> Path:
@@ -68,6 +63,7 @@ class Run:
     out: Path
     options: ExtractOptions
     samples: SampleSet
+    plan: ReadPlan
     settings: dict[str, Any]
     record: dict[str, Any]
     names: list[str]
@@ -98,60 +94,42 @@ def open_run(out: str | Path, options: ExtractOptions, bb: Backbone, samples: Sa
              overwrite: bool) -> Run:
     """Create, check (same backbone, views, settings, source) or clear ``out``; list pending shards."""
     out = Path(out)
-    settings = _settings(bb, options, samples, split)
+    plan = read_plan(bb, options, samples)
+    settings = _settings(bb, options, plan, samples, split)
     record = _prepare_out(out, settings, overwrite)
     n = len(samples.samples)
     n_shards = math.ceil(n / options.shard_size)
     names = [f"shard-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
     pending = [i for i in range(n_shards) if not shard_done(part_path(out, i), out / names[i])]  # sha256 checked
-    return Run(out, options, samples, settings, record, names, pending)
+    return Run(out, options, samples, plan, settings, record, names, pending)
 
 
-def _settings(bb: Backbone, options: ExtractOptions, samples: SampleSet, split: str | None) -> dict[str, Any]:
-    views = parse_views(options.views)
+def read_plan(bb: Backbone, options: ExtractOptions, samples: SampleSet) -> ReadPlan:
+    """The read plan of this extraction, bound to its source (built once per run; recorded in the
+    manifest as ``geometry``, see :mod:`dfl_tf.data.plan`)."""
+    return options.plan(bb.input_size, bb.precision).bind(samples)
+
+
+def _settings(bb: Backbone, options: ExtractOptions, plan: ReadPlan, samples: SampleSet,
+              split: str | None) -> dict[str, Any]:
     settings = {
         "backbone": bb.describe(),
-        "views": list(options.views),
-        "dim": bb.dim * len(views),
+        "views": [str(v) for v in plan.views],
+        "dim": bb.dim * len(plan.views),
         "dtype": options.dtype,
-        "fit": options.fit,
-        "pad_to": options.pad_to,
+        "fit": plan.fit,
+        "pad_to": plan.pad_to,
         "shard_size": options.shard_size,
-        "precision": bb.precision,
-        "context": _context_mode(views, samples),
-        "geometry": geometry(bb, options, samples),
+        "precision": plan.precision,
+        "context": plan.context,
+        "geometry": plan.to_record(),
         "source": {"path": samples.root, "kind": samples.kind, "split": split,
                    "num_samples": len(samples.samples), "fingerprint": samples.fingerprint()},
         "classes": samples.classes,
     }
     if samples.kind == "slides":
-        read = slide_read(options)
-        settings["slide_read"] = {"mpp": read.mpp, "patch_size": read.patch_size, "slide_mpp": read.slide_mpp}
+        settings["slide_read"] = plan.slide_read_record()
     return settings
-
-
-def geometry(bb: Backbone, options: ExtractOptions, samples: SampleSet) -> dict[str, Any]:
-    """The read geometry this extraction uses (recorded in the manifest; see :mod:`dfl_tf.provenance`)."""
-    return read_geometry(input_size=bb.input_size, fit=options.fit, pad_to=options.pad_to,
-                         context=_context_mode(parse_views(options.views), samples), views=options.views,
-                         precision=bb.precision, samples=samples, mpp=options.mpp, patch_size=options.patch_size,
-                         slide_mpp=options.slide_mpp, allow_mixed_geometry=options.allow_mixed_geometry,
-                         x5_from_image=options.x5_from_image)
-
-
-def _context_mode(views: Sequence[View], samples: SampleSet) -> str:
-    """How the x5 field was obtained: ``none`` (no x5 view), ``separate`` (a context image or a
-    slide read per sample) or ``centre-crop`` (the image is the x5 field, x20 its centre)."""
-    if not needs_context(views):
-        return "none"
-    if samples.kind == "slides":
-        return "separate"
-    with_context = sum(1 for s in samples.samples if s.context)
-    if 0 < with_context < len(samples.samples):
-        first = next(s for s in samples.samples if not s.context)
-        raise DflError(f"{samples.root}: {with_context} of {len(samples.samples)} rows have a context_path, "
-                       f"{first.id} has none: give every row a context image or none (x5 from the centre crop)")
-    return "separate" if with_context else "centre-crop"
 
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -227,16 +205,11 @@ class ShardRunner:
     """Builds the tf.data pipeline for a range of samples and runs the backbone on it."""
 
     def __init__(self, bb: Backbone, options: ExtractOptions, samples: SampleSet,
-                 strategy: tf.distribute.Strategy | None = None):
+                 strategy: tf.distribute.Strategy | None = None, plan: ReadPlan | None = None):
         self.bb, self.options, self.samples = bb, options, samples.samples
-        self.views = parse_views(options.views)
-        self.slide_read = slide_read(options)
+        self.plan = plan or read_plan(bb, options, samples)
+        self.views = self.plan.views
         self.workers = options.workers or tf.data.AUTOTUNE
-        self.context = needs_context(self.views)
-        geo = geometry(bb, options, samples)
-        # fit, pad_to, x5_pad_to as recorded; the centre-crop size rule is checked in _load (naming the file)
-        self.fitting = {**view_fit({"geometry": geo}, bb.input_size), "min_side": None}
-        self.check_x5 = geo["x5_source"] == "image" and not geo["x5_from_image"]
         self.errors: dict[int, str] = {}
         if strategy is not None:  # batch split across replicas, rows kept in order (jit not applied)
             self.infer = distributed_infer(strategy, bb.model, bb.input_size)
@@ -245,30 +218,24 @@ class ShardRunner:
 
     def _load(self, index):
         index = int(index)
+        keys = self.plan.loaded_fields
         try:
-            image, ctx = load_sample(self.samples[index], self.context, self.slide_read)
-            if self.check_x5:
-                check_x5_field(image.shape, self.bb.input_size, self.options.fit, self.options.pad_to,
-                               self.samples[index].source)
-            if ctx is None:
-                return True, image, np.zeros((1, 1, 3), np.uint8), False
-            return True, image, ctx, True
+            fields = load_fields(self.samples[index], self.plan)
+            # the centre-crop size rule, checked here (naming the file) rather than in the graph
+            check_x5_field(fields[keys[0]].shape, self.plan, self.samples[index].source)
+            return (True, *(fields[k] for k in keys))
         except Exception as exc:  # recorded, then raised or skipped by the consumer
             self.errors[index] = str(exc) if isinstance(exc, DflError) else f"{type(exc).__name__}: {exc}"
-            dummy = np.zeros((1, 1, 3), np.uint8)
-            return False, dummy, dummy, False
+            return (False, *(np.zeros((1, 1, 3), np.uint8) for _ in keys))
 
     def _dataset(self, indices: range) -> tf.data.Dataset:
-        size, views, fitting = self.bb.input_size, self.views, self.fitting
+        plan, keys = self.plan, self.plan.loaded_fields
 
         def load_and_compose(index):
-            ok, image, ctx, has_ctx = tf.numpy_function(self._load, [index], [tf.bool, tf.uint8, tf.uint8, tf.bool],
-                                                        stateful=False)
-            image.set_shape([None, None, 3])
-            ctx.set_shape([None, None, 3])
-            stacked = tf.cond(has_ctx, lambda: compose_views(image, ctx, views, size, **fitting),
-                              lambda: compose_views(image, None, views, size, **fitting))
-            return index, ok, stacked
+            ok, *pixels = tf.numpy_function(self._load, [index], [tf.bool] + [tf.uint8] * len(keys), stateful=False)
+            for p in pixels:
+                p.set_shape([None, None, 3])
+            return index, ok, compose_plan(dict(zip(keys, pixels)), plan)
 
         ds = tf.data.Dataset.range(indices.start, indices.stop)
         ds = ds.map(load_and_compose, num_parallel_calls=self.workers, deterministic=True)

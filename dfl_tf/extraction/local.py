@@ -73,7 +73,7 @@ def extract(
         bb = model or build_backbone(options)
     fresh = not (Path(out) / PARTS / "run.json").exists()
     run = open_run(out, options, bb, samples, split, overwrite)
-    shard_runner = ShardRunner(bb, options, samples, strategy)
+    shard_runner = ShardRunner(bb, options, samples, strategy, plan=run.plan)
     done = run.num_samples - sum(len(run.shard_range(i)) for i in run.pending)
     bar = tqdm(total=run.num_samples, unit="patch", desc="extract", disable=not progress, dynamic_ncols=True,
                initial=done)

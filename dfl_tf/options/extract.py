@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dfl_tf.data.view_spec import FITS, check_fit, parse_views, views_to_strings
 from dfl_tf.errors import DflError
 from dfl_tf.options.base import option
 from dfl_tf.options.base import takes_options as _takes_options
+
+if TYPE_CHECKING:
+    from dfl_tf.data.plan import ReadPlan
 
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 STORAGE_DTYPES = ("float16", "float32")
@@ -95,6 +98,13 @@ class ExtractOptions:
             put(name, bool(getattr(self, name)))
         if self.devices is not None and not isinstance(self.devices, str):
             put("devices", tuple(str(d) for d in self.devices))
+
+    def plan(self, input_size: int | None = None, precision: str | None = None) -> "ReadPlan":
+        """The read plan of these options (:class:`dfl_tf.data.plan.ReadPlan`); ``input_size`` and
+        ``precision``: the backbone's, once it is built."""
+        from dfl_tf.data.plan import ReadPlan
+
+        return ReadPlan.from_options(self, input_size, precision)
 
     def replace(self, **changes: Any) -> "ExtractOptions":
         """A copy with ``changes`` applied (validated again)."""

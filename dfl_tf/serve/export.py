@@ -37,9 +37,10 @@ from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.decode import DECODER, TF_MAGIC, decode_tensor
 from dfl_tf.data.image_header import (DEFAULT_MAX_BATCH, DEFAULT_MAX_PIXELS, assert_complete,
                                       assert_pixels_within_budget, assert_within_budget)
-from dfl_tf.data.views import compose_views, parse_views
+from dfl_tf.data.plan import ReadPlan
+from dfl_tf.data.views import compose_plan
 from dfl_tf.errors import DflError
-from dfl_tf.provenance import check_compatible, geometry_of, view_fit
+from dfl_tf.provenance import check_compatible, geometry_of
 
 EXPORT_JSON = "export.json"
 
@@ -123,18 +124,25 @@ class ServingGraph:
                  max_batch: int = DEFAULT_MAX_BATCH):
         self.max_image_pixels, self.max_batch = int(max_image_pixels), int(max_batch)  # input bounds
         info = tasks[0].info
-        settings = info.get("extraction", {}).get("settings", {})
         self.backbone, self.tasks = backbone, list(tasks)
-        self.views = parse_views(info["views"])
         self.size = backbone.input_size
         self.geometry = geometry_of(info)
-        self.fitting = view_fit(info, self.size)  # fit, pad_to, x5_pad_to, min_side as extracted
-        self.fit, self.pad_to = self.fitting["fit"], self.fitting["pad_to"]
-        self.separate_context = (self.geometry or settings).get("context") == "separate"
+        # the read plan the heads' extraction recorded: fit, pads, centre-crop rule as extracted
+        self.plan = ReadPlan.from_artefact(info).replace(input_size=self.size)
+        self.views = self.plan.views
+        self.fit, self.pad_to = self.plan.fit, self.plan.pad_to
+        self.separate_context = self.plan.context == "separate"
+        self.fields = self.plan.serving_fields  # what images (and context) carry
+        unserved = [str(v) for v in self.views if v.factor not in self.fields]
+        if self.separate_context and unserved:
+            raise DflError(f"heads {tasks[0].head_dir} use views {','.join(unserved)}, but the serving signatures "
+                           f"carry two fields (image_bytes: x20, context_bytes: x5): models with a third zoom "
+                           f"cannot be exported yet (embed them from slides with dfl extract)")
 
     def compose(self, images: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
         """The views of decoded pixels, fitted exactly as at extraction."""
-        return compose_views(images, context, self.views, self.size, **self.fitting)
+        fields = dict(zip(self.fields, (images, context) if context is not None else (images,)))
+        return compose_plan(fields, self.plan, self.plan.min_side())
 
     # -- pieces -------------------------------------------------------------------------
     def embed_views(self, stacked: tf.Tensor) -> tf.Tensor:
@@ -313,7 +321,7 @@ def export_model(
     try:
         graph.archive().write_out(str(tmp), verbose=False)
         parity = parity_check(tmp, graph, tasks, parity_data, parity_samples, tolerance)
-        info = _export_info(root.name, version, backbone, graph, tasks, _describe_signatures(tmp), parity, t0)
+        info = _export_info(root.name, version, graph, tasks, tmp, parity, t0)
         atomic_write_json(tmp / EXPORT_JSON, info)
         if not parity["passed"]:
             raise DflError(f"parity check failed: {parity['reason']} (no version written)")
@@ -325,14 +333,14 @@ def export_model(
     return info
 
 
-def _export_info(name: str, version: int, backbone: Any, graph: "ServingGraph", tasks: Sequence[Any],
-                 signatures: dict[str, Any], parity: dict[str, Any], t0: float) -> dict[str, Any]:
-    """export.json: the backbone, views, read geometry, bounds, heads, signatures and the parity check."""
+def _export_info(name: str, version: int, graph: "ServingGraph", tasks: Sequence[Task], tmp: Path,
+                 parity: dict[str, Any], t0: float) -> dict[str, Any]:
+    """export.json's content: heads, classes, views and the read geometry, bounds, signatures, parity."""
     return {
         "name": name,
         "version": version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone.describe(),
+        "backbone": graph.backbone.describe(),
         "views": [str(v) for v in graph.views],
         "fit": graph.fit,
         "pad_to": graph.pad_to,
@@ -350,7 +358,7 @@ def _export_info(name: str, version: int, backbone: Any, graph: "ServingGraph", 
         "heads": [{"task": t.name, "head_dir": str(Path(t.head_dir).resolve()), "classes": t.classes,
                    "threshold": t.threshold, "best_epoch": t.info.get("best_epoch"),
                    "positive_class": t.classes[t.positive] if len(t.classes) == 2 else None} for t in tasks],
-        "signatures": signatures,
+        "signatures": _describe_signatures(tmp),
         "parity": parity,
         "seconds": round(time.time() - t0, 2),
         "dfl_tf_version": __version__,
@@ -395,6 +403,8 @@ class ExportedModel:
         self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.tasks = [h["task"] for h in self.info.get("heads", [])]
         self.needs_context = self.info.get("context") == "separate"
+        # the read plan of the heads' extraction (export.json's geometry; older exports: its fit/pad_to/context)
+        self.plan = ReadPlan.from_record(self.info.get("geometry"), self.info.get("views") or ["x20:rgb"], self.info)
         self.geometry: dict[str, Any] = self.info.get("geometry") or {}
         if not self.geometry and self.info.get("slide_read"):  # exported before the geometry record
             read = self.info["slide_read"]

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from dfl_tf.provenance import check_compatible
 from dfl_tf.data.decode import tf_decodable
-from dfl_tf.data.sources import SlideRead, load_sample, load_source
+from dfl_tf.data.sources import load_fields, load_source
 from dfl_tf.errors import DflError
 from dfl_tf.store.manifest import load_manifest
 from dfl_tf.store.shards import record_dataset
@@ -41,10 +41,11 @@ def _samples_by_id(manifest: dict[str, Any]) -> dict[str, Any]:
     return {s.id: s for s in samples.samples}
 
 
-def _slide_read(manifest: dict[str, Any]) -> SlideRead:
+def _read_plan(manifest: dict[str, Any], graph: Any) -> Any:
+    """The graph's read plan with the slide read of the extraction (its run-wide mpp, patch size)."""
     read = manifest.get("settings", {}).get("slide_read") or {}
-    return SlideRead(mpp=read.get("mpp", 0.5), patch_size=read.get("patch_size", 256),
-                     slide_mpp=read.get("slide_mpp"))
+    return graph.plan.replace(mpp=float(read.get("mpp", 0.5)), patch_size=int(read.get("patch_size", 256)),
+                              slide_mpp=read.get("slide_mpp"))
 
 
 def _file_bytes(sample: Any, context: bool, pixels: tuple[np.ndarray, np.ndarray | None]
@@ -85,34 +86,14 @@ def parity_check(path: str | Path, graph, tasks: Sequence, parity_data: str | Pa
     ids = [i.decode() for i in batch["id"].numpy()]
     stored = batch["embedding"].numpy()
     by_id = _samples_by_id(manifest)
-    slide_read = _slide_read(manifest)
-    sigs = tf.saved_model.load(str(path)).signatures
-    pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
-    bytes_rows, bytes_emb, bytes_probs = [], [], []
-    for row, sample_id in enumerate(ids):
+    plan = _read_plan(manifest, graph)
+    samples = []
+    for sample_id in ids:
         if sample_id not in by_id:
             raise DflError(f"parity check: sample {sample_id} of {emb_dir} is no longer in its source")
-        sample = by_id[sample_id]
-        image, context = load_sample(sample, graph.separate_context, slide_read)
-        context = context if graph.separate_context else None
-        inputs = {"images": tf.constant(image[None])}
-        if context is not None:
-            inputs["context"] = tf.constant(context[None])
-        out = sigs["serve_pixels"](**inputs)
-        pixel_emb.append(sigs["embed_pixels"](**inputs)["embedding"].numpy()[0])
-        pixel_probs.append(_probs(out, tasks))
-        emb = graph.embed_views(graph.compose(tf.constant(image[None]),
-                                              None if context is None else tf.constant(context[None]))).numpy()
-        python_emb.append(emb[0])
-        python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
-        encoded = _file_bytes(sample, graph.separate_context, (image, context))
-        if encoded is not None:
-            inputs = {"image_bytes": tf.constant([encoded[0]])}
-            if graph.separate_context:
-                inputs["context_bytes"] = tf.constant([encoded[1]])
-            bytes_rows.append(row)
-            bytes_emb.append(sigs["embed"](**inputs)["embedding"].numpy()[0])
-            bytes_probs.append(_probs(sigs["serving_default"](**inputs), tasks))
+        samples.append(by_id[sample_id])
+    runs = _run_signatures(tf.saved_model.load(str(path)).signatures, graph, tasks, plan, samples)
+    pixel_emb, python_emb, pixel_probs, python_probs, bytes_rows, bytes_emb, bytes_probs = runs
     scale = float(np.abs(stored).max()) or 1.0
     python_probs = np.stack(python_probs)
     precision = getattr(graph.backbone, "precision", "float32")
@@ -158,6 +139,37 @@ def _verdict(result: dict[str, Any], tolerance: float, emb_rtol: float) -> dict[
         what, value, tol = failed
         result.update(passed=False, reason=f"{what} differ by {value:.2e} > {tol:g}")
     return result
+
+
+def _run_signatures(sigs: Any, graph: Any, tasks: Sequence, plan: Any, samples: Sequence) -> tuple[list, ...]:
+    """Each sample's fields through the pixel signatures, the Python graph and (where its file is
+    in a format they read) the bytes signatures: (pixel embeddings, Python embeddings, pixel
+    probabilities, Python probabilities, rows with bytes, bytes embeddings, bytes probabilities)."""
+    pixel_emb, python_emb, pixel_probs, python_probs = [], [], [], []
+    bytes_rows, bytes_emb, bytes_probs = [], [], []
+    for row, sample in enumerate(samples):
+        fields = load_fields(sample, plan, graph.fields)
+        image = fields[graph.fields[0]]
+        context = fields[graph.fields[1]] if graph.separate_context else None
+        inputs = {"images": tf.constant(image[None])}
+        if context is not None:
+            inputs["context"] = tf.constant(context[None])
+        out = sigs["serve_pixels"](**inputs)
+        pixel_emb.append(sigs["embed_pixels"](**inputs)["embedding"].numpy()[0])
+        pixel_probs.append(_probs(out, tasks))
+        emb = graph.embed_views(graph.compose(tf.constant(image[None]),
+                                              None if context is None else tf.constant(context[None]))).numpy()
+        python_emb.append(emb[0])
+        python_probs.append(np.concatenate([t.model(emb, training=False).numpy()[0] for t in tasks]))
+        encoded = _file_bytes(sample, graph.separate_context, (image, context))
+        if encoded is not None:
+            inputs = {"image_bytes": tf.constant([encoded[0]])}
+            if graph.separate_context:
+                inputs["context_bytes"] = tf.constant([encoded[1]])
+            bytes_rows.append(row)
+            bytes_emb.append(sigs["embed"](**inputs)["embedding"].numpy()[0])
+            bytes_probs.append(_probs(sigs["serving_default"](**inputs), tasks))
+    return pixel_emb, python_emb, pixel_probs, python_probs, bytes_rows, bytes_emb, bytes_probs
 
 
 def _probs(outputs: dict[str, Any], tasks: Sequence) -> np.ndarray:

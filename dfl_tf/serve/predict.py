@@ -24,28 +24,26 @@ from dfl_tf.runtime.files import atomic_write_text
 from dfl_tf.data.image_header import pixel_budget
 from dfl_tf.data.slides import parse_magnification
 from dfl_tf.provenance import trained_read
-from dfl_tf.data.sources import Sample, SampleSet, SlideRead, load_sample, load_source
+from dfl_tf.data.plan import ReadPlan
+from dfl_tf.data.sources import Sample, SampleSet, load_fields, load_source
 from dfl_tf.data.views import check_x5_field
 from dfl_tf.errors import DflError, whole_number
 from dfl_tf.runtime.outputs import prepare_out
 from dfl_tf.serve.export import ExportedModel, load_model
 
 
-def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead, batch_size: int,
-             workers: int) -> Iterator[list[tuple[int, Sample, Any]]]:
-    """Yield lists of (position, sample, (image, context) or DflError), equal shapes per batch."""
-    context = model.needs_context
-
-    geo = model.geometry
-    min_side = geo.get("x5_source") == "image" and not geo.get("x5_from_image")
+def _batches(samples: list[Sample], plan: ReadPlan, batch_size: int, workers: int
+             ) -> Iterator[list[tuple[int, Sample, Any]]]:
+    """Yield lists of (position, sample, fields or DflError), equal shapes per batch; fields: the
+    pixels of the plan's serving fields (images, then context), read as at extraction."""
+    keys = plan.serving_fields
 
     def load(item):
         position, sample = item
         try:
-            loaded = load_sample(sample, context, slide_read)
-            if min_side:  # the centre-crop rule's size check, as at extraction
-                check_x5_field(loaded[0].shape, geo["input_size"], geo["fit"], geo.get("pad_to"), sample.source)
-            return position, sample, loaded
+            fields = load_fields(sample, plan, keys)
+            check_x5_field(fields[keys[0]].shape, plan, sample.source)  # the centre-crop size rule
+            return position, sample, tuple(fields[k] for k in keys)
         except DflError as exc:
             return position, sample, exc
 
@@ -65,8 +63,7 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
             loaded = item[2]
             if batch and not isinstance(loaded, DflError):
                 first = next((b[2] for b in batch if not isinstance(b[2], DflError)), None)
-                if first is not None and (first[0].shape != loaded[0].shape or
-                                          (context and first[1].shape != loaded[1].shape)):
+                if first is not None and any(f.shape != g.shape for f, g in zip(first, loaded)):
                     yield batch
                     batch = []
             batch.append(item)
@@ -80,9 +77,9 @@ def _batches(samples: list[Sample], model: ExportedModel, slide_read: SlideRead,
 
 
 def check_source(exported: ExportedModel, samples: SampleSet, input: str | Path, mpp: float | None,
-                 patch_size: int | None, slide_mpp: float | str | None) -> SlideRead:
+                 patch_size: int | None, slide_mpp: float | str | None) -> ReadPlan:
     """Model vs source: refuse a source the heads were not trained for (x5 rule, mpp, patch size);
-    returns how to read slides (defaults: the geometry recorded at extraction)."""
+    returns the model's read plan with how to read slides (defaults: the geometry recorded at extraction)."""
     geo, what = exported.geometry, f"model {exported.path}"
     if exported.needs_context and samples.kind != "slides":
         missing = next((s for s in samples.samples if not s.context), None)
@@ -96,7 +93,7 @@ def check_source(exported: ExportedModel, samples: SampleSet, input: str | Path,
         raise DflError(f"{what} takes its x5 view from the image itself, but {input} has a context_path column "
                        f"(the context images would be ignored); drop the column or use a model trained with it")
     if samples.kind != "slides":
-        return SlideRead(slide_mpp=slide_mpp)
+        return exported.plan
     mpp, patch_size = trained_read(geo, mpp, patch_size, what)
     if geo.get("source_kind") not in (None, "slides") and (mpp is None or patch_size is None):
         missing = next((s for s in samples.samples if (s.mpp is None and mpp is None)
@@ -104,12 +101,13 @@ def check_source(exported: ExportedModel, samples: SampleSet, input: str | Path,
         if missing is not None:
             raise DflError(f"{what} was trained on images (no recorded mpp and patch size); pass --mpp and "
                            f"--patch-size for {input}")
-    read = SlideRead(mpp=mpp or 0.5, patch_size=patch_size or 256, slide_mpp=slide_mpp)
+    plan = exported.plan.replace(mpp=mpp or 0.5, patch_size=int(patch_size or 256),
+                                 slide_mpp=None if slide_mpp is None else parse_magnification(slide_mpp))
     for sample in samples.samples:  # per-row mpp/size columns must be ones the model was trained at
         if sample.mpp is not None or sample.patch_size is not None:
-            trained_read(geo, sample.mpp or read.mpp, sample.patch_size or read.patch_size,
+            trained_read(geo, sample.mpp or plan.mpp, sample.patch_size or plan.patch_size,
                          f"{what} (row {sample.id} of {input})")
-    return read
+    return plan
 
 
 def _within(budget: int | None, batches: Iterator) -> Iterator:
@@ -147,8 +145,8 @@ def predict(
               f"larger batches); using {bound}", file=sys.stderr)
         batch_size = int(bound)
     samples = load_source(input)
-    slide_read = check_source(exported, samples, input, parse_magnification(mpp) if mpp else None, patch_size,
-                              slide_mpp)
+    plan = check_source(exported, samples, input, parse_magnification(mpp) if mpp else None, patch_size,
+                        slide_mpp)
     heads = exported.info.get("heads", [])
     if not heads:
         raise DflError(f"{exported.path}: no export.json with heads; export it with dfl export")
@@ -158,7 +156,7 @@ def predict(
     rows, skipped = [], []
     bar = tqdm(total=len(samples.samples), unit="patch", desc="predict", disable=not progress, dynamic_ncols=True)
     budget = exported.info.get("max_image_pixels")  # the export's pixel bound, in Python too
-    for batch in _within(budget, _batches(samples.samples, exported, slide_read, batch_size, workers)):
+    for batch in _within(budget, _batches(samples.samples, plan, batch_size, workers)):
         good = []
         for position, sample, loaded in batch:
             if isinstance(loaded, DflError):
