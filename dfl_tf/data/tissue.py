@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import DflError
-from ..outputs import prepare_out
+from ..runtime.files import atomic_write_bytes, atomic_write_text
+from ..runtime.outputs import prepare_out
 from .slides import open_slide, parse_magnification
 
 __all__ = ["tissue_mask", "otsu_threshold", "tile_slide", "tile", "grid_centres"]
