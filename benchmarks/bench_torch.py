@@ -1,6 +1,6 @@
 """dfl_tf ResNet-50 vs the same ResNet-50 in plain PyTorch (CPU), as a PyTorch user would run it.
 
-PyTorch: tests/torch_resnet.py (torchvision layout, random weights, eval mode), ``features()``
+PyTorch: tests/helpers/torch_resnet.py (torchvision layout, random weights, eval mode), ``features()``
 (pooled 2048-d, like the dfl_tf backbone), under ``torch.inference_mode``: NCHW float32 (the
 naive baseline), ``channels_last`` float32 (the fast CPU layout for oneDNN convolutions) and
 ``channels_last`` + ``torch.autocast("cpu", torch.bfloat16)``, and both of those with every

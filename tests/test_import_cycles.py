@@ -4,7 +4,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dfl_tf"
+from tests.helpers import REPO
+
+PACKAGE = REPO / "dfl_tf"
 
 
 def _modules() -> dict[str, Path]:

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from conftest import TINY_FAST
+from tests.helpers.tiny import TINY_FAST
 from dfl_tf.errors import DflError
 from dfl_tf.options import FIELDS, FINETUNE_FIELDS, SELECT_FIELDS, ExtractOptions
 

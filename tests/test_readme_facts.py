@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
+
 README = (ROOT / "README.md").read_text()
 BENCH = ROOT / "benchmarks"
 
@@ -64,7 +64,7 @@ def test_make_bench_time_is_the_quoted_runs():
     assert m
     low, high, a, b = int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(7))
     assert f"total {a} s" in (BENCH / "results.md").read_text()
-    assert f"total {b} s" in (BENCH / f"results-{m.group(8)}-{m.group(9)}{m.group(10)}.md").read_text()
+    assert f"total {b} s" in (BENCH / "history" / f"results-{m.group(8)}-{m.group(9)}{m.group(10)}.md").read_text()
     assert (low, high) == (a // 60, round(b / 60))
 
 
@@ -76,7 +76,7 @@ def test_vit_module_line_count():
 
 def test_bfloat16_vit_distance_is_measured_and_its_test_bound_named():
     m = re.search(r"relative L2 ([\d.]+) on a random-weight ViT-S/16 in `benchmarks/vit_kernels.json`; "
-                  r"`tests/test_vit.py` checks it stays under ([\d.]+)", FLAT)
+                  r"`tests/backbones/test_vit.py` checks it stays under ([\d.]+)", FLAT)
     assert m
     rows = json.loads((BENCH / "vit_kernels.json").read_text())["whole_model"]
     current = next(r for r in rows if r["model"] == "dino_vits16" and r["precision"] == "bfloat16"
