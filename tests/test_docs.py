@@ -131,6 +131,20 @@ def test_parser_rejects_what_users_would_get_wrong():
     assert parse(["import-weights", "missing.pth", "--arch", "dino_resnet50", "--out", "w.weights.h5"])
 
 
+def test_architecture_map_is_current():
+    gen_architecture = import_script("tools", "gen_architecture")
+    reference = ROOT / "docs" / "architecture.md"
+    assert reference.exists(), "docs/architecture.md missing: run `make docs`"
+    assert reference.read_text() == gen_architecture.render(), (
+        "docs/architecture.md is stale: run `make docs` (python tools/gen_architecture.py)")
+    # every module of dfl_tf has its line: `dfl_tf/cli.py` at the top, `vit.py` in its package's table
+    text = reference.read_text()
+    for path in (ROOT / "dfl_tf").rglob("*.py"):
+        rel = path.relative_to(ROOT / "dfl_tf")
+        if path.name != "__init__.py":
+            assert (f"`dfl_tf/{rel}`" if len(rel.parts) == 1 else f"| `{rel.relative_to(rel.parts[0])}` |") in text, rel
+
+
 def test_cli_reference_is_current():
     gen_cli_reference = import_script("tools", "gen_cli_reference")
     reference = ROOT / "docs" / "cli.md"

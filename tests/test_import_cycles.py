@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import REPO, import_script
 
 PACKAGE = REPO / "dfl_tf"
 
@@ -87,20 +87,8 @@ def test_the_scan_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-#: The layers of dfl_tf, lowest first (docs/architecture.md draws them): a module imports its own
-#: package (or module) and packages of strictly lower layers, never a sibling of its layer or above.
-LAYERS = [
-    {"errors"},
-    {"runtime"},                     # files, outputs, locks, signals, TF logging, devices
-    {"data"},                        # sources, slides, decode, views, tissue, splits
-    {"options", "provenance"},       # ExtractOptions; the read-geometry record and its check
-    {"store", "config"},             # shards + manifest; YAML configs checked against the options
-    {"backbones"},
-    {"extraction"},
-    {"heads"},                       # patch heads, tuning, evaluate, probe
-    {"serve", "select", "baselines"},
-    {"demo", "cli"},
-]
+#: The layers of dfl_tf, lowest first: one list for this check and for docs/architecture.md.
+LAYERS = import_script("tools", "gen_architecture").LAYERS
 
 
 def _layer_of(module: str) -> str:
