@@ -65,7 +65,7 @@ def run(cfg: dict) -> Section:
     import torch
 
     from bench_backbone import backbone_fn, interleaved_rates
-    from torch_resnet import random_resnet50
+    from tests.helpers.torch_resnet import random_resnet50
 
     size, batch, repeats = cfg["size"], cfg["batch"], cfg["repeats"]
     name = cfg.get("backbone", "resnet50")  # bench_tiny only in the smoke test (no meaningful ratio)
