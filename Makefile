@@ -32,8 +32,9 @@ test: setup
 bench: setup
 	$(PY) benchmarks/run_all.py
 
-docs: setup  # regenerate docs/cli.md from the click commands (tests/test_docs.py checks it is current)
+docs: setup  # regenerate docs/cli.md (click commands) and docs/architecture.md (package tree); tests/test_docs.py checks both
 	$(PY) tools/gen_cli_reference.py
+	$(PY) tools/gen_architecture.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 SECTION = "## Heads: training throughput vs read speed"
 NOTE = ("Target (issue 3): training >= 80 % of read speed. Training a hidden-256 head costs about "

@@ -17,7 +17,7 @@ non-negative values) and on the demo slide's tiles (EfficientNet-Lite0, x20 + x5
 * ``before``: the heads as they were before issue 15: noise 0.1, Adam, random output init.
 
 All heads are trained by :func:`dfl_tf.heads.batched.fit_predict`, the same model, loss and
-optimiser as ``dfl train`` (tests/test_heads_selection.py checks it against ``train_head``),
+optimiser as ``dfl train`` (tests/heads/test_heads_selection.py checks it against ``train_head``),
 several models in one compiled step. Scores: balanced accuracy on a held-out test set.
 
     .venv/bin/python benchmarks/bench_heads_study.py            # ~10 min on 2 idle cores

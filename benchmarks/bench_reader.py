@@ -32,7 +32,7 @@ from pathlib import Path
 from common import ROOT, Section, fmt, log, median, table, time_runs
 
 TITLE = "Slide reader vs raw OpenSlide"
-SVS_CANDIDATES = (ROOT / "tests" / "data" / "cmu-1-small-region.svs",
+SVS_CANDIDATES = (ROOT / "tests" / "fixtures" / "cmu-1-small-region.svs",
                   ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs")
 
 

@@ -1,6 +1,6 @@
 """dfl_tf ResNet-50 vs the same ResNet-50 in plain PyTorch (CPU), as a PyTorch user would run it.
 
-PyTorch: tests/torch_resnet.py (torchvision layout, random weights, eval mode), ``features()``
+PyTorch: tests/helpers/torch_resnet.py (torchvision layout, random weights, eval mode), ``features()``
 (pooled 2048-d, like the dfl_tf backbone), under ``torch.inference_mode``: NCHW float32 (the
 naive baseline), ``channels_last`` float32 (the fast CPU layout for oneDNN convolutions) and
 ``channels_last`` + ``torch.autocast("cpu", torch.bfloat16)``, and both of those with every
@@ -65,7 +65,7 @@ def run(cfg: dict) -> Section:
     import torch
 
     from bench_backbone import backbone_fn, interleaved_rates
-    from torch_resnet import random_resnet50
+    from tests.helpers.torch_resnet import random_resnet50
 
     size, batch, repeats = cfg["size"], cfg["batch"], cfg["repeats"]
     name = cfg.get("backbone", "resnet50")  # bench_tiny only in the smoke test (no meaningful ratio)

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")):
+for p in (str(ROOT), str(ROOT / "benchmarks")):  # ROOT: dfl_tf and tests.helpers
     if p not in sys.path:
         sys.path.insert(0, p)
 

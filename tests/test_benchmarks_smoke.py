@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT, import_script
 
 
 def test_run_all_tiny_writes_every_table(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import run_all
+    run_all = import_script("benchmarks", "run_all")
 
     out = tmp_path / "results.md"
     out.write_text("# Benchmarks\n\n## Heads study\n\nkept table\n")
@@ -45,8 +43,7 @@ def test_run_all_tiny_writes_every_table(tmp_path):
         assert isinstance(headline[key], float) and headline[key] > 0, key
     assert result["sections"]["Slide reader vs raw OpenSlide"]["data"]["rows"]
     # the README summary block is rebuilt from the JSON, between its markers only
-    import common
-
+    common = import_script("benchmarks", "common")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{common.README_START}\nold\n{common.README_END}\nrest\n")
     assert common.update_readme(readme, result)
@@ -58,7 +55,7 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     assert all((r["roofline_fraction_bf16"] is None) == (r["precision"] != "bfloat16") for r in vit_rows)
     assert "| % of bfloat16 matmul |" in text and "of bfloat16 matmul)" in summary
     # ...and quotes each figure as results.md prints it (what tests/test_docs.py checks on the real files)
-    from test_docs import summary_mismatches
+    from tests.test_docs import summary_mismatches
 
     assert not summary_mismatches(summary, text)
 
@@ -86,9 +83,8 @@ def test_reader_headline_reads_as_the_section_prints_it(worst, x20, both):
     """The reader headline, as the README summary formats it (ratio "{:.2f}", tiles/s "{:.0f}"),
     reads as the section body prints it: no double rounding (5,999.47 stored as 5,999.5 read "6000"
     beside a printed "5,999" and failed test_docs' summary check)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_reader import headline
-    from common import fmt
+    headline = import_script("benchmarks", "bench_reader").headline
+    fmt = import_script("benchmarks", "common").fmt
 
     h = headline(worst, x20, both)
     assert f"{h['reader_vs_openslide']:.2f}" == f"{worst:.2f}"

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from click.testing import CliRunner
 
 from dfl_tf.cli import main
+from tests.helpers import REPO
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 def test_every_command_is_in_the_readme():
@@ -58,7 +58,7 @@ def test_quiet_stderr_unless_verbose(tmp_path):
     import sys
 
     import numpy as np
-    from emb_utils import make_embedding_dir
+    from tests.helpers.emb_utils import make_embedding_dir
 
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
     script = "import sys; from dfl_tf.cli import main; sys.exit(main())"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import TINY_FAST
+from tests.helpers.tiny import TINY_FAST
 from dfl_tf import export_model, extract, load_embeddings, load_model, predict, train_head
 from dfl_tf.provenance import FIELDS, check_compatible
 from dfl_tf.data.decode import decode_bytes, decode_tensor, read_image
@@ -21,7 +21,7 @@ from dfl_tf.data.slides import open_slide
 from dfl_tf.data.synthetic import make_pyramid_tiff
 from dfl_tf.data.views import compose_views, parse_views
 from dfl_tf.errors import DflError
-from slide_utils import smooth_noise
+from tests.helpers.slide_utils import smooth_noise
 
 HEAD = dict(epochs=1, batch_size=8, hidden=4, progress=False)
 

@@ -11,8 +11,7 @@ from PIL import Image
 from dfl_tf import load_embeddings, load_model
 from dfl_tf.data.synthetic import region_of
 from dfl_tf.demo import demo
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
 
 
 def test_demo_end_to_end(tmp_path):

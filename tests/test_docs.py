@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -13,10 +12,10 @@ import click
 import pytest
 
 from dfl_tf.cli import main
+from tests.helpers import REPO as ROOT, import_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".venv", ".git", "build", "dist", "demo_out", ".pytest_cache", "node_modules"}
-DOCS = sorted([*ROOT.glob("*.md"),  # README.md, docs/, saved_models/, benchmarks/, tests/data/, ...
+DOCS = sorted([*ROOT.glob("*.md"),  # README.md, docs/, saved_models/, benchmarks/, tests/fixtures/, ...
                *(p for top in ROOT.iterdir() if top.is_dir() and top.name not in SKIP
                  and not top.name.endswith(".egg-info") for p in top.rglob("*.md"))])
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)[^\n]*\n(.*?)^```", re.M | re.S)
@@ -132,12 +131,22 @@ def test_parser_rejects_what_users_would_get_wrong():
     assert parse(["import-weights", "missing.pth", "--arch", "dino_resnet50", "--out", "w.weights.h5"])
 
 
+def test_architecture_map_is_current():
+    gen_architecture = import_script("tools", "gen_architecture")
+    reference = ROOT / "docs" / "architecture.md"
+    assert reference.exists(), "docs/architecture.md missing: run `make docs`"
+    assert reference.read_text() == gen_architecture.render(), (
+        "docs/architecture.md is stale: run `make docs` (python tools/gen_architecture.py)")
+    # every module of dfl_tf has its line: `dfl_tf/cli.py` at the top, `vit.py` in its package's table
+    text = reference.read_text()
+    for path in (ROOT / "dfl_tf").rglob("*.py"):
+        rel = path.relative_to(ROOT / "dfl_tf")
+        if path.name != "__init__.py":
+            assert (f"`dfl_tf/{rel}`" if len(rel.parts) == 1 else f"| `{rel.relative_to(rel.parts[0])}` |") in text, rel
+
+
 def test_cli_reference_is_current():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import gen_cli_reference
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    gen_cli_reference = import_script("tools", "gen_cli_reference")
     reference = ROOT / "docs" / "cli.md"
     assert reference.exists(), "docs/cli.md missing: run `make docs`"
     assert reference.read_text() == gen_cli_reference.render(main), (

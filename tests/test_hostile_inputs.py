@@ -15,9 +15,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import TINY_FAST, write_images
-from emb_utils import blobs, make_embedding_dir
-from hostile_utils import assert_one_line_error, run_dfl, snapshot
+from tests.helpers.tiny import TINY_FAST, write_images
+from tests.helpers.emb_utils import blobs, make_embedding_dir
+from tests.helpers.hostile_utils import assert_one_line_error, run_dfl, snapshot
+from tests.helpers import REPO
 
 TINY_FLAGS = ["--backbone", "tiny_test", "--weights", "none", "--input-size", "32", "--batch-size", "4",
               "--no-progress"]
@@ -297,7 +298,7 @@ def test_config_values_converted_or_kept_by_type(tmp_path):
                                                                    "noise": 0}
     assert merge(extract, tmp_path / "c.yaml", "extract", {}) == {"views": ["x20:rgb", "x5:gray"], "mpp": "20x",
                                                                   "weights": "none"}
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     from dfl_tf.heads.evaluate import evaluate
     from dfl_tf.baselines.finetune import finetune
     from dfl_tf.select.protocol import select_backbones

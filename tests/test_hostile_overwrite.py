@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_FAST, write_images
-from hostile_utils import assert_one_line_error, run_dfl, snapshot
-from slide_utils import tissue_like
+from tests.helpers.tiny import TINY_FAST, write_images
+from tests.helpers.hostile_utils import assert_one_line_error, run_dfl, snapshot
+from tests.helpers.slide_utils import tissue_like
 
 EXTRACT = ["--backbone", "tiny_test", "--weights", "none", "--input-size", "32", "--batch-size", "4",
            "--no-progress"]

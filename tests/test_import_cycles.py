@@ -1,10 +1,13 @@
-"""No import cycles between dfl_tf modules, counting imports inside functions too."""
+"""No import cycles between dfl_tf modules and no upward import between its layers, counting
+imports inside functions too."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dfl_tf"
+from tests.helpers import REPO, import_script
+
+PACKAGE = REPO / "dfl_tf"
 
 
 def _modules() -> dict[str, Path]:
@@ -82,3 +85,37 @@ def test_no_import_cycles():
 
 def test_the_scan_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: The layers of dfl_tf, lowest first: one list for this check and for docs/architecture.md.
+LAYERS = import_script("tools", "gen_architecture").LAYERS
+
+
+def _layer_of(module: str) -> str:
+    """``dfl_tf.heads.train`` -> ``heads``: the top-level package or module of a dfl_tf module."""
+    return module.split(".")[1]
+
+
+def _upward(edges: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    return sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets
+                  if _layer_of(a) != _layer_of(b) and rank[_layer_of(b)] >= rank[_layer_of(a)])
+
+
+def test_no_upward_import():
+    modules = _modules()
+    placed = {name for layer in LAYERS for name in layer}
+    tops = {_layer_of(m) for m in modules if m != "dfl_tf"}
+    assert tops <= placed, f"place {sorted(tops - placed)} in LAYERS"
+    assert _upward(_edges(modules)) == []
+    # the package root holds __version__ and the lazy public API: modules take only __version__ from it
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "dfl_tf" and not node.level:
+                assert [a.name for a in node.names] == ["__version__"], f"{name}: from dfl_tf import ..."
+
+
+def test_the_layer_check_finds_an_upward_import():
+    edges = {"dfl_tf.store.shards": {"dfl_tf.heads.train", "dfl_tf.store.manifest", "dfl_tf.runtime.files"},
+             "dfl_tf.serve.export": {"dfl_tf.select.maps"}}
+    assert _upward(edges) == ["dfl_tf.serve.export -> dfl_tf.select.maps", "dfl_tf.store.shards -> dfl_tf.heads.train"]

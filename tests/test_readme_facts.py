@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
+
 README = (ROOT / "README.md").read_text()
 BENCH = ROOT / "benchmarks"
 
@@ -26,7 +26,7 @@ def _num(text: str) -> float:
 def test_sampler_figures_quote_their_results_file():
     """'exact sampler: A vs B' (emb/s with and without noise) are the two train emb/s of the file named."""
     m = re.search(r"the (\d{4}-\d\d-\d\d) (\d\d):(\d\d) run on the \w+, exact sampler: ([\d,]+) vs ([\d,]+), "
-                  r"`(benchmarks/[\w.-]+\.md)`", FLAT)
+                  r"`(benchmarks/[\w./-]+\.md)`", FLAT)
     assert m, "the heads section quotes the exact-sampler run with its results file"
     text = (ROOT / m.group(6)).read_text()
     assert f"{m.group(1)}-{m.group(2)}{m.group(3)}" in m.group(6)
@@ -64,7 +64,7 @@ def test_make_bench_time_is_the_quoted_runs():
     assert m
     low, high, a, b = int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(7))
     assert f"total {a} s" in (BENCH / "results.md").read_text()
-    assert f"total {b} s" in (BENCH / f"results-{m.group(8)}-{m.group(9)}{m.group(10)}.md").read_text()
+    assert f"total {b} s" in (BENCH / "history" / f"results-{m.group(8)}-{m.group(9)}{m.group(10)}.md").read_text()
     assert (low, high) == (a // 60, round(b / 60))
 
 
@@ -76,13 +76,13 @@ def test_vit_module_line_count():
 
 def test_bfloat16_vit_distance_is_measured_and_its_test_bound_named():
     m = re.search(r"relative L2 ([\d.]+) on a random-weight ViT-S/16 in `benchmarks/vit_kernels.json`; "
-                  r"`tests/test_vit.py` checks it stays under ([\d.]+)", FLAT)
+                  r"`tests/backbones/test_vit.py` checks it stays under ([\d.]+)", FLAT)
     assert m
     rows = json.loads((BENCH / "vit_kernels.json").read_text())["whole_model"]
     current = next(r for r in rows if r["model"] == "dino_vits16" and r["precision"] == "bfloat16"
                    and r["variant"] == "current")
     assert round(current["rel_l2_vs_float32_previous"], 4) == float(m.group(1))
-    assert f"rel.max() < {m.group(2)}" in (ROOT / "tests" / "test_vit.py").read_text()
+    assert f"rel.max() < {m.group(2)}" in (ROOT / "tests" / "backbones" / "test_vit.py").read_text()
 
 
 def test_config_sections_are_as_described():
@@ -121,7 +121,7 @@ def test_tensorboard_projector_path_is_where_select_writes():
     m = re.search(r"tensorboard --logdir (\S+)/projector +# Embedding Projector of `dfl select --out (\S+)`", README)
     assert m and m.group(1) == m.group(2)
     assert re.search(rf"dfl select \S+ --backbones \S+ --out {re.escape(m.group(2))}\b", README)
-    assert 'export_projector(sets, out / "projector")' in (ROOT / "dfl_tf" / "maps.py").read_text()
+    assert 'export_projector(sets, out / "projector")' in (ROOT / "dfl_tf" / "select" / "maps.py").read_text()
 
 
 def test_what_changed_heading_covers_its_bullets():

@@ -5,12 +5,12 @@ model `make demo` exports.
 The tour assumes `slides/` and two labelled slide coordinates CSVs, `data/tumour.csv` and
 `data/necrosis.csv` (`slide,x,y,label,split`); :func:`_tour_data` makes them: a synthetic
 pyramidal TIFF with one tissue band per class (labels from the bands) and, as the new slide the
-tour tiles, predicts and maps, a copy of the real `tests/data/cmu-1-small-region.svs`. Every other
+tour tiles, predicts and maps, a copy of the real `tests/fixtures/cmu-1-small-region.svs`. Every other
 input of a line must be made by an earlier line, so a README edit that breaks the sequence fails here.
 
 Each line runs as written (`shlex.split`, in-process through click's CliRunner, in a temporary
 directory holding a copy of `configs/`), with only these flags appended to keep it fast (a later
-flag wins over the README's): :data:`FAST` (the `tiny_test` backbone of tests/conftest.py with
+flag wins over the README's): :data:`FAST` (the `tiny_test` backbone of tests/helpers/tiny.py with
 random weights at 32 px instead of efficientnet_lite0 at 224 px; 4 epochs, no early stopping and 2
 cross-validation folds for `train`) and `--no-progress`. The whole tour takes about 40 s on 2 cores.
 """
@@ -36,8 +36,8 @@ from click.testing import CliRunner
 
 from dfl_tf.cli import main
 from dfl_tf.data.synthetic import demo_slide_image, make_pyramid_tiff, region_of
+from tests.helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Flags appended per command (tiny backbone, small input, few epochs).
 FAST = {
     "extract": ["--backbone", "tiny_test", "--weights", "none", "--input-size", "32", "--batch-size", "32"],
@@ -61,7 +61,7 @@ def _tour_data(root: Path) -> None:
     (root / "data").mkdir()
     image, regions = demo_slide_image(2048, 2048, margin=128, seed=0)
     make_pyramid_tiff(root / "slides" / "train.tiff", image, mpp=0.5, levels=4)
-    shutil.copy(ROOT / "tests" / "data" / "cmu-1-small-region.svs", root / "slides" / "new.svs")
+    shutil.copy(ROOT / "tests" / "fixtures" / "cmu-1-small-region.svs", root / "slides" / "new.svs")
     shutil.copytree(ROOT / "configs", root / "configs")
     rows = []
     for y in range(256, 2048 - 256 + 1, 128):

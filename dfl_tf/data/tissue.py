@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..runtime.files import atomic_write_bytes, atomic_write_text
 from ..errors import DflError
+from ..runtime.files import atomic_write_bytes, atomic_write_text
 from ..runtime.outputs import prepare_out
 from .slides import open_slide, parse_magnification
 

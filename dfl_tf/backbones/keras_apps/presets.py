@@ -31,7 +31,7 @@ def _builder(app, mode: str, name: str, **app_kwargs):
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 # name, application, preprocessing mode, dim, trainable parameters (without batch-norm statistics;
-# tests/test_backbones_listing.py builds each and counts), weights file under _BASE, description
+# tests/backbones/test_backbones_listing.py builds each and counts), weights file under _BASE, description
 _APPS = (
     ("resnet50", keras.applications.ResNet50, "caffe", 2048, 23_534_592,
      "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
