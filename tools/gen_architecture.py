@@ -27,6 +27,7 @@ OUT = ROOT / "docs" / "architecture.md"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("runtime",),
+    ("stain",),
     ("data",),
     ("options", "provenance"),
     ("store", "config"),

@@ -30,7 +30,7 @@ def x10():
 
 
 def _slide(tmp_path: Path) -> Path:
-    from slide_utils import make_pyramid_tiff
+    from tests.helpers.slide_utils import make_pyramid_tiff
 
     rng = np.random.default_rng(3)
     make_pyramid_tiff(tmp_path / "s.tiff", rng.integers(0, 255, (700, 900, 3), dtype=np.uint8), mpp=0.5,
