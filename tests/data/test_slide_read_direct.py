@@ -127,7 +127,7 @@ def test_bad_tile_ahead_does_not_fail_the_strip_tile(tmp_path):
     """A corrupt JPEG tile that only a strip would reach leaves the tiles before it readable (and equal)."""
     import shutil
 
-    from test_slide_faults import BAD_TILE, TILE, _corrupt_tile
+    from tests.data.test_slide_faults import BAD_TILE, TILE, _corrupt_tile
 
     bad = tmp_path / "bad.svs"
     shutil.copyfile(CMU, bad)
