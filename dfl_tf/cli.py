@@ -190,10 +190,10 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
 def fuse_cmd(stores: tuple[str, ...], out: str, overwrite: bool) -> None:
     """Join embedding stores of the same samples (one per backbone) into one store: each record's
     embedding is the concatenation of its parts, in the order given."""
-    from dfl_tf.store.fuse import fuse_stores
+    from dfl_tf.store.fuse import fuse_stores, part_labels
 
     m = fuse_stores(list(stores), out, overwrite=overwrite)
-    parts = " + ".join(f"{p['backbone']} ({p['dim']})" for p in m["parts"])
+    parts = " + ".join(f"{label} ({p['dim']})" for label, p in zip(part_labels(m["parts"]), m["parts"]))
     click.echo(f"{m['num_records']} records, dim {m['dim']} = {parts}, {len(m['shards'])} shards -> {out}")
 
 

@@ -42,11 +42,17 @@ def _parts_of(manifest: dict[str, Any], store: str) -> list[dict[str, Any]]:
              "store": store}]
 
 
+def part_labels(parts: Sequence[dict[str, Any]]) -> list[str]:
+    """Each part's backbone name, with ``@input_size`` where two parts share a name."""
+    names = [str(p["backbone"]) for p in parts]
+    return [f"{n}@{p['input_size']}" if names.count(n) > 1 else n for n, p in zip(names, parts)]
+
+
 def fused_backbone(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``backbone`` record of a fused store: a name and a fingerprint over the parts in order."""
     key = [[p["backbone"], p["fingerprint"], p["input_size"], list(p["views"]), int(p["dim"])] for p in parts]
     sizes = {p["input_size"] for p in parts}
-    return {"name": "fused:" + "+".join(str(p["backbone"]) for p in parts), "weights": "fused",
+    return {"name": "fused:" + "+".join(part_labels(parts)), "weights": "fused",
             "fingerprint": hashlib.sha256(json.dumps(key).encode()).hexdigest(),
             "input_size": sizes.pop() if len(sizes) == 1 else None,
             "dim": sum(int(p["dim"]) for p in parts), "parts": [dict(p) for p in parts]}

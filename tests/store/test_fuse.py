@@ -107,8 +107,11 @@ def test_real_extractions_fuse_at_two_input_sizes(tmp_path):
     kw = {k: v for k, v in TINY_FAST.items() if k != "input_size"}
     extract(images, tmp_path / "e32", input_size=32, **kw)
     extract(images, tmp_path / "e24", input_size=24, **kw)
-    manifest = fuse_stores([tmp_path / "e32", tmp_path / "e24"], tmp_path / "f")
+    result = run_dfl(["fuse", tmp_path / "e32", tmp_path / "e24", "--out", tmp_path / "f"])
+    assert result.exit_code == 0 and " = tiny_test@32 (16) + tiny_test@24 (16), " in result.output, result.output
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert [p["input_size"] for p in manifest["parts"]] == [32, 24] and manifest["backbone"]["input_size"] is None
+    assert manifest["backbone"]["name"] == "fused:tiny_test@32+tiny_test@24"
     fused, e32, e24 = (load_embeddings(tmp_path / p) for p in ("f", "e32", "e24"))
     assert fused.X.tobytes() == np.concatenate([e32.X, e24.X], axis=1).tobytes() and fused.ids == e32.ids
     extract(images, tmp_path / "crop", input_size=32, fit="pad", **kw)
