@@ -17,6 +17,7 @@ def __getattr__(name: str):
         "load_backbone": "dfl_tf.backbones.registry",
         "import_weights": "dfl_tf.backbones.converter",
         "load_embeddings": "dfl_tf.store.shards",
+        "fuse_stores": "dfl_tf.store.fuse",
         "train_head": "dfl_tf.heads.train",
         "evaluate": "dfl_tf.heads.evaluate",
         "export_model": "dfl_tf.serve.export",
@@ -36,6 +37,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dfl_tf' has no attribute {name!r}")
 
 
-__all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "train_head", "evaluate", "export_model", "load_model",
+__all__ = ["extract", "load_backbone", "import_weights", "load_embeddings", "fuse_stores", "train_head", "evaluate", "export_model", "load_model",
            "predict", "heatmap", "tile", "__version__", "select_backbones", "finetune",
            "ExtractOptions", "TrainOptions", "SelectOptions"]

@@ -183,6 +183,20 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
                f"{len(manifest['skipped'])} skipped -> {out}")
 
 
+@main.command("fuse")
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Fused embedding directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing embedding store at --out (never an input).")
+def fuse_cmd(stores: tuple[str, ...], out: str, overwrite: bool) -> None:
+    """Join embedding stores of the same samples (one per backbone) into one store: each record's
+    embedding is the concatenation of its parts, in the order given."""
+    from dfl_tf.store.fuse import fuse_stores, part_labels
+
+    m = fuse_stores(list(stores), out, overwrite=overwrite)
+    parts = " + ".join(f"{label} ({p['dim']})" for label, p in zip(part_labels(m["parts"]), m["parts"]))
+    click.echo(f"{m['num_records']} records, dim {m['dim']} = {parts}, {len(m['shards'])} shards -> {out}")
+
+
 @main.command("import-weights")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--arch", required=True, type=ArchChoice(),

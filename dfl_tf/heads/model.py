@@ -110,20 +110,21 @@ def safe_std(std: np.ndarray) -> np.ndarray:
 def build_head(dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.0,
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                augment: Sequence[keras.layers.Layer] = (), pre_augment: Sequence[keras.layers.Layer] = (),
-               name: str = "head") -> keras.Model:
+               name: str = "head", reduce: keras.layers.Dense | None = None) -> keras.Model:
     """A softmax head on raw ``float32 [dim]`` embeddings.
 
     ``pre_augment`` layers act on the raw embedding, ``augment`` layers on the standardised
     one (both only in training). ``hidden=0`` gives a linear softmax head. The output kernel
-    starts at zero (uniform probabilities); the hidden layer is Glorot-initialised.
+    starts at zero (uniform probabilities); the hidden layer is Glorot-initialised. ``reduce``: a
+    frozen Dense layer (``dfl train --reduce``) applied first; ``mean``/``std`` then describe its output.
     """
     if n_classes < 2:
         raise DflError(f"a head needs at least 2 classes, got {n_classes}")
     inputs = keras.Input(shape=(int(dim),), dtype="float32", name="embedding")
-    x = inputs
+    x = inputs if reduce is None else reduce(inputs)
     for layer in pre_augment:
         x = layer(x)
-    x = standardize_layer(int(dim), mean, std)(x)
+    x = standardize_layer(int(dim) if reduce is None else int(reduce.units), mean, std)(x)
     for layer in augment:
         x = layer(x)
     if hidden and hidden > 0:

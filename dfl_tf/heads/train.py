@@ -44,6 +44,7 @@ from dfl_tf.heads.inputs import check_memory, class_weights, history_csv, load_v
 from dfl_tf.heads.metrics import best_f1_threshold, compute_metrics, predict_probs
 from dfl_tf.heads.model import (HEAD_FILE, HEAD_JSON, build_head, resolve_positive, standardize_values,
                                 training_view)
+from dfl_tf.heads.reduce import fit_reduction
 from dfl_tf.heads.train_data import TrainData
 from dfl_tf.heads.tuning import (DEFAULT_HIDDEN, DEFAULT_WEIGHT_DECAY, PROBE_CHOICE, SmallData, grid_candidates,
                                  make_optimizer)
@@ -94,6 +95,7 @@ class TrainPlan:
     selection: dict[str, Any] = field(default_factory=dict)
     probe_model: Any = None
     probe_info: dict[str, Any] | None = None
+    reduction: Any = None  # a fitted dfl_tf.heads.reduce.Reduction (--reduce)
 
 
 def _manifests(train: str | Path, val: str | Path | None, positive_class: str | None
@@ -163,9 +165,14 @@ def plan_training(train: str | Path, val: str | Path | None, o: TrainOptions) ->
     loss_fn = (keras.losses.CategoricalFocalCrossentropy(alpha=o.alpha, gamma=o.gamma) if o.loss == "focal"
                else keras.losses.CategoricalCrossentropy())
     small = SmallData(train, data, o.select, o.cv_folds, o.seed, candidates)
+    reduction = None
+    if o.reduce is not None:  # fitted on the training embeddings; no selection over the reduced head
+        reduction = fit_reduction(small.arrays()[0], o.reduce, int(o.seed))
+        small.selecting, small.reason = False, "--reduce"
     weight_decay = DEFAULT_WEIGHT_DECAY if o.weight_decay is None else float(o.weight_decay)
     return TrainPlan(train, val, o, tm, classes, pos, data, cw, Xv, yv, val_unlabeled, loss_fn, small, candidates,
-                     int(hidden), weight_decay, o.noise, specs, {"performed": False, "reason": small.reason})
+                     int(hidden), weight_decay, o.noise, specs, {"performed": False, "reason": small.reason},
+                     reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,10 +228,12 @@ def build_trainer(plan: TrainPlan) -> Trainer:
     keras.utils.set_random_seed(int(o.seed))
     strategy = resolve_strategy(o.devices)  # MirroredStrategy over several GPUs (or given devices)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    pre, post = augment_layers(plan.specs, data.dim, data.std)
+    red = plan.reduction  # with --reduce the head standardises the reduced embedding
+    dim, mean, std = (red.dim, red.mean, red.std) if red is not None else (data.dim, data.mean, data.std)
+    pre, post = augment_layers(plan.specs, dim, std)
     with strategy_scope(strategy):
-        model = build_head(data.dim, len(plan.classes), plan.hidden, o.dropout, data.mean, data.std, augment=post,
-                           pre_augment=pre)
+        model = build_head(data.dim, len(plan.classes), plan.hidden, o.dropout, mean, std, augment=post,
+                           pre_augment=pre, reduce=None if red is None else red.layer())
         # Trained on embeddings standardised once beforehand (not at every step): the part of the head
         # after its standardisation, sharing its layers; the full head when layers precede it.
         view = training_view(model)
@@ -347,6 +356,7 @@ def head_info(plan: TrainPlan, fitted: Fitted, threshold: float | None, threshol
                   "counts": {c: int(n) for c, n in zip(classes, data.counts)}},
         "val": None if plan.val is None else _store_info(plan.val, classes, plan.yv, plan.val_unlabeled),
         "logdir": str(Path(logdir)) if logdir else "logs",
+        **({"reduce": plan.reduction.info} if plan.reduction is not None else {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dfl_tf_version": __version__,
     }
 

@@ -54,6 +54,22 @@ def check_ranges(**values: Any) -> None:
             raise DflError(f"{label} must be {rule} (--{name.replace('_', '-')}), got {value}")
 
 
+def parse_reduce(spec: str) -> tuple[str, int | float | None]:
+    """``pca:K`` -> ("pca", K), ``pca:0.99`` -> ("pca", 0.99), ``whiten`` -> ("whiten", None)."""
+    text = str(spec).strip()
+    if text == "whiten":
+        return "whiten", None
+    method, _, amount = text.partition(":")
+    try:
+        value: int | float = int(amount) if amount.isdigit() else float(amount)
+    except ValueError:
+        value = -1
+    if method != "pca" or not (isinstance(value, int) and value >= 1 or isinstance(value, float) and 0 < value < 1):
+        raise DflError(f"--reduce must be pca:K (K >= 1 components), pca:F (a variance fraction in (0, 1)) or "
+                       f"whiten, got {spec!r}")
+    return method, value
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How a head is trained on stored embeddings: model, regularisation, selection, loss, fit."""
@@ -89,6 +105,9 @@ class TrainOptions:
     balanced_sampling: bool = option(False, "Draw classes uniformly in each batch.", flag=True, negatable=True)
     devices: str | Sequence[str] | None = option(
         None, "Mirror over devices: auto, none, all or /gpu:0,/gpu:1 (default: $DFL_TF_DEVICES, else auto).")
+    reduce: str | None = option(None, "Reduce the embedding in the head: pca:K (K components), pca:0.99 (the "
+                                "components keeping that variance fraction) or whiten (PCA whitening), fitted on "
+                                "the training embeddings (a frozen Dense layer; no selection then).")
     # Python and config only
     augment: Sequence[Any] | None = option(None, "Augmentations, e.g. [{name: noise, std: 0.1}, {name: mixup, "
                                            "alpha: 0.2}] (dfl_tf.heads.augment).", cli=False)
@@ -106,6 +125,8 @@ class TrainOptions:
         if self.monitor not in MONITORS:
             raise DflError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
         check_ranges(**{name: getattr(self, name) for name in TRAIN_RANGES})
+        if self.reduce is not None:
+            parse_reduce(self.reduce)
         if self.select not in SELECT_MODES:
             raise DflError(f"select must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
 

@@ -103,6 +103,9 @@ def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) 
 def rebuild_backbone(info: dict[str, Any], weights: str | None = None) -> Backbone:
     """Rebuild the backbone a head was trained on, and check its fingerprint."""
     spec = info["backbone"]
+    if spec.get("parts"):  # a store joined by dfl fuse: one SavedModel over every backbone is issue 33, item 4
+        raise DflError(f"the heads were trained on a fused store ({spec['name']}): export of fused stores: "
+                       "not yet supported")
     settings = info.get("extraction", {}).get("settings", {})
     name, label = spec["name"], weights or spec["weights"]
     if name.startswith("savedmodel:"):

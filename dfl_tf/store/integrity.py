@@ -78,6 +78,9 @@ def shard_problems(emb_dir: str | Path, manifest: dict[str, Any]) -> list[tuple[
 def reextract_command(emb_dir: str | Path, manifest: dict[str, Any]) -> str:
     """The ``dfl extract`` command line that rewrites missing shards of ``emb_dir`` (best effort:
     the options recorded in the manifest that differ from the defaults)."""
+    if manifest.get("parts"):  # a fused store: fused again from its parts
+        stores = list(dict.fromkeys(str(p.get("store", "STORE")) for p in manifest["parts"]))
+        return " ".join(["dfl", "fuse", *stores, "--out", str(emb_dir), "--overwrite"])
     source = manifest.get("source") or {}
     backbone = manifest.get("backbone") or {}
     settings = manifest.get("settings") or {}

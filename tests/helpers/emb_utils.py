@@ -13,7 +13,8 @@ from dfl_tf.store.shards import count_by_class, make_example, write_shard
 
 def make_embedding_dir(path, X, y, classes: Sequence[str], fingerprint: str = "f" * 64,
                        views: Sequence[str] = ("x20:rgb",), dtype: str = "float16", shard_size: int = 256,
-                       backbone: str = "synthetic", ids: Sequence[str] | None = None) -> dict:
+                       backbone: str = "synthetic", ids: Sequence[str] | None = None,
+                       groups: Sequence[str] | None = None) -> dict:
     """Write ``X`` [N, dim] / ``y`` [N] (-1 = unlabeled) as an embedding directory; returns the manifest."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -24,7 +25,7 @@ def make_embedding_dir(path, X, y, classes: Sequence[str], fingerprint: str = "f
     for k, start in enumerate(range(0, len(y), shard_size)):
         name = f"shard-{k:05d}.tfrecord"
         stop = min(start + shard_size, len(y))
-        records = (make_example(X[i], int(y[i]), ids[i], f"src/{ids[i]}.png", group=f"g{i % 7}")
+        records = (make_example(X[i], int(y[i]), ids[i], f"src/{ids[i]}.png", group=groups[i] if groups is not None else f"g{i % 7}")
                    for i in range(start, stop))
         count, digest = write_shard(path / name, records)
         shards.append({"file": name, "records": count, "sha256": digest})
