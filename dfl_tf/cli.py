@@ -219,6 +219,15 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
 
     summary = _run(train_head, ctx, "train", config, {"train": emb_dir, "out": out}, **options)
     m = summary["metrics"]
+    if summary.get("kind") == "slide":
+        auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
+        probe = m["linear_probe"]
+        probe_auc = "-" if probe["roc_auc_macro_ovr"] is None else f"{probe['roc_auc_macro_ovr']:.4f}"
+        click.echo(f"slide head ({summary['aggregator']}), {summary['train_slides']} training slides, best epoch "
+                   f"{summary['best_epoch']}/{summary['epochs_run']}: {m['split']} balanced accuracy "
+                   f"{m['balanced_accuracy']:.4f}, ROC-AUC {auc}; mean-pool linear probe {probe['balanced_accuracy']:.4f}, "
+                   f"ROC-AUC {probe_auc} -> {summary['out']}")
+        return
     line = (f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: {m['split']} balanced accuracy "
             f"{m['balanced_accuracy']:.4f}")
     if summary["threshold"] is not None:
