@@ -263,12 +263,19 @@ def _describe_choice(choice: dict[str, Any]) -> str:
 @click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Prediction batch size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report directory (never the head's).")
+@click.option("--slide-labels", type=click.Path(), default=None,
+              help="Slide heads: slide label CSV slide,label (writes predictions.csv per slide and attention.csv).")
 @_with_config()
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
     """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
     from dfl_tf.heads.evaluate import evaluate
 
     m = _run(evaluate, ctx, "evaluate", config, {"head": head_dir, "emb": emb_dir}, **options)
+    if m.get("level") == "slide":
+        auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
+        click.echo(f"{m['num_records']} slides: balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {auc}"
+                   + (f" -> {options['out']}" if options.get("out") else ""))
+        return
     auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
     click.echo(f"{m['num_records']} records: balanced accuracy {m['balanced_accuracy']:.4f}, "
                f"macro F1 {m['f1_macro']:.4f}, kappa {m['cohen_kappa']:.4f}, ROC-AUC {auc}"

@@ -67,10 +67,12 @@ def blobs(n: int, dim: int, n_classes: int = 2, sep: float = 3.0, seed: int = 0,
 
 
 def make_bags(n_bags: int, dim: int = 16, seed: int = 0, sizes: tuple[int, int] = (20, 40),
-              tumour: tuple[float, float] = (0.05, 0.10), shift: float = 2.5):
+              tumour: tuple[float, float] = (0.05, 0.10), shift: float = 2.5, nuisance: float = 0.0):
     """Synthetic bags: a bag is positive exactly when 5-10% of its instances come from a shifted
     ("tumour") distribution. Returns ``(X [N, dim], bag index [N], is_tumour [N], bag labels [n_bags])``;
-    the tumour shift lies along a fixed direction with a norm of ``shift`` (per-instance noise 1)."""
+    the tumour shift lies along a fixed direction with a norm of ``shift`` (per-instance noise 1);
+    ``nuisance``: std of a per-bag offset of all its instances along that direction (a slide-level
+    batch effect that blurs the mean of a bag, not its outlying instances)."""
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=dim)
     direction *= shift / np.linalg.norm(direction)
@@ -82,7 +84,7 @@ def make_bags(n_bags: int, dim: int = 16, seed: int = 0, sizes: tuple[int, int] 
         if labels[b]:
             k = max(1, int(round(n * rng.uniform(*tumour))))
             t[rng.choice(n, k, replace=False)] = True
-        x = rng.normal(size=(n, dim)) + t[:, None] * direction
+        x = rng.normal(size=(n, dim)) + (t[:, None] + rng.normal() * nuisance / shift) * direction
         X.append(x * 2.0 + 5.0)
         bag += [b] * n
         tum.append(t)

@@ -5,7 +5,7 @@ HEAD_DIR (written to a temporary folder renamed at the end): ``head.keras`` (inp
 ``head.json`` (``kind: "slide"``, aggregator, bag settings, classes, backbone, views, dim,
 extraction geometry, standardisation, label file), ``metrics.json`` (slide-level metrics on
 ``--val``, else on the training bags, and the mean-pool logistic-regression reference under
-``linear_probe``), ``history.csv``.
+``linear_probe``), ``probe.npz`` (that reference, on mean-pooled bags), ``history.csv``.
 
 Each step draws ``bags_per_step`` bags and at most ``max_instances`` random instances of each
 (padded, masked); evaluation uses every instance of a bag, one bag at a time. Bags are read from a
@@ -218,8 +218,8 @@ def fit_slide_head(plan: SlidePlan, progress: bool) -> tuple[keras.Model, dict[s
     return model, history, best_epoch, epoch
 
 
-def slide_metrics(plan: SlidePlan, model: keras.Model) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics.json, the probe's info): slide-level metrics on --val (else the training bags), the
+def slide_metrics(plan: SlidePlan, model: keras.Model) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(metrics.json, the probe, its info): slide-level metrics on --val (else the training bags), the
     mean-pool logistic regression reference under ``linear_probe`` (C tuned on --val when given)."""
     evalb, split = (plan.val_bags, "validation") if plan.val_bags is not None else (plan.bags, "train")
     probs, _ = predict_bags(model, evalb)
@@ -231,9 +231,9 @@ def slide_metrics(plan: SlidePlan, model: keras.Model) -> tuple[dict[str, Any], 
     probe, info = fit_probe(Xb, plan.bags.y, len(plan.classes), mean, std, seed=plan.options.seed,
                             X_val=Xe if plan.val_bags is not None else None,
                             y_val=evalb.y if plan.val_bags is not None else None)
-    info = {**info, "model": "LogisticRegression on mean-pooled bag embeddings (standardised)", "file": None}
+    info = {**info, "model": "LogisticRegression on mean-pooled bag embeddings (standardised)"}
     metrics["linear_probe"] = {**compute_metrics(evalb.y, probe.predict_proba(Xe), plan.classes), "C": info["C"]}
-    return metrics, info
+    return metrics, probe, info
 
 
 def _bags_info(bags: Bags) -> dict[str, Any]:
@@ -279,10 +279,11 @@ def train_slide_head(train: str | Path, out: str | Path, val: str | Path | None,
     tmp.mkdir(parents=True)
     try:
         model, history, best_epoch, epochs_run = fit_slide_head(plan, progress)
-        metrics, probe = slide_metrics(plan, model)
+        metrics, probe, probe_info = slide_metrics(plan, model)
         metrics["best_epoch"] = best_epoch
-        info = slide_head_info(plan, best_epoch, epochs_run, probe)
+        info = slide_head_info(plan, best_epoch, epochs_run, probe_info)
         model.save(tmp / HEAD_FILE)
+        probe.save(tmp)
         atomic_write_json(tmp / HEAD_JSON, info)
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_text(tmp / "history.csv", history_csv(history))
