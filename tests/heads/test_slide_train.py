@@ -16,7 +16,7 @@ DIM = 16
 
 def _store(path, n_bags: int, seed: int, prefix: str, labels: list[str]) -> np.ndarray:
     """A slide store of synthetic bags (slides ``/data/{prefix}{b}.svs``); appends label rows; returns is_tumour."""
-    X, bag, tum, lab = make_bags(n_bags, DIM, seed=seed, shift=4.0)
+    X, bag, tum, lab = make_bags(n_bags, DIM, seed=seed, shift=4.0, nuisance=0.25)
     ids = [f"{'t' if t else 'n'}{i}" for i, t in enumerate(tum)]
     xy = np.stack([np.arange(len(bag)) * 10, np.arange(len(bag)) * 20], axis=1)
     make_embedding_dir(path, X, -np.ones(len(bag)), ["a", "b"], ids=ids,
