@@ -40,6 +40,7 @@ from dfl_tf.runtime.files import atomic_write_json, atomic_write_text, replace_d
 from dfl_tf.store.manifest import load_manifest
 
 SLIDE_HEAD_KIND = "slide"
+SLIDE_HEAD_FORMAT_VERSION = 1
 DEFAULT_SLIDE_HIDDEN = 128
 DEFAULT_SLIDE_NOISE = 0.1
 DEFAULT_SLIDE_WEIGHT_DECAY = 1e-4
@@ -245,11 +246,10 @@ def _bags_info(bags: Bags) -> dict[str, Any]:
 def slide_head_info(plan: SlidePlan, best_epoch: int, epochs_run: int, probe: dict[str, Any]) -> dict[str, Any]:
     """head.json of a slide head."""
     from dfl_tf import __version__
-    from dfl_tf.heads.train import HEAD_FORMAT_VERSION
 
     o, tm = plan.options, plan.bags.manifest
     return {
-        "format_version": HEAD_FORMAT_VERSION, "kind": SLIDE_HEAD_KIND, "aggregator": o.aggregator,
+        "format_version": SLIDE_HEAD_FORMAT_VERSION, "kind": SLIDE_HEAD_KIND, "aggregator": o.aggregator,
         "bags": {"by": "slide, else group", "max_instances": int(o.max_instances),
                  "bags_per_step": int(o.bags_per_step), "labels": str(Path(o.slide_labels).resolve())},
         "classes": plan.classes, "n_classes": len(plan.classes),
