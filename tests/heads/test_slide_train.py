@@ -103,6 +103,10 @@ def test_label_csv_matching_no_slide_names_both_sides(cohort, tmp_path):
     r = run_dfl(["train", cohort / "train", "--slide-labels", bad, "--out", tmp_path / "h"])
     assert_one_line_error(r, "none of its 60 slides matches", "/data/tr0.svs", "slideA")
     assert not (tmp_path / "h").exists()
+    one_class = tmp_path / "one_class.csv"  # training slides all normal, the tumour slides elsewhere
+    one_class.write_text("slide,label\n" + "".join(f"tr{b},normal\n" for b in range(60)) + "va0,tumour\n")
+    r = run_dfl(["train", cohort / "train", "--slide-labels", one_class, "--out", tmp_path / "h"])
+    assert_one_line_error(r, "'tumour'", "no slide in the training store", "normal 60, tumour 0")
 
 
 def test_slide_head_export_refused_and_evaluate_needs_labels(cohort, tmp_path):
@@ -111,3 +115,7 @@ def test_slide_head_export_refused_and_evaluate_needs_labels(cohort, tmp_path):
     assert r.exit_code == 0, r.output
     assert_one_line_error(run_dfl(["export", tmp_path / "h", "--out", tmp_path / "m"]), "cannot be exported yet")
     assert_one_line_error(run_dfl(["evaluate", tmp_path / "h", cohort / "val"]), "give --slide-labels")
+    other = tmp_path / "other.csv"
+    other.write_text("slide,label\nva0,benign\nva1,tumour\n")
+    r = run_dfl(["evaluate", tmp_path / "h", cohort / "val", "--slide-labels", other])
+    assert_one_line_error(r, "['benign']", "are not classes of head")
