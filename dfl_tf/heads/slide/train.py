@@ -70,21 +70,15 @@ def pad_bags(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return X, M
 
 
-_PREDICT: dict[int, Any] = {}
-
-
 def _predict_fn(model: keras.Model):
-    """The model on one whole bag as a traced function (any bag size), cached per model."""
-    if id(model) not in _PREDICT or _PREDICT[id(model)][0] is not model:
-        spec = tf.TensorSpec([1, None, model.inputs[0].shape[-1] if isinstance(model.inputs, list) else None],
-                             tf.float32)
+    """The model on one whole bag as a traced function (any bag size: traced once)."""
+    dim = model.get_layer("standardize").mean.shape[-1]
 
-        @tf.function(input_signature=[spec])
-        def call(x):
-            return model({"embeddings": x, "mask": tf.ones(tf.shape(x)[:2])}, training=False)
+    @tf.function(input_signature=[tf.TensorSpec([1, None, dim], tf.float32)])
+    def call(x):
+        return model({"embeddings": x, "mask": tf.ones(tf.shape(x)[:2])}, training=False)
 
-        _PREDICT[id(model)] = (model, call)
-    return _PREDICT[id(model)][1]
+    return call
 
 
 def predict_bags(model: keras.Model, bags: Bags) -> tuple[np.ndarray, list[np.ndarray]]:
