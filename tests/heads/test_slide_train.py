@@ -119,3 +119,17 @@ def test_slide_head_export_refused_and_evaluate_needs_labels(cohort, tmp_path):
     other.write_text("slide,label\nva0,benign\nva1,tumour\n")
     r = run_dfl(["evaluate", tmp_path / "h", cohort / "val", "--slide-labels", other])
     assert_one_line_error(r, "['benign']", "are not classes of head")
+
+
+def test_one_class_validation_prints_no_auc(cohort, tmp_path):
+    labels = tmp_path / "labels.csv"  # validation slides: only the normal ones are labeled
+    labels.write_text("slide,label\n" + "".join(f"tr{b},{'tumour' if b % 2 else 'normal'}\n" for b in range(60))
+                      + "".join(f"va{b},normal\n" for b in range(0, 30, 2)))
+    r = run_dfl(["train", cohort / "train", "--val", cohort / "val", "--slide-labels", labels, "--out",
+                 tmp_path / "h", "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "validation balanced accuracy" in r.stdout and "ROC-AUC -;" in r.stdout and r.stdout.count("ROC-AUC -") == 2
+    assert "15 slides without a label" in r.stderr
+    r = run_dfl(["evaluate", tmp_path / "h", cohort / "val", "--slide-labels", labels])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().startswith("15 slides: balanced accuracy") and r.stdout.strip().endswith("ROC-AUC -")

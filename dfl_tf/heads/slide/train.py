@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,8 +157,11 @@ def _score(plan: SlidePlan, model: keras.Model, loss_fn) -> dict[str, float]:
 
     probs, _ = predict_bags(model, plan.val_bags)
     onehot = np.eye(len(plan.classes), dtype=np.float32)[plan.val_bags.y]
+    with warnings.catch_warnings():  # one class in validation: balanced accuracy is the recall of that class
+        warnings.simplefilter("ignore")
+        balanced = float(balanced_accuracy_score(plan.val_bags.y, probs.argmax(axis=1)))
     return {"val_loss": float(keras.ops.convert_to_numpy(loss_fn(onehot, probs.astype(np.float32)))),
-            "val_balanced_accuracy": float(balanced_accuracy_score(plan.val_bags.y, probs.argmax(axis=1)))}
+            "val_balanced_accuracy": balanced}
 
 
 def fit_slide_head(plan: SlidePlan, progress: bool) -> tuple[keras.Model, dict[str, list], int, int]:
