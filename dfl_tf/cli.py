@@ -233,6 +233,15 @@ def train_cmd(ctx: click.Context, emb_dir: str, out: str, config: str | None, **
 
     summary = _run(train_head, ctx, "train", config, {"train": emb_dir, "out": out}, **options)
     m = summary["metrics"]
+    if summary.get("kind") == "slide":
+        auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
+        probe = m["linear_probe"]
+        probe_auc = "-" if probe["roc_auc_macro_ovr"] is None else f"{probe['roc_auc_macro_ovr']:.4f}"
+        click.echo(f"slide head ({summary['aggregator']}), {summary['train_slides']} training slides, best epoch "
+                   f"{summary['best_epoch']}/{summary['epochs_run']}: {m['split']} balanced accuracy "
+                   f"{m['balanced_accuracy']:.4f}, ROC-AUC {auc}; mean-pool linear probe {probe['balanced_accuracy']:.4f}, "
+                   f"ROC-AUC {probe_auc} -> {summary['out']}")
+        return
     line = (f"best epoch {summary['best_epoch']}/{summary['epochs_run']}: {m['split']} balanced accuracy "
             f"{m['balanced_accuracy']:.4f}")
     if summary["threshold"] is not None:
@@ -268,12 +277,19 @@ def _describe_choice(choice: dict[str, Any]) -> str:
 @click.option("--out", default=None, type=click.Path(), help="Report directory (metrics.json, report.md, plots).")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Prediction batch size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report directory (never the head's).")
+@click.option("--slide-labels", type=click.Path(), default=None,
+              help="Slide heads: slide label CSV slide,label (writes predictions.csv per slide and attention.csv).")
 @_with_config()
 def evaluate_cmd(ctx: click.Context, head_dir: str, emb_dir: str, config: str | None, **options: Any) -> None:
     """Evaluate the head in HEAD_DIR on the labeled records of EMB_DIR."""
     from dfl_tf.heads.evaluate import evaluate
 
     m = _run(evaluate, ctx, "evaluate", config, {"head": head_dir, "emb": emb_dir}, **options)
+    if m.get("level") == "slide":
+        auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
+        click.echo(f"{m['num_records']} slides: balanced accuracy {m['balanced_accuracy']:.4f}, ROC-AUC {auc}"
+                   + (f" -> {options['out']}" if options.get("out") else ""))
+        return
     auc = "-" if m["roc_auc_macro_ovr"] is None else f"{m['roc_auc_macro_ovr']:.4f}"
     click.echo(f"{m['num_records']} records: balanced accuracy {m['balanced_accuracy']:.4f}, "
                f"macro F1 {m['f1_macro']:.4f}, kappa {m['cohen_kappa']:.4f}, ROC-AUC {auc}"

@@ -3,7 +3,8 @@
 ``dfl_tf.heads.model`` (build_head, load_head), ``dfl_tf.heads.augment`` (noise, scaled noise,
 feature dropout, mixup), ``dfl_tf.heads.train`` (train_head), ``dfl_tf.heads.tuning``
 (small-data cross-validation; fits batched by ``dfl_tf.heads.batched``) and
-``dfl_tf.heads.probe`` (the linear-probe reference). Submodules are imported lazily.
+``dfl_tf.heads.probe`` (the linear-probe reference); ``dfl_tf.heads.slide``: slide-level heads
+(attention MIL on bags of records). Submodules are imported lazily.
 """
 from __future__ import annotations
 

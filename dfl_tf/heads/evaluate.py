@@ -165,7 +165,7 @@ def probe_metrics(head: str | Path, X: np.ndarray, y: np.ndarray, info: dict[str
 
 
 def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, batch_size: int = 1024,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, slide_labels: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the head directory ``head`` on the labeled records of embedding directory ``emb``.
 
     Returns the metrics dict; with ``out`` also writes ``metrics.json``, ``report.md``,
@@ -173,7 +173,9 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
     there is replaced only with ``overwrite``; ``out`` must not be or lie inside ``head`` or ``emb``,
     see :func:`dfl_tf.runtime.outputs.prepare_out`). The head
     directory's linear-probe reference is scored on the same records (``"linear_probe"``;
-    None for heads trained before probes were stored).
+    None for heads trained before probes were stored). A slide head (``head.json`` ``kind:
+    slide``) needs ``slide_labels`` and is evaluated on bags
+    (:func:`dfl_tf.heads.slide.evaluate.evaluate_slide_head`).
     """
     from dfl_tf.heads.model import load_head
     from dfl_tf.store.manifest import load_manifest
@@ -187,6 +189,15 @@ def evaluate(head: str | Path, emb: str | Path, out: str | Path | None = None, b
         raise DflError(f"{head}: not a head directory (no head.json)")
     import json
 
+    head_json = json.loads(info_path.read_text())
+    if head_json.get("kind") == "slide" or slide_labels is not None:
+        if head_json.get("kind") != "slide":
+            raise DflError(f"{head}: --slide-labels needs a slide head (trained with dfl train --slide-labels)")
+        if slide_labels is None:
+            raise DflError(f"{head}: a slide head is evaluated on bags: give --slide-labels CSV")
+        from dfl_tf.heads.slide.evaluate import evaluate_slide_head
+
+        return evaluate_slide_head(head, emb, head_json, slide_labels, out, replace)
     check_head_embeddings(json.loads(info_path.read_text()), manifest, f"head {head}", f"embeddings {emb}")
     model, info = load_head(head)
     data = load_embeddings(emb)

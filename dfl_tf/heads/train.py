@@ -415,8 +415,14 @@ def train_head(train: str | Path, out: str | Path, val: str | Path | None = None
     :mod:`dfl_tf.runtime.devices`; default: all GPUs when more than one is visible); the batch is
     the global batch, split across replicas. ``overwrite``: replace an earlier head directory at
     ``out`` (never an input, nor a folder holding other files; see
-    :func:`dfl_tf.runtime.outputs.prepare_out`). Returns a summary dict.
+    :func:`dfl_tf.runtime.outputs.prepare_out`). ``slide_labels``: train a slide head instead
+    (:func:`dfl_tf.heads.slide.train.train_slide_head`: ``aggregator``, ``max_instances``,
+    ``bags_per_step``). Returns a summary dict.
     """
+    if options.slide_labels is not None:  # a slide head on bags (dfl_tf.heads.slide)
+        from dfl_tf.heads.slide.train import train_slide_head
+
+        return train_slide_head(train, out, val, options, progress=progress)
     t0 = time.time()
     out = Path(out)  # checked by prepare_out (locks_output above): not an input, a head directory or new
     plan = plan_training(train, val, options)

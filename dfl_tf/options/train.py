@@ -21,13 +21,15 @@ MONITORS = ("val_balanced_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
             "val_roc_auc", "val_pr_auc")
 SELECT_MODES = ("auto", "always", "never")
 CLASS_WEIGHTS = ("none", "balanced")
+AGGREGATORS = ("abmil", "mean", "max")  # slide heads (dfl_tf.heads.slide.model)
 
 #: train_head's numeric options: (flag, lowest, lowest included, highest, highest included); None: unbounded
 TRAIN_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "epochs": (1, True, None, False), "batch_size": (1, True, None, False), "hidden": (0, True, None, False),
     "patience": (0, True, None, False), "cv_folds": (2, True, None, False), "dropout": (0, True, 1, False),
     "noise": (0, True, 1, True), "weight_decay": (0, True, None, False), "lr": (0, False, None, False),
-    "gamma": (0, True, None, False), "alpha": (0, True, 1, True),
+    "gamma": (0, True, None, False), "alpha": (0, True, 1, True), "max_instances": (1, True, None, False),
+    "bags_per_step": (1, True, None, False),
 }
 
 
@@ -108,6 +110,13 @@ class TrainOptions:
     reduce: str | None = option(None, "Reduce the embedding in the head: pca:K (K components), pca:0.99 (the "
                                 "components keeping that variance fraction) or whiten (PCA whitening), fitted on "
                                 "the training embeddings (a frozen Dense layer; no selection then).")
+    slide_labels: str | None = option(None, "Slide label CSV slide,label[,patient][,split]: train a slide head on "
+                                      "bags of records sharing a slide (or group) instead of a patch head.")
+    aggregator: str = option("abmil", "Slide heads: gated attention MIL (abmil), mean or max pooling.",
+                             choices=AGGREGATORS)
+    max_instances: int = option(512, "Slide heads: instances drawn per bag and training step (all in evaluation).",
+                                type=int)
+    bags_per_step: int = option(8, "Slide heads: bags per training step.", type=int)
     # Python and config only
     augment: Sequence[Any] | None = option(None, "Augmentations, e.g. [{name: noise, std: 0.1}, {name: mixup, "
                                            "alpha: 0.2}] (dfl_tf.heads.augment).", cli=False)
@@ -127,6 +136,8 @@ class TrainOptions:
         check_ranges(**{name: getattr(self, name) for name in TRAIN_RANGES})
         if self.reduce is not None:
             parse_reduce(self.reduce)
+        if self.aggregator not in AGGREGATORS:
+            raise DflError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
         if self.select not in SELECT_MODES:
             raise DflError(f"select must be one of {', '.join(SELECT_MODES)}, got {self.select!r}")
 

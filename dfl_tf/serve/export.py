@@ -90,6 +90,10 @@ def load_tasks(heads: Sequence[str | Path], names: Sequence[str] | None = None) 
         raise DflError(f"task names must be unique (got {list(names)})")
     tasks: list[Task] = []
     for i, head_dir in enumerate(heads):
+        head_json = Path(head_dir) / "head.json"
+        if head_json.exists() and json.loads(head_json.read_text()).get("kind") == "slide":
+            raise DflError(f"{head_dir}: a slide head (dfl train --slide-labels) cannot be exported yet; "
+                           f"evaluate it with dfl evaluate --slide-labels")
         model, info = load_head(head_dir)
         name = names[i] if names else _task_name(head_dir, {t.name for t in tasks})
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
