@@ -59,3 +59,24 @@ def test_served_embeddings_equal_stored_and_predict_matches(exported, tmp_path):
     expected = head(stored.X.astype(np.float32), training=False).numpy()
     predicted = np.array([[float(rows[i]["head_p_a"]), float(rows[i]["head_p_b"])] for i in stored.ids])
     np.testing.assert_allclose(predicted, expected, atol=2e-3)
+
+
+def test_context_images_are_normalised_too_and_parity_passes(tmp_path):
+    """Two fields (x20 image, x5 context image): both normalised, in extraction and in the graph."""
+    rng = np.random.default_rng(3)
+    rows = ["path,label,context_path"]
+    for i in range(4):
+        Image.fromarray(he_image(rng, (32, 32), 1.0 + i % 2)).save(tmp_path / f"{i}.png")
+        Image.fromarray(he_image(rng, (64, 64), 1.0 + i % 2)).save(tmp_path / f"{i}-ctx.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]},{i}-ctx.png")
+    (tmp_path / "tiles.csv").write_text("\n".join(rows) + "\n")
+    Image.fromarray(he_image(rng, (64, 64), 0.7)).save(tmp_path / "target.png")
+    raw = extract(tmp_path / "tiles.csv", tmp_path / "raw", views="x20:rgb,x5:rgb", **TINY_FAST)
+    manifest = extract(tmp_path / "tiles.csv", tmp_path / "emb", views="x20:rgb,x5:rgb", stain_norm="macenko",
+                       stain_target=str(tmp_path / "target.png"), **TINY_FAST)
+    assert raw["geometry"]["context"] == "separate" and manifest["stain"]["passed_through"] == 0
+    x_raw, x_norm = load_embeddings(tmp_path / "raw").X, load_embeddings(tmp_path / "emb").X
+    assert np.abs(x_raw[:, 16:] - x_norm[:, 16:]).max() > 1e-2  # the x5 half changed: context normalised
+    train_head(tmp_path / "emb", tmp_path / "head", **HEAD)
+    info = export_model([tmp_path / "head"], tmp_path / "models" / "m", parity_samples=4)
+    assert info["parity"]["passed"] and info["parity"]["bytes_samples"] == 4
