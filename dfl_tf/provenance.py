@@ -68,7 +68,21 @@ def compat_record(artefact: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _show_stain(value: Any) -> str:
+    """A stain record in a few words: ``none (raw pixels)`` or the method and a digest of its fit."""
+    if not value:
+        return "none (raw pixels)"
+    import hashlib
+    import json
+
+    norm = value.get("normalize") if isinstance(value, dict) else None
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{norm['method'] if norm else 'stain'} normalisation (fit {digest})"
+
+
 def _show(key: str, value: Any, artefact: dict[str, Any]) -> str:
+    if key == "stain":
+        return _show_stain(value)
     if key == "backbone fingerprint":
         return f"{(artefact.get('backbone') or {}).get('name')} {str(value)[:12]}"
     if isinstance(value, list):

@@ -15,8 +15,10 @@ manifest's ``geometry`` field (same layout as before the plan existed) and
 :meth:`ReadPlan.from_artefact` reads it back from a manifest, head.json or export.json, older
 ones included.
 
-``stain`` is reserved for stain handling (issue 31: normalisation / jitter settings applied to
-every field of a sample before the backbone). It is None today: raw pixels.
+``stain`` is the stain handling applied to every field of a sample before view composition
+(issue 31): ``{"normalize": <fitted target>}`` for ``--stain-norm`` (method and fitted parameters,
+:mod:`dfl_tf.stain.target`), None for raw pixels. It is part of the record, so the compatibility
+check (:mod:`dfl_tf.provenance`) refuses mixing normalised and raw artefacts.
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ class ReadPlan:
     precision: str = "float32"
     x5_from_image: bool = False
     allow_mixed_geometry: bool = False
-    stain: Mapping[str, Any] | None = None  # issue 31: stain normalisation / jitter; None = raw pixels
+    stain: Mapping[str, Any] | None = None  # issue 31: {"normalize": fitted target}; None = raw pixels
     # -- bound to a source (bind / from_artefact) --
     source_kind: str | None = None
     context: str | None = None  # none | separate | centre-crop
@@ -132,12 +134,15 @@ class ReadPlan:
     def from_options(cls, options: Any, input_size: int | None = None, precision: str | None = None) -> "ReadPlan":
         """The plan of an :class:`~dfl_tf.options.ExtractOptions` (validated there); ``input_size``
         and ``precision``: the backbone's (default: the options')."""
+        from dfl_tf.stain.target import stain_record  # the target is fitted here, once per plan (NumPy)
+
         views = tuple(View(*v.split(":")) for v in options.views)  # parsed and normalised by the options
         return cls(views=views, input_size=input_size or options.input_size,
                    fit=options.fit, pad_to=options.pad_to, mpp=float(options.mpp),
                    patch_size=int(options.patch_size), slide_mpp=options.slide_mpp,
                    precision=precision or options.precision, x5_from_image=options.x5_from_image,
-                   allow_mixed_geometry=options.allow_mixed_geometry)
+                   allow_mixed_geometry=options.allow_mixed_geometry,
+                   stain=stain_record(options.stain_norm, options.stain_target))
 
     def replace(self, **changes: Any) -> "ReadPlan":
         return dataclasses.replace(self, **changes)

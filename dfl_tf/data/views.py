@@ -166,8 +166,39 @@ def compose_fields(
     return tf.stack(out, axis=len(given[widest].shape) - 3)
 
 
-def compose_plan(fields: Mapping[int, tf.Tensor], plan: ReadPlan, min_side: int | None = None) -> tf.Tensor:
-    """:func:`compose_fields` with the views, input size, fit and pads of a bound read plan."""
+def stain_fields(fields: Mapping[int, tf.Tensor], plan: ReadPlan) -> tuple[dict[int, tf.Tensor], tf.Tensor]:
+    """The fields stain-normalised as the plan records (``stain.normalize``; none: unchanged), and a
+    boolean per sample ([N] for batches [N, h, w, 3], a scalar for one field [h, w, 3]): some field
+    was passed through (background, near-white or near-black tissue, a degenerate estimate).
+
+    Pixels are taken as uint8 (float inputs rounded) and normalised per image with
+    :func:`dfl_tf.stain.normalize_batch`, the same op for every field, in extraction and in the
+    exported signatures alike."""
+    params = (plan.stain or {}).get("normalize")
+    first = next(iter(fields.values()))
+    single = len(first.shape) == 3
+    passed = tf.zeros([] if single else tf.shape(first)[:1], tf.bool)
+    if params is None:
+        return dict(fields), passed
+    from dfl_tf.stain.normalize import normalize_batch
+
+    out = {}
+    for factor, pixels in fields.items():
+        pixels = tf.convert_to_tensor(pixels)
+        if pixels.dtype != tf.uint8:
+            pixels = tf.cast(tf.clip_by_value(tf.round(tf.cast(pixels, tf.float32)), 0.0, 255.0), tf.uint8)
+        normed, failed = normalize_batch(pixels[None] if single else pixels, params)
+        out[factor] = normed[0] if single else normed
+        passed = passed | (failed[0] if single else failed)
+    return out, passed
+
+
+def compose_plan(fields: Mapping[int, tf.Tensor], plan: ReadPlan, min_side: int | None = None,
+                 stain: bool = True) -> tf.Tensor:
+    """:func:`compose_fields` with the views, input size, fit and pads of a bound read plan, after
+    its stain normalisation (:func:`stain_fields`; ``stain=False``: the fields are normalised already)."""
+    if stain:
+        fields, _ = stain_fields(fields, plan)
     return compose_fields(fields, plan.views, int(plan.input_size), plan.fit, plan.pads(), min_side)
 
 

@@ -188,8 +188,8 @@ class _ExtractShard(beam.DoFn if beam is not None else object):
         from dfl_tf.extraction.core import write_part
 
         start, stop = index * self.size, min(self.n, (index + 1) * self.size)
-        records, labels, skipped = self.runner.run(range(start, stop), _NoBar())
-        write_part(Path(self.job["out"]), index, self.job["names"][index], records, labels, skipped)
+        records, labels, skipped, passed = self.runner.run(range(start, stop), _NoBar())
+        write_part(Path(self.job["out"]), index, self.job["names"][index], records, labels, skipped, passed)
         self.counter.inc(stop - start)
         yield index
 

@@ -26,7 +26,7 @@ from dfl_tf.backbones.registry import Backbone, load_backbone
 from dfl_tf.data.pipeline import fixed_prefetch
 from dfl_tf.data.plan import ReadPlan
 from dfl_tf.data.sources import SampleSet, load_fields
-from dfl_tf.data.views import check_x5_field, compose_plan
+from dfl_tf.data.views import check_x5_field, compose_plan, stain_fields
 from dfl_tf.runtime.devices import distributed_infer
 from dfl_tf.errors import DflError
 from dfl_tf.options import ExtractOptions
@@ -49,11 +49,13 @@ def part_path(out: Path, index: int) -> Path:
 
 
 def write_part(out: Path, index: int, name: str, records: list[bytes], labels: list[int],
-               skipped: list[dict]) -> None:
-    """Write shard ``index`` (temporary name, then rename) and then its sidecar."""
+               skipped: list[dict], passed: list[str] | None = None) -> None:
+    """Write shard ``index`` (temporary name, then rename) and then its sidecar (``passed``: ids of
+    the samples stain normalisation passed through)."""
     count, digest = write_shard(out / name, records)
     atomic_write_json(part_path(out, index), {"file": name, "records": count, "sha256": digest,
-                                              "labels": labels, "skipped": skipped})
+                                              "labels": labels, "skipped": skipped,
+                                              "stain_passed": list(passed or [])})
 
 
 @dataclass
@@ -77,8 +79,9 @@ class Run:
         size = self.options.shard_size
         return range(index * size, min(self.num_samples, (index + 1) * size))
 
-    def write(self, index: int, records: list[bytes], labels: list[int], skipped: list[dict]) -> None:
-        write_part(self.out, index, self.names[index], records, labels, skipped)
+    def write(self, index: int, records: list[bytes], labels: list[int], skipped: list[dict],
+              passed: list[str] | None = None) -> None:
+        write_part(self.out, index, self.names[index], records, labels, skipped, passed)
 
     def finish(self) -> dict[str, Any]:
         """Write ``manifest.json`` from the sidecars and return it."""
@@ -198,7 +201,18 @@ def _manifest(out: Path, n_shards: int, run: dict[str, Any], settings: dict[str,
                      if k in settings},
         "created": run["created"],
         "dfl_tf_version": __version__,
+        **_stain_summary(settings["geometry"], parts),
     }
+
+
+def _stain_summary(geometry: dict[str, Any], parts: list[dict]) -> dict[str, Any]:
+    """The manifest's ``stain`` entry under --stain-norm: method and the samples passed through
+    (counted here, not in the geometry, which must match between stores)."""
+    norm = (geometry.get("stain") or {}).get("normalize")
+    if not norm:
+        return {}
+    ids = [i for p in parts for i in p.get("stain_passed", [])]
+    return {"stain": {"method": norm["method"], "passed_through": len(ids), "passed_through_ids": ids[:20]}}
 
 
 class ShardRunner:
@@ -235,21 +249,23 @@ class ShardRunner:
             ok, *pixels = tf.numpy_function(self._load, [index], [tf.bool] + [tf.uint8] * len(keys), stateful=False)
             for p in pixels:
                 p.set_shape([None, None, 3])
-            return index, ok, compose_plan(dict(zip(keys, pixels)), plan)
+            fields, passed = stain_fields(dict(zip(keys, pixels)), plan)  # the exported graph's op
+            return index, ok, passed, compose_plan(fields, plan, stain=False)
 
         ds = tf.data.Dataset.range(indices.start, indices.stop)
         ds = ds.map(load_and_compose, num_parallel_calls=self.workers, deterministic=True)
         return fixed_prefetch(ds.batch(self.options.batch_size))
 
-    def run(self, indices: range, bar: Any) -> tuple[list[bytes], list[int], list[dict]]:
-        """Embed samples ``indices``; returns (serialized records, labels, skipped entries)."""
+    def run(self, indices: range, bar: Any) -> tuple[list[bytes], list[int], list[dict], list[str]]:
+        """Embed samples ``indices``; returns (serialized records, labels, skipped entries, ids of the
+        samples stain normalisation passed through)."""
         np_dtype = DTYPES[self.options.dtype]
         n_views, size = len(self.views), self.bb.input_size
-        records, labels, skipped = [], [], []
-        for index_b, ok_b, views_b in self._dataset(indices):
+        records, labels, skipped, passed = [], [], [], []
+        for index_b, ok_b, passed_b, views_b in self._dataset(indices):
             flat = tf.reshape(views_b, [-1, size, size, 3])
             emb = self.infer(flat).numpy().reshape(len(index_b), n_views * self.bb.dim)
-            for index, ok, vector in zip(index_b.numpy(), ok_b.numpy(), emb):
+            for index, ok, was_passed, vector in zip(index_b.numpy(), ok_b.numpy(), passed_b.numpy(), emb):
                 sample = self.samples[int(index)]
                 if not ok:
                     error = self.errors.pop(int(index), "unknown error")
@@ -265,5 +281,7 @@ class ShardRunner:
                 records.append(make_example(vector, sample.label, sample.id, sample.source,
                                             sample.group, sample.slide, sample.x, sample.y))
                 labels.append(sample.label)
+                if was_passed:
+                    passed.append(sample.id)
             bar.update(len(index_b))
-        return records, labels, skipped
+        return records, labels, skipped, passed

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("float32", "bfloat16", "mixed_float16")
 STORAGE_DTYPES = ("float16", "float32")
+STAIN_METHODS = ("macenko", "reinhard")  # dfl_tf.stain.normalize.METHODS (this module does not import TF)
 
 
 _opt = option  # the shared field helper (dfl_tf.options.base)
@@ -57,6 +58,10 @@ class ExtractOptions:
                                records=True)
     allow_mixed_geometry: bool = _opt(False, "Slide CSVs: accept rows with different mpp or size columns (every "
                                       "value is recorded).", flag=True, records=True)
+    stain_norm: str | None = _opt(None, "Stain-normalise every field before the backbone (and in the exported "
+                                  "model) to --stain-target.", choices=STAIN_METHODS, records=True)
+    stain_target: str | None = _opt(None, "Stain normalisation target: an H&E image (fitted once) or a stored fit "
+                                    "(JSON).", records=True)
     workers: int | None = _opt(None, "Parallel decode/read calls (default: auto).", type=int)
     jit: bool = _opt(False, "Compile the backbone with XLA.", flag=True)
     devices: str | tuple[str, ...] | None = _opt(
@@ -94,6 +99,11 @@ class ExtractOptions:
                 put("slide_mpp", parse_magnification(self.slide_mpp))
             except DflError as exc:
                 raise DflError(f"slide_mpp: {exc}") from None
+        if self.stain_norm is not None and self.stain_norm not in STAIN_METHODS:
+            raise DflError(f"stain_norm must be one of {', '.join(STAIN_METHODS)} (got {self.stain_norm!r})")
+        if (self.stain_norm is None) != (self.stain_target is None):
+            raise DflError("--stain-norm and --stain-target go together (a method and the image to fit it on)")
+        put("stain_target", None if self.stain_target is None else str(self.stain_target))
         for name in ("skip_bad", "jit", "x5_from_image", "allow_mixed_geometry"):
             put(name, bool(getattr(self, name)))
         if self.devices is not None and not isinstance(self.devices, str):

@@ -129,5 +129,5 @@ def test_stain_has_a_place_in_the_plan_and_the_check(tmp_path):
     a = {"views": ["x20:rgb"], "dim": 16, "geometry": raw}
     b = {"views": ["x20:rgb"], "dim": 16, "geometry": normalised}
     check_compatible(a, dict(a), "head h", "embeddings e")
-    with pytest.raises(DflError, match="head h and embeddings e disagree on stain: None vs "):
+    with pytest.raises(DflError, match=r"head h and embeddings e disagree on stain: none \(raw pixels\) vs stain "):
         check_compatible(a, b, "head h", "embeddings e")
