@@ -181,11 +181,9 @@ def extract_cmd(ctx: click.Context, source: str, out: str, config: str | None, *
     manifest = _run(extract, ctx, "extract", config, {"source": source, "out": out}, **options)
     click.echo(f"{manifest['num_records']} records, dim {manifest['dim']}, {len(manifest['shards'])} shards, "
                f"{len(manifest['skipped'])} skipped -> {out}")
-    stain = manifest.get("stain")
-    if stain and stain["passed_through"]:
-        click.echo(f"note: {stain['passed_through']} sample(s) passed through {stain['method']} stain normalisation "
-                   f"unchanged (background, near-white or near-black, e.g. {stain['passed_through_ids'][0]}); "
-                   f"listed in manifest.json under stain")
+    if (stain := manifest.get("stain") or {}).get("passed_through"):
+        click.echo("note: {passed_through} sample(s) passed through {method} stain normalisation unchanged (near-white"
+                   " or near-black, e.g. {passed_through_ids[0]}; listed in manifest.json under stain)".format(**stain))
 
 
 @main.command("fuse")

@@ -185,8 +185,9 @@ class ServingGraph:
         signature = tf.TensorSpec([len(self.views), self.size, self.size, 3], tf.float32)
         with tf.control_dependencies(checks):
             if context_bytes is None:
-                return tf.map_fn(lambda b: self.compose(_decode(b), None), image_bytes, fn_output_signature=signature)
-            return tf.map_fn(lambda bc: self.compose(_decode(bc[0]), _decode(bc[1])),
+                return tf.map_fn(lambda b: self.compose(decode_tensor(b), None), image_bytes,
+                                 fn_output_signature=signature)
+            return tf.map_fn(lambda bc: self.compose(decode_tensor(bc[0]), decode_tensor(bc[1])),
                              (image_bytes, context_bytes), fn_output_signature=signature)
 
     def heads(self, embedding: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -245,10 +246,6 @@ class ServingGraph:
         archive.add_endpoint("embed", embed, input_signature=bytes_spec)
         archive.add_endpoint("embed_pixels", embed_pixels, input_signature=pixel_spec)
         return archive
-
-
-def _decode(data: tf.Tensor) -> tf.Tensor:
-    return decode_tensor(data)  # the decoder extraction used (dfl_tf.data.decode)
 
 
 def _assert_batch(n: tf.Tensor, name: str, n_context: tf.Tensor | None, context_name: str) -> list:
