@@ -8,7 +8,6 @@ and help), so it cannot drift: tests/test_docs.py fails when the file differs fr
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from pathlib import Path
@@ -116,23 +115,9 @@ def render(group: click.Group | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="Exit 1 if the file is stale, write nothing.")
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.out.read_text() if args.out.exists() else ""
-        if current != text:
-            print(f"{args.out} is stale: run `make docs` (python tools/gen_cli_reference.py)", file=sys.stderr)
-            return 1
-        return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
-    return 0
+    from docgen import write_or_check  # tools/docgen.py, beside this script
+
+    return write_or_check(render, OUT, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
