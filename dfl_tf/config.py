@@ -89,11 +89,12 @@ def merge(func: Callable, config_path: str | Path | None, command: str, given: d
         if data.get(command) is not None and not isinstance(data[command], dict):
             raise DflError(f"{config_path}: section '{command}' must be a mapping of parameters "
                            f"(got {type(data[command]).__name__})")
+        hints = _hints(func)  # resolved once per config, not per key
         for key, value in section(data, command).items():
             name = key.replace("-", "_")
             if name not in known:
                 raise DflError(f"{config_path}: unknown field '{key}' for '{command}' (known: {', '.join(known)})")
-            values[name] = _checked(func, name, value, f"{config_path}: '{key}'")
+            values[name] = _checked(hints.get(name), value, f"{config_path}: '{key}'")
     values.update(given)
     return values
 
@@ -169,9 +170,8 @@ def _from_string(value: str, hint: Any) -> Any:
     return None
 
 
-def _checked(func: Callable, name: str, value: Any, where: str) -> Any:
-    """``value`` if it fits the parameter ``name`` (or, a quoted number, converted to it)."""
-    hint = _hints(func).get(name)
+def _checked(hint: Any, value: Any, where: str) -> Any:
+    """``value`` if it fits the parameter's type ``hint`` (or, a quoted number, converted to it)."""
     if hint is None or _fits(value, hint):
         return value
     converted = _from_string(value, hint) if isinstance(value, str) else None
